@@ -1,0 +1,115 @@
+//! Per-sequence key/value cache: one growable buffer per layer, so a decode step appends one
+//! token's keys and values instead of recomputing the prefix.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::rope::RopeFactors;
+
+/// Keys and values of one layer, `[n_kv_heads, capacity, head_dim]`, filled up to `len`.
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The cache of one sequence across all layers. Not `Clone`: appends write into the buffers in
+/// place, so two sequences must never share them.
+#[derive(Debug)]
+pub struct SequenceCache {
+    layers: Vec<Option<LayerCache>>,
+    /// Tokens whose keys and values are cached.
+    len: usize,
+    /// Tokens the buffers can hold before they grow.
+    capacity: usize,
+    /// The LongRoPE factor set the cached keys were rotated with.
+    factors: RopeFactors,
+}
+
+impl SequenceCache {
+    /// An empty cache for a model with `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity: 0,
+            factors: RopeFactors::Short,
+        }
+    }
+
+    /// Tokens whose keys and values are cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first forward pass (or after [`Self::clear`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The factor set of the cached keys.
+    pub fn factors(&self) -> RopeFactors {
+        self.factors
+    }
+
+    /// Drops everything, e.g. to re-encode a sequence with other rotary factors.
+    pub fn clear(&mut self, factors: RopeFactors) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+        self.capacity = 0;
+        self.factors = factors;
+    }
+
+    /// Keeps only the first `len` tokens (used when a speculative or re-encoded suffix is
+    /// discarded).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Bytes held by the buffers.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Appends `k`, `v` (`[n_kv_heads, n_new, head_dim]`, contiguous) to `layer` and returns the
+    /// full keys and values `[n_kv_heads, len + n_new, head_dim]`. Call [`Self::advance`] once all
+    /// layers have appended.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n_kv, n_new, hd) = k.dims3()?;
+        let needed = self.len + n_new;
+        if needed > self.capacity {
+            // Double to keep appends amortised O(1); every layer grows to the same capacity.
+            self.capacity = needed.max(self.capacity * 2).next_multiple_of(16);
+        }
+        let slot = &mut self.layers[layer];
+        let must_grow = match slot {
+            None => true,
+            Some(l) => l.k.dim(1)? < needed,
+        };
+        if must_grow {
+            let cap = self.capacity;
+            let new_k = Tensor::zeros((n_kv, cap, hd), k.dtype(), k.device())?;
+            let new_v = Tensor::zeros((n_kv, cap, hd), v.dtype(), v.device())?;
+            if let Some(old) = slot.as_ref() {
+                if self.len > 0 {
+                    new_k.slice_set(&old.k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                    new_v.slice_set(&old.v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            *slot = Some(LayerCache { k: new_k, v: new_v });
+        }
+        let l = slot.as_ref().expect("slot was just filled");
+        l.k.slice_set(k, 1, self.len)?;
+        l.v.slice_set(v, 1, self.len)?;
+        Ok((l.k.narrow(1, 0, needed)?, l.v.narrow(1, 0, needed)?))
+    }
+
+    /// Records that `n_new` tokens were appended to every layer.
+    pub fn advance(&mut self, n_new: usize) {
+        self.len += n_new;
+    }
+}

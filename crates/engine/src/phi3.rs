@@ -1,0 +1,407 @@
+//! `Phi3ForCausalLM`: Phi-3-mini/medium (4k and 128k), Phi-3.5-mini and Phi-4-mini.
+//!
+//! The forward pass follows Hugging Face transformers' `modeling_phi3.py` (see
+//! `PHI3_FORWARD.md` in the team notes): pre-norm decoder layers, fused `[Q | K | V]` projection,
+//! fused `[gate | up]` MLP with SiLU, RMSNorm in float32, rotate-half RoPE over the first
+//! `rotary_dim` dimensions with LongRoPE factors and attention factor, grouped-query attention,
+//! the causal mask narrowed to `sliding_window` keys, and `lm_head` tied to the embedding when the
+//! config says so.
+//!
+//! One call runs a *ragged batch*: several sequences, each with its own length, position and
+//! KV cache. Their tokens are laid end to end so every matrix multiplication is shared by the
+//! whole batch; only attention is computed per sequence.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::Linear;
+
+use crate::checkpoint::CheckpointFiles;
+use crate::config::Phi3Config;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::SequenceCache;
+use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
+use crate::weights::WeightStore;
+
+/// RMSNorm with the reference's rounding: normalise in float32, cast back, then scale.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        }
+        let xf = x.to_dtype(DType::F32)?;
+        let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let normed = xf.broadcast_mul(&inv)?.to_dtype(x.dtype())?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    qkv_proj: Linear,
+    o_proj: Linear,
+    post_attention_norm: RmsNorm,
+    gate_up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct BatchItem<'a> {
+    /// Every token of the sequence so far (prompt and generated). The model computes the ones
+    /// that are not cached yet.
+    pub tokens: &'a [u32],
+    /// The sequence's KV cache; it is extended by this call.
+    pub cache: &'a mut SequenceCache,
+    /// At most this many new tokens are computed in this call (chunked prefill); `None` for all.
+    pub max_new_tokens: Option<usize>,
+    /// Return logits for every computed position instead of only the last one.
+    pub all_logits: bool,
+}
+
+/// Logits of a batched forward pass.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// `[rows, vocab_size]`, float32.
+    pub logits: Tensor,
+    /// For each batch item, its rows in `logits`.
+    pub rows: Vec<Range<usize>>,
+    /// For each batch item, the positions that were computed.
+    pub positions: Vec<Range<usize>>,
+}
+
+/// A loaded Phi-3 model.
+#[derive(Debug, Clone)]
+pub struct Phi3 {
+    cfg: Phi3Config,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    rope_policy: LongRopePolicy,
+    dtype: DType,
+    device: Device,
+}
+
+impl Phi3 {
+    /// Builds the model from a checkpoint's tensors, checking each one's shape against `cfg`.
+    pub fn load(
+        cfg: &Phi3Config,
+        weights: &WeightStore,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: weights.get(name, &[h])?, eps: cfg.rms_norm_eps })
+        };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(weights.get(name, &[out, inp])?, None))
+        };
+        let embed_tokens = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                qkv_proj: linear(
+                    &format!("{p}.self_attn.qkv_proj.weight"),
+                    (nq + 2 * nkv) * hd,
+                    h,
+                )?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj.weight"), h, nq * hd)?,
+                post_attention_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_up_proj: linear(
+                    &format!("{p}.mlp.gate_up_proj.weight"),
+                    2 * cfg.intermediate_size,
+                    h,
+                )?,
+                down_proj: linear(&format!("{p}.mlp.down_proj.weight"), h, cfg.intermediate_size)?,
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            linear("lm_head.weight", cfg.vocab_size, h)?
+        };
+        let model = Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            rotary: Rotary::new(cfg),
+            rope_policy: LongRopePolicy::default(),
+            dtype,
+            device: device.clone(),
+        };
+        let used = model.tensor_names();
+        let unused: Vec<&str> = weights
+            .names()
+            .filter(|n| !used.iter().any(|u| u == n) && !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !unused.is_empty() {
+            return Err(EngineError::Weights {
+                location: "checkpoint".into(),
+                message: format!(
+                    "{} tensors that Phi3ForCausalLM does not have, e.g. {:?}: is this really a \
+                     Phi-3 checkpoint?",
+                    unused.len(),
+                    &unused[..unused.len().min(3)]
+                ),
+            });
+        }
+        Ok(model)
+    }
+
+    /// Loads config and weights of a resolved checkpoint.
+    pub fn from_checkpoint(files: &CheckpointFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = Phi3Config::from_file(&files.config)?;
+        let weights = WeightStore::open(&files.weights, dtype, device)?;
+        Self::load(&cfg, &weights, dtype, device)
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        let mut names =
+            vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+        if !self.cfg.tie_word_embeddings {
+            names.push("lm_head.weight".into());
+        }
+        for i in 0..self.cfg.num_hidden_layers {
+            for s in [
+                "input_layernorm.weight",
+                "self_attn.qkv_proj.weight",
+                "self_attn.o_proj.weight",
+                "post_attention_layernorm.weight",
+                "mlp.gate_up_proj.weight",
+                "mlp.down_proj.weight",
+            ] {
+                names.push(format!("model.layers.{i}.{s}"));
+            }
+        }
+        names
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Phi3Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Chooses when LongRoPE switches to its long factors.
+    pub fn set_long_rope_policy(&mut self, policy: LongRopePolicy) {
+        self.rope_policy = policy;
+    }
+
+    /// The LongRoPE policy in force.
+    pub fn long_rope_policy(&self) -> LongRopePolicy {
+        self.rope_policy
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Runs every batch item's uncached tokens through the model and extends its cache.
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<ForwardOutput> {
+        // Decide, per sequence, which tokens to compute and with which rotary factors.
+        let mut spans: Vec<(Range<usize>, RopeFactors)> = Vec::with_capacity(items.len());
+        let mut flat_ids: Vec<u32> = Vec::new();
+        for item in items.iter_mut() {
+            let total = item.tokens.len();
+            if total > self.cfg.max_position_embeddings {
+                return Err(EngineError::InvalidRequest(format!(
+                    "sequence of {total} tokens exceeds the model's context of {} tokens",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            let mut start = item.cache.len().min(total);
+            if item.cache.len() > total {
+                item.cache.truncate(total);
+            }
+            let mut end = match item.max_new_tokens {
+                Some(n) => total.min(start + n.max(1)),
+                None => total,
+            };
+            let factors = self.rope_policy.factors_for(&self.cfg, end);
+            if item.cache.is_empty() || item.cache.factors() != factors {
+                // The cached keys were rotated with the other factor set: re-encode everything.
+                if !item.cache.is_empty() {
+                    tracing::debug!(len = total, "LongRoPE factor switch: re-encoding sequence");
+                }
+                item.cache.clear(factors);
+                start = 0;
+                end = total;
+            }
+            if start == end {
+                return Err(EngineError::InvalidRequest(
+                    "a batch item has no uncomputed tokens".into(),
+                ));
+            }
+            for &t in &item.tokens[start..end] {
+                if t as usize >= self.cfg.vocab_size {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "token id {t} is outside the vocabulary of {} ids",
+                        self.cfg.vocab_size
+                    )));
+                }
+            }
+            flat_ids.extend_from_slice(&item.tokens[start..end]);
+            spans.push((start..end, factors));
+        }
+
+        let n_tokens = flat_ids.len();
+        let ids = Tensor::from_vec(flat_ids, n_tokens, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let (cos, sin) = self.rotary.cos_sin(
+            spans.iter().flat_map(|(r, f)| r.clone().map(move |p| (p, *f))),
+            self.dtype,
+            &self.device,
+        )?;
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let residual = x.clone();
+            let h = layer.input_norm.forward(&x)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, items, &spans)?;
+            x = (residual + attn)?;
+            let residual = x.clone();
+            let h = layer.post_attention_norm.forward(&x)?;
+            let gate_up = layer.gate_up_proj.forward(&h)?;
+            let i = self.cfg.intermediate_size;
+            let gate = gate_up.narrow(1, 0, i)?;
+            let up = gate_up.narrow(1, i, i)?;
+            let h = layer.down_proj.forward(&(up * candle_nn::ops::silu(&gate)?)?)?;
+            x = (residual + h)?;
+        }
+        for (item, (span, _)) in items.iter_mut().zip(&spans) {
+            item.cache.advance(span.len());
+        }
+
+        // Only the rows whose logits are wanted go through the final norm and lm_head.
+        let mut wanted: Vec<u32> = Vec::new();
+        let mut rows = Vec::with_capacity(items.len());
+        let mut offset = 0usize;
+        for (item, (span, _)) in items.iter().zip(&spans) {
+            let first = wanted.len();
+            if item.all_logits {
+                wanted.extend((offset..offset + span.len()).map(|r| r as u32));
+            } else {
+                wanted.push((offset + span.len() - 1) as u32);
+            }
+            rows.push(first..wanted.len());
+            offset += span.len();
+        }
+        let n_wanted = wanted.len();
+        let x = x.index_select(&Tensor::from_vec(wanted, n_wanted, &self.device)?, 0)?;
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(ForwardOutput { logits, rows, positions: spans.into_iter().map(|(r, _)| r).collect() })
+    }
+
+    /// Self-attention of one layer over the ragged batch `h` (`[n_tokens, hidden]`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer_idx: usize,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        items: &mut [BatchItem<'_>],
+        spans: &[(Range<usize>, RopeFactors)],
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (hd, nq, nkv) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let group = nq / nkv;
+        let n_tokens = h.dim(0)?;
+        let qkv = layer.qkv_proj.forward(h)?;
+        let q = qkv.narrow(1, 0, nq * hd)?.reshape((n_tokens, nq, hd))?;
+        let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((n_tokens, nkv, hd))?;
+        let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((n_tokens, nkv, hd))?;
+        let q = self.rotary.apply(&q, cos, sin)?;
+        let k = self.rotary.apply(&k, cos, sin)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let mut outputs = Vec::with_capacity(items.len());
+        let mut offset = 0usize;
+        for (item, (span, _)) in items.iter_mut().zip(spans) {
+            let l = span.len();
+            let q_i = q.narrow(0, offset, l)?.transpose(0, 1)?; // [nq, l, hd]
+            let k_i = k.narrow(0, offset, l)?.transpose(0, 1)?.contiguous()?; // [nkv, l, hd]
+            let v_i = v.narrow(0, offset, l)?.transpose(0, 1)?.contiguous()?;
+            offset += l;
+            let (k_all, v_all) = item.cache.append(layer_idx, &k_i, &v_i)?; // [nkv, end, hd]
+
+            // Keys outside every query's window are skipped outright.
+            let first_key = match cfg.sliding_window {
+                Some(w) => (span.start + 1).saturating_sub(w),
+                None => 0,
+            };
+            let n_keys = span.end - first_key;
+            let k_all = k_all.narrow(1, first_key, n_keys)?;
+            let v_all = v_all.narrow(1, first_key, n_keys)?;
+
+            // Query head j uses kv head j / group: fold the group into the query rows.
+            let q_g = q_i.contiguous()?.reshape((nkv, group * l, hd))?;
+            let scores = (q_g.matmul(&k_all.transpose(1, 2)?)? * scale)?; // [nkv, g*l, keys]
+            let scores = if l > 1 || cfg.sliding_window.is_some_and(|w| n_keys > w) {
+                let mask = self.mask(span, first_key, cfg.sliding_window)?;
+                scores.reshape((nkv, group, l, n_keys))?.broadcast_add(&mask)?.reshape((
+                    nkv,
+                    group * l,
+                    n_keys,
+                ))?
+            } else {
+                scores
+            };
+            let probs = if scores.dtype() == DType::F32 {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                    .to_dtype(scores.dtype())?
+            };
+            let out = probs.matmul(&v_all.contiguous()?)?; // [nkv, g*l, hd]
+            let out = out.reshape((nq, l, hd))?.transpose(0, 1)?.reshape((l, nq * hd))?;
+            outputs.push(out);
+        }
+        let out = if outputs.len() == 1 {
+            outputs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
+        Ok(layer.o_proj.forward(&out)?)
+    }
+
+    /// Additive mask `[l, n_keys]` for queries at `span` over keys starting at `first_key`:
+    /// causal, and limited to the `window` most recent keys (the query's own included).
+    fn mask(&self, span: &Range<usize>, first_key: usize, window: Option<usize>) -> Result<Tensor> {
+        let n_keys = span.end - first_key;
+        let mut m = Vec::with_capacity(span.len() * n_keys);
+        for p in span.clone() {
+            for kpos in first_key..span.end {
+                let visible = kpos <= p && window.is_none_or(|w| kpos + w > p);
+                m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        Ok(Tensor::from_vec(m, (span.len(), n_keys), &self.device)?.to_dtype(self.dtype)?)
+    }
+}
