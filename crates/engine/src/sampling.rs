@@ -1,0 +1,561 @@
+//! Token sampling: turning one step's logits into the next token.
+//!
+//! This module implements the OpenAI sampling parameters (`temperature`, `top_p`,
+//! `presence_penalty`, `frequency_penalty`, `seed`, `logprobs`, `top_logprobs`)
+//! for a single sequence. The pipeline applied by [`Sampler::sample`] is:
+//!
+//! 1. reject NaN / `+inf` logits (an error, never a panic);
+//! 2. compute the *raw* log-probabilities `log_softmax(logits)` used for reporting;
+//! 3. presence/frequency penalties over the tokens generated so far ([`apply_penalties`]);
+//! 4. suppressed token ids (e.g. padding rows of the embedding) are masked to `-inf`;
+//! 5. `temperature < 1e-5` => greedy argmax (ties -> lowest id, like `torch.argmax`);
+//!    otherwise softmax(logits / temperature), `top_p` nucleus filtering, and one
+//!    draw from the renormalised distribution.
+//!
+//! ## Which log-probabilities are reported
+//!
+//! [`SampledToken::logprob`] and [`SampledToken::top_logprobs`] are taken from the
+//! **raw model distribution**, `log_softmax(logits)` computed *before* penalties,
+//! temperature and `top_p`. That is what vLLM returns by default and what the reference
+//! (Hugging Face transformers) greedy log-probabilities are, so values can be compared
+//! with both. The normalisation runs over the whole logits vector, suppressed ids
+//! included, so that it matches the reference exactly; suppressed ids are however never
+//! listed among the top alternatives, since they can never be emitted.
+//!
+//! ## Reproducibility
+//!
+//! With `seed: Some(s)` the sampler uses ChaCha20 ([`rand_chacha::ChaCha20Rng`]) keyed
+//! with the little-endian bytes of `s`, and converts one `u64` per draw to a uniform
+//! `f64` with its own code, so the same seed, parameters and logits give the same
+//! tokens on every platform and across versions of `rand`. Greedy steps draw nothing.
+
+use std::collections::HashMap;
+
+use rand::RngCore;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Temperatures below this are treated as 0, i.e. greedy decoding, because dividing
+/// logits by such a value is numerically meaningless and the OpenAI API defines
+/// `temperature: 0` as (near-)deterministic output.
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+/// Largest `top_logprobs` the OpenAI API accepts; bounding it keeps the per-token cost
+/// of reporting alternatives small and predictable.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Relative slack when deciding whether the nucleus has reached `top_p`: a set whose
+/// mass reaches `top_p` in exact arithmetic must not be widened by one more token
+/// because of float rounding in `exp` and the cumulative sum.
+const TOP_P_SLACK: f64 = 1e-6;
+
+/// Errors from validating sampling parameters or from sampling itself.
+///
+/// Exists so that the server can map bad requests to a 400 naming the offending
+/// parameter (OpenAI's error object has a `param` field), and so that malformed model
+/// output (NaN logits) surfaces as an error instead of a panic or garbage tokens.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    /// A request parameter is out of its allowed range.
+    #[error("invalid value for `{param}`: {message}")]
+    InvalidParameter {
+        /// The OpenAI name of the parameter, e.g. `"temperature"`.
+        param: &'static str,
+        /// Human-readable description of the allowed range and the value received.
+        message: String,
+    },
+    /// The logits vector was empty, so there is nothing to sample from.
+    #[error("cannot sample from an empty logits vector")]
+    EmptyLogits,
+    /// A logit was NaN or `+inf`; the softmax is undefined, which means the forward
+    /// pass produced garbage (overflow, bad weights) and must not be silently sampled.
+    #[error("logit at index {index} is not usable ({value})")]
+    NonFiniteLogit {
+        /// Token id (index into the logits) of the first offending value.
+        index: usize,
+        /// The offending value, `NaN` or `inf`.
+        value: f32,
+    },
+    /// Every token is masked (logit `-inf` or suppressed), so no token can be produced.
+    #[error("no token can be sampled: every logit is -inf or suppressed")]
+    NoSamplableToken,
+}
+
+impl SamplingError {
+    /// The name of the offending request parameter, if the error is about one; lets the
+    /// HTTP layer fill the `param` field of an OpenAI-style error response.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            SamplingError::InvalidParameter { param, .. } => Some(param),
+            _ => None,
+        }
+    }
+}
+
+/// Result type of this module.
+pub type Result<T, E = SamplingError> = std::result::Result<T, E>;
+
+/// The OpenAI sampling parameters for one sequence.
+///
+/// Exists as a plain, serde-friendly struct so that it can be deserialised straight out
+/// of a chat-completions request (`#[serde(flatten)]`), and be validated once before any
+/// work is scheduled. Missing fields and explicit `null`s take the OpenAI defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature, `0..=2`; `0` (anything below [`GREEDY_TEMPERATURE`]) means
+    /// greedy decoding. Default `1.0`.
+    #[serde(deserialize_with = "null_as_one")]
+    pub temperature: f32,
+    /// Nucleus mass, in `(0, 1]`; `1.0` keeps every token. Default `1.0`.
+    #[serde(deserialize_with = "null_as_one")]
+    pub top_p: f32,
+    /// Subtracted once from the logit of every token already generated, `-2..=2`.
+    /// Default `0`.
+    #[serde(deserialize_with = "null_as_zero")]
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per previous occurrence, `-2..=2`.
+    /// Default `0`.
+    #[serde(deserialize_with = "null_as_zero")]
+    pub frequency_penalty: f32,
+    /// Seed for reproducible sampling; `None` seeds from OS entropy. `i64` because the
+    /// OpenAI API defines `seed` over the signed 64-bit range.
+    pub seed: Option<i64>,
+    /// Whether to return log-probabilities of the sampled tokens. Default `false`.
+    #[serde(deserialize_with = "null_as_false")]
+    pub logprobs: bool,
+    /// How many most likely alternatives to report per position, `0..=20`; requires
+    /// `logprobs: true` (as in the OpenAI API and vLLM). Default `None`.
+    pub top_logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logprobs: false,
+            top_logprobs: None,
+        }
+    }
+}
+
+fn null_as_one<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(1.0))
+}
+
+fn null_as_zero<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(0.0))
+}
+
+fn null_as_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+fn check_range(param: &'static str, value: f32, lo: f32, hi: f32) -> Result<()> {
+    // Written so that NaN fails the check.
+    if value >= lo && value <= hi {
+        Ok(())
+    } else {
+        Err(SamplingError::InvalidParameter {
+            param,
+            message: format!("must be between {lo} and {hi}, got {value}"),
+        })
+    }
+}
+
+impl SamplingParams {
+    /// Checks every parameter against the OpenAI ranges; the error names the first
+    /// offending parameter. Called by [`Sampler::new`], and usable on its own to reject
+    /// a request before it is queued.
+    pub fn validate(&self) -> Result<()> {
+        check_range("temperature", self.temperature, 0.0, 2.0)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::InvalidParameter {
+                param: "top_p",
+                message: format!("must be greater than 0 and at most 1, got {}", self.top_p),
+            });
+        }
+        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        if let Some(k) = self.top_logprobs {
+            if k > MAX_TOP_LOGPROBS {
+                return Err(SamplingError::InvalidParameter {
+                    param: "top_logprobs",
+                    message: format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                });
+            }
+            if !self.logprobs {
+                return Err(SamplingError::InvalidParameter {
+                    param: "top_logprobs",
+                    message: "requires `logprobs` to be true".to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether these parameters select greedy decoding (temperature below
+    /// [`GREEDY_TEMPERATURE`]); lets callers skip work that only matters for sampling.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE
+    }
+
+    /// Number of alternatives to report per token: `top_logprobs` when `logprobs` is on,
+    /// otherwise 0.
+    fn requested_top_logprobs(&self) -> usize {
+        if self.logprobs {
+            self.top_logprobs.unwrap_or(0).min(MAX_TOP_LOGPROBS)
+        } else {
+            0
+        }
+    }
+}
+
+/// The outcome of one sampling step.
+///
+/// Bundles the chosen token with the log-probabilities the OpenAI `logprobs` response
+/// needs, so that the caller never has to recompute a softmax.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    /// The chosen token id.
+    pub token: u32,
+    /// `log_softmax(logits)[token]` of the raw model distribution (before penalties,
+    /// temperature and `top_p`; see the module docs). Always finite.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens of the raw distribution as
+    /// `(token, logprob)`, sorted by descending logprob, ties by lower id. Empty unless
+    /// `logprobs` is on and `top_logprobs > 0`. Suppressed ids and tokens with logit
+    /// `-inf` are never listed, so it may be shorter than requested.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Applies OpenAI's presence and frequency penalties in place:
+/// `logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`,
+/// where `count[j]` is the number of times `j` occurs in `generated`.
+///
+/// Public so the penalty arithmetic can be tested (and reused) on its own. Ids in
+/// `generated` that are outside `logits` are ignored (they have no logit to penalise);
+/// `-inf` logits stay `-inf`.
+pub fn apply_penalties(
+    logits: &mut [f32],
+    generated: &[u32],
+    presence_penalty: f32,
+    frequency_penalty: f32,
+) {
+    if generated.is_empty() || (presence_penalty == 0.0 && frequency_penalty == 0.0) {
+        return;
+    }
+    let mut counts: HashMap<u32, u32> = HashMap::new();
+    for &t in generated {
+        *counts.entry(t).or_insert(0) += 1;
+    }
+    for (&t, &c) in &counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= c as f32 * frequency_penalty + presence_penalty;
+        }
+    }
+}
+
+/// Per-sequence sampler: owns the parameters, the RNG stream and reusable buffers.
+///
+/// Exists as a stateful object (rather than a free function) because a seeded request
+/// must consume one RNG stream across all its steps to be reproducible, and because
+/// reusing the scratch buffers avoids allocating vocabulary-sized vectors per token.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha20Rng,
+    /// Sorted, deduplicated ids that may never be sampled.
+    suppressed: Vec<u32>,
+    /// Penalised / masked logits of the current step.
+    scratch: Vec<f32>,
+    /// Unnormalised probabilities of the current step.
+    probs: Vec<f64>,
+    /// Candidate ids for the nucleus selection.
+    order: Vec<u32>,
+}
+
+impl Sampler {
+    /// Validates `params` and creates a sampler whose RNG is seeded from `params.seed`
+    /// (ChaCha20 keyed with the seed's little-endian bytes) or, without a seed, from
+    /// OS entropy.
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let mut key = [0u8; 32];
+        match params.seed {
+            Some(seed) => key[..8].copy_from_slice(&seed.to_le_bytes()),
+            None => rand::rng().fill_bytes(&mut key),
+        }
+        Ok(Sampler {
+            params,
+            rng: ChaCha20Rng::from_seed(key),
+            suppressed: Vec::new(),
+            scratch: Vec::new(),
+            probs: Vec::new(),
+            order: Vec::new(),
+        })
+    }
+
+    /// Marks token ids that must never be sampled, e.g. the padding rows of Phi-3's
+    /// embedding (ids 32011..32064 have no token in the tokenizer). They are masked
+    /// after the penalties, for greedy and sampled decoding alike, and never listed in
+    /// `top_logprobs`. Ids beyond the logits length are ignored.
+    pub fn with_suppressed_tokens(mut self, ids: impl IntoIterator<Item = u32>) -> Self {
+        self.suppressed.extend(ids);
+        self.suppressed.sort_unstable();
+        self.suppressed.dedup();
+        self
+    }
+
+    /// The validated parameters this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one step's `logits` (one value per vocabulary id),
+    /// given the tokens `generated` so far for this sequence (used for the penalties;
+    /// the prompt is not counted, as in the OpenAI API).
+    ///
+    /// Errors (never panics) on empty logits, NaN or `+inf` logits, and when every token
+    /// is `-inf` or suppressed.
+    pub fn sample(&mut self, logits: &[f32], generated: &[u32]) -> Result<SampledToken> {
+        if logits.is_empty() {
+            return Err(SamplingError::EmptyLogits);
+        }
+        if let Some((index, &value)) =
+            logits.iter().enumerate().find(|(_, v)| v.is_nan() || **v == f32::INFINITY)
+        {
+            return Err(SamplingError::NonFiniteLogit { index, value });
+        }
+
+        // Raw log-normaliser, in f64 for accuracy.
+        let raw_max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if raw_max == f32::NEG_INFINITY {
+            return Err(SamplingError::NoSamplableToken);
+        }
+        let raw_lse = log_sum_exp(logits, raw_max);
+
+        // Penalties and suppression on a scratch copy.
+        self.scratch.clear();
+        self.scratch.extend_from_slice(logits);
+        apply_penalties(
+            &mut self.scratch,
+            generated,
+            self.params.presence_penalty,
+            self.params.frequency_penalty,
+        );
+        for &id in &self.suppressed {
+            if let Some(l) = self.scratch.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+
+        let token = if self.params.is_greedy() {
+            argmax(&self.scratch).ok_or(SamplingError::NoSamplableToken)?
+        } else {
+            self.sample_stochastic()?
+        };
+
+        let logprob = raw_logprob(logits[token as usize], raw_lse);
+        let k = self.params.requested_top_logprobs();
+        let top_logprobs = if k > 0 {
+            top_k(logits, k, &self.suppressed)
+                .into_iter()
+                .map(|(id, l)| (id, raw_logprob(l, raw_lse)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(SampledToken { token, logprob, top_logprobs })
+    }
+
+    /// Temperature + top_p + one draw, on `self.scratch`.
+    fn sample_stochastic(&mut self) -> Result<u32> {
+        let max = self.scratch.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return Err(SamplingError::NoSamplableToken);
+        }
+        let inv_t = 1.0 / f64::from(self.params.temperature);
+        let max = f64::from(max);
+        self.probs.clear();
+        self.probs.extend(self.scratch.iter().map(|&l| {
+            // (l - max) <= 0, so no overflow however small the temperature; -inf -> 0.
+            ((f64::from(l) - max) * inv_t).exp()
+        }));
+        let total: f64 = self.probs.iter().sum();
+        let u = uniform_f64(&mut self.rng);
+
+        if self.params.top_p >= 1.0 {
+            return Ok(draw(self.probs.iter().copied().enumerate(), u * total));
+        }
+
+        // Nucleus: the smallest set of most likely tokens whose mass reaches top_p.
+        // Found by partial selection with a growing k, so the typical case (a small
+        // nucleus) costs O(V) rather than a full sort of the vocabulary.
+        let probs = &self.probs;
+        self.order.clear();
+        self.order.extend((0..probs.len() as u32).filter(|&i| probs[i as usize] > 0.0));
+        let n = self.order.len();
+        let threshold = f64::from(self.params.top_p) * total * (1.0 - TOP_P_SLACK);
+        let by_prob_desc =
+            |a: &u32, b: &u32| probs[*b as usize].total_cmp(&probs[*a as usize]).then(a.cmp(b));
+        let mut k = n.min(64);
+        let nucleus_len = loop {
+            if k < n {
+                self.order.select_nth_unstable_by(k - 1, by_prob_desc);
+            }
+            self.order[..k].sort_unstable_by(by_prob_desc);
+            let mut cum = 0.0;
+            let mut reached = None;
+            for (i, &id) in self.order[..k].iter().enumerate() {
+                cum += probs[id as usize];
+                if cum >= threshold {
+                    reached = Some(i + 1);
+                    break;
+                }
+            }
+            match reached {
+                Some(len) => break len,
+                None if k == n => break n,
+                None => k = n.min(k.saturating_mul(4)),
+            }
+        };
+        let kept = &self.order[..nucleus_len];
+        let kept_total: f64 = kept.iter().map(|&id| probs[id as usize]).sum();
+        Ok(draw(kept.iter().map(|&id| (id as usize, probs[id as usize])), u * kept_total))
+    }
+}
+
+/// `log(sum(exp(x)))` over `xs` given their maximum (finite), accumulated in f64.
+fn log_sum_exp(xs: &[f32], max: f32) -> f64 {
+    let max = f64::from(max);
+    let sum: f64 = xs.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// `log_softmax` of one raw logit given the log-normaliser.
+fn raw_logprob(logit: f32, lse: f64) -> f32 {
+    (f64::from(logit) - lse) as f32
+}
+
+/// Index of the largest value, ties -> lowest index; `None` if all are `-inf`.
+fn argmax(xs: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in xs.iter().enumerate() {
+        if x == f32::NEG_INFINITY {
+            continue;
+        }
+        match best {
+            Some((_, b)) if x <= b => {}
+            _ => best = Some((i, x)),
+        }
+    }
+    best.map(|(i, _)| i as u32)
+}
+
+/// Inverse-CDF draw: the first candidate whose cumulative weight exceeds `target`
+/// (`target` in `[0, total)`); falls back to the last positive-weight candidate when
+/// rounding leaves `target` just above the accumulated sum.
+fn draw(candidates: impl Iterator<Item = (usize, f64)>, target: f64) -> u32 {
+    let mut cum = 0.0;
+    let mut last = 0;
+    for (id, p) in candidates {
+        if p <= 0.0 {
+            continue;
+        }
+        cum += p;
+        last = id;
+        if cum > target {
+            return id as u32;
+        }
+    }
+    last as u32
+}
+
+/// Uniform in `[0, 1)` from the top 53 bits of one `u64`, independent of `rand`'s
+/// distribution code so that seeded streams stay stable across `rand` versions.
+fn uniform_f64(rng: &mut ChaCha20Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// The `k` largest finite logits that are not suppressed, as `(id, logit)` sorted by
+/// descending logit, ties by lower id. O(V * k) worst case with k <= 20, and no
+/// vocabulary-sized allocation or sort.
+fn top_k(logits: &[f32], k: usize, suppressed: &[u32]) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    // `best` is kept sorted: descending logit, ascending id.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if l == f32::NEG_INFINITY {
+            continue;
+        }
+        // Ids arrive in increasing order, so a candidate equal to the current worst
+        // loses the tie and can be skipped.
+        if best.len() == k && l <= best[k - 1].1 {
+            continue;
+        }
+        let id = i as u32;
+        if suppressed.binary_search(&id).is_ok() {
+            continue;
+        }
+        let pos = best.partition_point(|&(_, b)| b >= l);
+        best.insert(pos, (id, l));
+        best.truncate(k);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_by_id() {
+        let logits = [1.0, 3.0, 3.0, f32::NEG_INFINITY, 2.0, 3.0];
+        assert_eq!(top_k(&logits, 3, &[]), vec![(1, 3.0), (2, 3.0), (5, 3.0)]);
+        assert_eq!(top_k(&logits, 4, &[2]), vec![(1, 3.0), (5, 3.0), (4, 2.0), (0, 1.0)]);
+        // -inf is never listed even if fewer than k remain.
+        assert_eq!(top_k(&logits, 10, &[]).len(), 5);
+        assert!(top_k(&logits, 0, &[]).is_empty());
+    }
+
+    #[test]
+    fn argmax_ties_lowest_and_skips_neg_inf() {
+        assert_eq!(argmax(&[0.0, 2.0, 2.0, 1.0]), Some(1));
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -5.0]), Some(1));
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), None);
+    }
+
+    #[test]
+    fn uniform_is_in_unit_interval() {
+        let mut rng = ChaCha20Rng::from_seed([7; 32]);
+        for _ in 0..10_000 {
+            let u = uniform_f64(&mut rng);
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+
+    #[test]
+    fn nucleus_growth_past_initial_k() {
+        // 1000 equiprobable tokens with top_p 0.5 needs 500 tokens: more than the
+        // initial partial-selection size, exercising the growth path.
+        let logits = vec![0.0f32; 1000];
+        let mut s =
+            Sampler::new(SamplingParams { top_p: 0.5, seed: Some(3), ..Default::default() })
+                .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20_000 {
+            let t = s.sample(&logits, &[]).unwrap().token;
+            assert!(t < 500, "token {t} outside the nucleus (ties keep lower ids)");
+            seen.insert(t);
+        }
+        assert_eq!(seen.len(), 500);
+    }
+}
