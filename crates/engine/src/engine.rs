@@ -1,0 +1,462 @@
+//! The engine a server or the CLI talks to: a loaded model with its tokenizer, chat template and
+//! stop tokens, and [`Sequence`]s that it advances one batched forward pass at a time.
+//!
+//! A [`Sequence`] owns everything per request (tokens, KV cache, sampler, stop strings, streaming
+//! detokenizer), so any number of them can share [`Engine::step`]: that is the seam on which the
+//! serving core's scheduler builds continuous batching.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+
+use crate::chat_template::{ChatMessage, ChatTemplate, RenderedPrompt, SystemRolePolicy};
+use crate::checkpoint::{CheckpointFiles, ModelSource};
+use crate::config::GenerationConfig;
+use crate::detokenizer::StreamDecoder;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::SequenceCache;
+use crate::phi3::{BatchItem, Phi3};
+use crate::rope::LongRopePolicy;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stop::StopStrings;
+use crate::tokenizer::PhiTokenizer;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where weights and activations live.
+    pub device: Device,
+    /// Activation and weight dtype (f32 by default on CPU; bf16 is the usual choice on GPUs).
+    pub dtype: DType,
+    /// What to do with system messages (see [`SystemRolePolicy`]).
+    pub system_role: SystemRolePolicy,
+    /// When LongRoPE models switch to their long factors.
+    pub long_rope: LongRopePolicy,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            system_role: SystemRolePolicy::Auto,
+            long_rope: LongRopePolicy::Dynamic,
+        }
+    }
+}
+
+/// A model ready to generate.
+#[derive(Debug)]
+pub struct Engine {
+    model: Phi3,
+    tokenizer: PhiTokenizer,
+    template: ChatTemplate,
+    stop_token_ids: BTreeSet<u32>,
+    /// Embedding rows with no token (Phi-3's 32011..32063): never sampled.
+    padding_ids: Vec<u32>,
+    files: CheckpointFiles,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens`, or the context window is full.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Per-request generation settings beyond sampling.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateOptions {
+    /// Sampling parameters (validated when the sequence is created).
+    pub sampling: SamplingParams,
+    /// Most tokens to generate; `None` for as many as the context allows.
+    pub max_tokens: Option<usize>,
+    /// Up to four stop strings, matched on the text across token boundaries.
+    pub stop: Vec<String>,
+    /// Keep generating through stop tokens (benchmarks want a fixed length).
+    pub ignore_eos: bool,
+}
+
+/// One generated token with its log-probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    /// Token id.
+    pub id: u32,
+    /// Log-probability under the model's raw distribution.
+    pub logprob: f32,
+    /// Most likely alternatives, when requested.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// What one step produced for one sequence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    /// Text that became final in this step (may be empty while a stop string or a multi-byte
+    /// character is pending).
+    pub text: String,
+    /// The token sampled in this step, unless the step only consumed prompt (chunked prefill).
+    pub token: Option<GeneratedToken>,
+    /// Set when the sequence has ended.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// One request's generation state.
+#[derive(Debug)]
+pub struct Sequence {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cache: SequenceCache,
+    sampler: Sampler,
+    stops: StopStrings,
+    decoder: StreamDecoder,
+    max_new: usize,
+    ignore_eos: bool,
+    text: String,
+    generated: Vec<GeneratedToken>,
+    finish: Option<FinishReason>,
+    prefill_chunk: Option<usize>,
+    timings: Timings,
+}
+
+/// Wall-clock time spent on a sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Until the first token was sampled (prompt processing).
+    pub prompt: Duration,
+    /// From the first token to the end.
+    pub generation: Duration,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl Timings {
+    /// Prompt tokens per second.
+    pub fn prompt_tokens_per_second(&self, n: usize) -> f64 {
+        n as f64 / self.prompt.as_secs_f64().max(1e-9)
+    }
+
+    /// Generated tokens per second after the first (each of them costs one decode step).
+    pub fn generation_tokens_per_second(&self, n: usize) -> f64 {
+        n.saturating_sub(1) as f64 / self.generation.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The finished result of [`Engine::generate`].
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The generated text, cut before a stop string, special tokens removed.
+    pub text: String,
+    /// Every generated token (a final stop token included).
+    pub tokens: Vec<GeneratedToken>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Timings.
+    pub timings: Timings,
+}
+
+impl Sequence {
+    /// Prompt length in tokens.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[GeneratedToken] {
+        &self.generated
+    }
+
+    /// Text emitted so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Why the sequence ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Whether the sequence needs no more steps.
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Feed the prompt at most `n` tokens per step (chunked prefill); `None` for all at once.
+    pub fn set_prefill_chunk(&mut self, n: Option<usize>) {
+        self.prefill_chunk = n;
+    }
+
+    /// Time spent so far.
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// Bytes of KV cache this sequence holds.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.allocated_bytes()
+    }
+
+    /// Ends the sequence: flushes the detokenizer and held-back text unless a stop string
+    /// already cut it, and returns the text released by the flush.
+    fn finish(&mut self, mut reason: FinishReason, stopped_by_string: bool) -> Result<String> {
+        let mut released = String::new();
+        if !stopped_by_string {
+            let tail = self.decoder.finish()?;
+            let o = self.stops.push(&tail);
+            released.push_str(&o.text);
+            if o.is_stop() {
+                reason = FinishReason::Stop;
+            } else {
+                released.push_str(&self.stops.finish());
+            }
+        }
+        self.finish = Some(reason);
+        if let (Some(first), Some(start)) = (self.timings.first_token, self.timings.started) {
+            self.timings.generation = first.elapsed();
+            self.timings.prompt = first.duration_since(start);
+        }
+        Ok(released)
+    }
+}
+
+impl Engine {
+    /// Resolves (downloading if needed) and loads a model.
+    pub fn load(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let files = source.resolve()?;
+        Self::from_files(files, opts)
+    }
+
+    /// Loads a model from resolved files.
+    pub fn from_files(files: CheckpointFiles, opts: &LoadOptions) -> Result<Self> {
+        let tokenizer =
+            PhiTokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
+        let template = ChatTemplate::from_tokenizer(&tokenizer, opts.system_role)?;
+        let mut model = Phi3::from_checkpoint(&files, opts.dtype, &opts.device)?;
+        model.set_long_rope_policy(opts.long_rope);
+        let cfg = model.config();
+
+        // Stop on every id the generation config lists, plus the chat turn markers themselves:
+        // the published configs disagree on the list (see CHAT_FORMAT.md), the markers do not.
+        let mut stop_token_ids: BTreeSet<u32> = cfg.eos_token_ids.iter().copied().collect();
+        if let Some(gc) = &files.generation_config {
+            stop_token_ids.extend(GenerationConfig::from_file(gc)?.eos_token_ids);
+        }
+        for marker in ["<|end|>", "<|endoftext|>"] {
+            if let Some(id) = tokenizer.token_to_id(marker) {
+                stop_token_ids.insert(id);
+            }
+        }
+        if let Some(id) = tokenizer.eos_token_id() {
+            stop_token_ids.insert(id);
+        }
+        let padding_ids: Vec<u32> =
+            (0..cfg.vocab_size as u32).filter(|&id| !tokenizer.contains_id(id)).collect();
+        if tokenizer.vocab_size() > cfg.vocab_size {
+            return Err(EngineError::Config {
+                path: files.tokenizer.clone(),
+                message: format!(
+                    "the tokenizer has {} ids but the model only {} embedding rows",
+                    tokenizer.vocab_size(),
+                    cfg.vocab_size
+                ),
+            });
+        }
+        tracing::info!(
+            origin = %files.origin,
+            params = cfg.num_parameters(),
+            dtype = ?opts.dtype,
+            system_role = template.resolved_system_role().as_str(),
+            "model loaded"
+        );
+        Ok(Self { model, tokenizer, template, stop_token_ids, padding_ids, files })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Phi3 {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &PhiTokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Token ids that end a generation.
+    pub fn stop_token_ids(&self) -> &BTreeSet<u32> {
+        &self.stop_token_ids
+    }
+
+    /// Where the model came from.
+    pub fn files(&self) -> &CheckpointFiles {
+        &self.files
+    }
+
+    /// Longest sequence (prompt plus completion) the model accepts.
+    pub fn context_length(&self) -> usize {
+        self.model.config().max_position_embeddings
+    }
+
+    /// Renders and tokenizes a conversation for generation.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<RenderedPrompt> {
+        Ok(self.template.render_and_encode(&self.tokenizer, messages, true)?)
+    }
+
+    /// Starts a sequence: validates the options and that the prompt fits the context.
+    pub fn new_sequence(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Sequence> {
+        let ctx = self.context_length();
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt.len() >= ctx {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens, but the model's context is {ctx} tokens: at most {} \
+                 prompt tokens fit with room for one generated token",
+                prompt.len(),
+                ctx - 1
+            )));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.model.config().vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        if opts.max_tokens == Some(0) {
+            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        let room = ctx - prompt.len();
+        let max_new = opts.max_tokens.map_or(room, |m| m.min(room));
+        let sampler = Sampler::new(opts.sampling.clone())?
+            .with_suppressed_tokens(self.padding_ids.iter().copied());
+        Ok(Sequence {
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            cache: self.model.new_cache(),
+            sampler,
+            stops: StopStrings::new(opts.stop.iter().cloned())?,
+            decoder: self.tokenizer.stream_decoder(true)?,
+            max_new,
+            ignore_eos: opts.ignore_eos,
+            text: String::new(),
+            generated: Vec::new(),
+            finish: None,
+            prefill_chunk: None,
+            timings: Timings::default(),
+        })
+    }
+
+    /// Advances every unfinished sequence by one batched forward pass: prompt chunks and decode
+    /// tokens together. Returns one output per sequence, in order (finished ones get an empty one).
+    pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<StepOutput>> {
+        let mut outputs = vec![StepOutput::default(); seqs.len()];
+        let active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].is_finished()).collect();
+        if active.is_empty() {
+            return Ok(outputs);
+        }
+        let now = Instant::now();
+        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(active.len());
+        let mut idx = 0;
+        for seq in seqs.iter_mut() {
+            if !active.contains(&idx) {
+                idx += 1;
+                continue;
+            }
+            idx += 1;
+            seq.timings.started.get_or_insert(now);
+            let in_prompt = seq.cache.len() < seq.prompt_len;
+            items.push(BatchItem {
+                tokens: &seq.tokens,
+                cache: &mut seq.cache,
+                max_new_tokens: if in_prompt { seq.prefill_chunk } else { None },
+                all_logits: false,
+            });
+        }
+        let out = self.model.forward(&mut items)?;
+        drop(items);
+        let logits = out.logits.to_vec2::<f32>()?;
+
+        for ((&i, rows), positions) in active.iter().zip(&out.rows).zip(&out.positions) {
+            let seq = &mut *seqs[i];
+            if positions.end < seq.tokens.len() {
+                continue; // a prompt chunk that does not reach the end of the prompt yet
+            }
+            let row = &logits[rows.end - 1];
+            let prior = &seq.tokens[seq.prompt_len..];
+            let sampled = seq.sampler.sample(row, prior)?;
+            seq.timings.first_token.get_or_insert_with(Instant::now);
+            seq.tokens.push(sampled.token);
+            let token = GeneratedToken {
+                id: sampled.token,
+                logprob: sampled.logprob,
+                top_logprobs: sampled.top_logprobs,
+            };
+            seq.generated.push(token.clone());
+
+            let mut emitted = String::new();
+            let mut reason = None;
+            let mut stopped_by_string = false;
+            if !seq.ignore_eos && self.stop_token_ids.contains(&sampled.token) {
+                reason = Some(FinishReason::Stop);
+            } else if let Some(piece) = seq.decoder.push(sampled.token)? {
+                let o = seq.stops.push(&piece);
+                emitted.push_str(&o.text);
+                if o.is_stop() {
+                    reason = Some(FinishReason::Stop);
+                    stopped_by_string = true;
+                }
+            }
+            if reason.is_none() && seq.generated.len() >= seq.max_new {
+                reason = Some(FinishReason::Length);
+            }
+            if let Some(r) = reason {
+                emitted.push_str(&seq.finish(r, stopped_by_string)?);
+            }
+            seq.text.push_str(&emitted);
+            outputs[i] =
+                StepOutput { text: emitted, token: Some(token), finish_reason: seq.finish };
+        }
+        Ok(outputs)
+    }
+
+    /// Generates one completion, calling `on_step` with each step's output (for streaming).
+    /// `on_step` returns `false` to cancel, which ends the sequence with what it has.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_step: impl FnMut(&StepOutput) -> bool,
+    ) -> Result<Completion> {
+        let mut seq = self.new_sequence(prompt, opts)?;
+        while !seq.is_finished() {
+            let out = self.step(&mut [&mut seq])?.remove(0);
+            if !on_step(&out) {
+                break;
+            }
+        }
+        Ok(Completion {
+            text: seq.text.clone(),
+            finish_reason: seq.finish.unwrap_or(FinishReason::Stop),
+            prompt_tokens: seq.prompt_len,
+            timings: seq.timings,
+            tokens: seq.generated,
+        })
+    }
+}

@@ -1,0 +1,119 @@
+//! Command-line options shared by the subcommands that load a model.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use phi_engine::chat_template::SystemRolePolicy;
+use phi_engine::checkpoint::ModelSource;
+use phi_engine::engine::{Engine, LoadOptions};
+use phi_engine::rope::LongRopePolicy;
+
+/// The model to load and how.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A local model folder or a Hugging Face repository id. `models/tiny/phi3-mini-4k` is a
+    /// bundled tiny random-weight model for offline demos.
+    #[arg(long, env = "PHI_SERVE_MODEL", default_value = "microsoft/Phi-3-mini-4k-instruct")]
+    pub model: String,
+    /// Branch, tag or commit of a hub repository.
+    #[arg(long, env = "PHI_SERVE_REVISION")]
+    pub revision: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`; by default CUDA when built with it and a GPU is present.
+    #[arg(long, env = "PHI_SERVE_DEVICE")]
+    pub device: Option<String>,
+    /// Weight and activation dtype; by default f32 on CPU and bf16 on CUDA.
+    #[arg(long, env = "PHI_SERVE_DTYPE", value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// System messages: `auto` uses the template's system turn if it renders one and otherwise
+    /// translates them into user text; `native` passes them to the template; `to-user` always
+    /// translates.
+    #[arg(long, env = "PHI_SERVE_SYSTEM_ROLE", value_enum, default_value = "auto")]
+    pub system_role: SystemRoleArg,
+    /// LongRoPE models: `dynamic` matches transformers (short factors up to the original
+    /// context, then the sequence is re-encoded with the long ones); `always-long` uses the
+    /// long factors for every position (as vLLM does).
+    #[arg(long, env = "PHI_SERVE_LONG_ROPE", value_enum, default_value = "dynamic")]
+    pub long_rope: LongRopeArg,
+}
+
+/// `--dtype` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+}
+
+/// `--system-role` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SystemRoleArg {
+    /// Detect from the template.
+    Auto,
+    /// Pass system messages to the template.
+    Native,
+    /// Translate system messages into user text.
+    ToUser,
+}
+
+/// `--long-rope` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LongRopeArg {
+    /// Exactly as transformers.
+    Dynamic,
+    /// Long factors always.
+    AlwaysLong,
+}
+
+fn parse_device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        None => {
+            #[cfg(feature = "cuda")]
+            if candle_core::utils::cuda_is_available() {
+                return Ok(Device::new_cuda(0)?);
+            }
+            Ok(Device::Cpu)
+        }
+        Some("cpu") => Ok(Device::Cpu),
+        Some(s) if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().with_context(|| format!("--device {s}: bad GPU ordinal"))?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                bail!("--device {s}: this phi-serve was built without CUDA (build with --features cuda)");
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("--device {s}"))
+        }
+        Some(other) => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+impl ModelArgs {
+    /// Resolves and loads the model, logging where it came from.
+    pub fn load(&self) -> Result<Engine> {
+        let device = parse_device(self.device.as_deref())?;
+        let dtype = match (self.dtype, device.is_cuda()) {
+            (Some(DTypeArg::F32), _) | (None, false) => DType::F32,
+            (Some(DTypeArg::Bf16), _) | (None, true) => DType::BF16,
+            (Some(DTypeArg::F16), _) => DType::F16,
+        };
+        let opts = LoadOptions {
+            device,
+            dtype,
+            system_role: match self.system_role {
+                SystemRoleArg::Auto => SystemRolePolicy::Auto,
+                SystemRoleArg::Native => SystemRolePolicy::Native,
+                SystemRoleArg::ToUser => SystemRolePolicy::ToUser,
+            },
+            long_rope: match self.long_rope {
+                LongRopeArg::Dynamic => LongRopePolicy::Dynamic,
+                LongRopeArg::AlwaysLong => LongRopePolicy::AlwaysLong,
+            },
+        };
+        let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
+        Ok(Engine::load(&source, &opts)?)
+    }
+}
