@@ -263,3 +263,84 @@ fn broken_checkpoints_fail_with_the_file_and_the_problem() {
     assert!(err.contains("model.safetensors"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// bf16 weights and activations (the GPU default) stay close to the float32 reference: the
+/// logits stay within bf16's precision of the reference (5% of the largest logit), and
+/// the argmax agrees wherever the reference's top-2 margin is larger than that error.
+#[test]
+fn bf16_tracks_the_reference() {
+    for variant in VARIANTS {
+        let dir = root().join("models/tiny").join(variant);
+        let files = ModelSource::parse(dir.to_str().unwrap(), None).unwrap().resolve().unwrap();
+        let model = Phi3::from_checkpoint(&files, DType::BF16, &Device::Cpu).unwrap();
+        let (json, logits) = reference(variant);
+        for case in json["logits_cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let input = ids(&case["input_ids"]);
+            let positions: Vec<usize> = case["positions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_u64().unwrap() as usize)
+                .collect();
+            let want = logits[&format!("logits.{name}")].to_vec2::<f32>().unwrap();
+            let mut cache = model.new_cache();
+            let out = model
+                .forward(&mut [BatchItem {
+                    tokens: &input,
+                    cache: &mut cache,
+                    max_new_tokens: None,
+                    all_logits: true,
+                }])
+                .unwrap();
+            let got = out.logits.to_vec2::<f32>().unwrap();
+            for (row, &p) in want.iter().zip(&positions) {
+                let d = max_abs_diff(&got[p], row);
+                // bf16 keeps 8 significant bits: allow 5% of the row's largest logit.
+                let tol = 0.05 * row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(d < tol, "{variant}/{name} position {p}: bf16 max |diff| {d} > {tol}");
+                let mut sorted = row.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] > 2.0 * tol {
+                    assert_eq!(
+                        argmax(&got[p]),
+                        argmax(row),
+                        "{variant}/{name} position {p}: bf16 argmax"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `AlwaysLong` (vLLM's choice) uses the long factors from the first token: it reproduces the
+/// reference wherever transformers also uses them (prompts past the original context) and
+/// departs from it on short prompts, which is why `Dynamic` is the default.
+#[test]
+fn always_long_policy_uses_long_factors_everywhere() {
+    use phi_engine::rope::LongRopePolicy;
+    let mut model = load("phi3-mini-128k");
+    model.set_long_rope_policy(LongRopePolicy::AlwaysLong);
+    let (json, logits) = reference("phi3-mini-128k");
+    for case in json["logits_cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let input = ids(&case["input_ids"]);
+        let p = input.len() - 1; // the last position is always among the recorded ones
+        let want = logits[&format!("logits.{name}")].to_vec2::<f32>().unwrap().pop().unwrap();
+        let mut cache = model.new_cache();
+        let out = model
+            .forward(&mut [BatchItem {
+                tokens: &input,
+                cache: &mut cache,
+                max_new_tokens: None,
+                all_logits: true,
+            }])
+            .unwrap();
+        let d = max_abs_diff(&out.logits.to_vec2::<f32>().unwrap()[p], &want);
+        if case["rope_factors"] == "long" {
+            assert!(d < LOGIT_TOL, "{name}: {d}");
+        } else {
+            assert!(d > 1e-2, "{name}: short-factor reference reproduced with long factors ({d})");
+        }
+    }
+}
