@@ -215,58 +215,59 @@ impl Phi3Config {
             (_, Some(s)) if s.is_object() => Some(s),
             _ => None,
         };
-        let rope_scaling =
-            match scaling_obj {
-                None => RopeScaling::None,
-                Some(s) => {
-                    let kind = s
-                        .get("rope_type")
-                        .or_else(|| s.get("type"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("default");
-                    match kind {
-                        "default" => RopeScaling::None,
-                        // transformers renames the legacy names to "longrope".
-                        "longrope" | "su" | "yarn" => {
-                            let short_factor = get_factors(s, "short_factor", path)?;
-                            let long_factor = get_factors(s, "long_factor", path)?;
-                            let half = rotary_dim / 2;
-                            if short_factor.len() != half || long_factor.len() != half {
-                                return Err(bad(
-                                    path,
-                                    format!(
+        let rope_scaling = match scaling_obj {
+            None => RopeScaling::None,
+            Some(s) => {
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                match kind {
+                    "default" => RopeScaling::None,
+                    // transformers renames the legacy names to "longrope".
+                    "longrope" | "su" | "yarn" => {
+                        let short_factor = get_factors(s, "short_factor", path)?;
+                        let long_factor = get_factors(s, "long_factor", path)?;
+                        let half = rotary_dim / 2;
+                        if short_factor.len() != half || long_factor.len() != half {
+                            return Err(bad(
+                                path,
+                                format!(
                                     "LongRoPE factors must have rotary_dim/2 = {half} entries, \
                                      found short_factor {} and long_factor {}",
                                     short_factor.len(),
                                     long_factor.len()
                                 ),
-                                ));
-                            }
-                            let factor = match get_f64(s, "factor", path)? {
-                                Some(f) => f,
-                                None => {
-                                    max_position_embeddings as f64
-                                        / original_max_position_embeddings as f64
-                                }
-                            };
-                            let attention_factor = match get_f64(s, "attention_factor", path)? {
-                                Some(a) => a,
-                                None if factor <= 1.0 => 1.0,
-                                None => (1.0
-                                    + factor.ln() / (original_max_position_embeddings as f64).ln())
-                                .sqrt(),
-                            };
-                            RopeScaling::LongRope { short_factor, long_factor, attention_factor }
+                            ));
                         }
-                        other => return Err(bad(
+                        let factor = match get_f64(s, "factor", path)? {
+                            Some(f) => f,
+                            None => {
+                                max_position_embeddings as f64
+                                    / original_max_position_embeddings as f64
+                            }
+                        };
+                        let attention_factor = match get_f64(s, "attention_factor", path)? {
+                            Some(a) => a,
+                            None if factor <= 1.0 => 1.0,
+                            None => (1.0
+                                + factor.ln() / (original_max_position_embeddings as f64).ln())
+                            .sqrt(),
+                        };
+                        RopeScaling::LongRope { short_factor, long_factor, attention_factor }
+                    }
+                    other => {
+                        return Err(bad(
                             path,
                             format!(
                                 "unsupported rope scaling type `{other}` (expected longrope/su)"
                             ),
-                        )),
+                        ))
                     }
                 }
-            };
+            }
+        };
 
         let sliding_window = get_usize(v, "sliding_window", path)?;
         if sliding_window == Some(0) {
@@ -427,7 +428,8 @@ mod tests {
         assert_eq!(a, b);
         match a.rope_scaling {
             RopeScaling::LongRope { attention_factor, .. } => {
-                assert!((attention_factor - 1.190_238_118_171_692).abs() < 1e-9)
+                // sqrt(1 + ln 32 / ln 4096) = sqrt(17/12); GGUF stores it as f32 1.1902381.
+                assert!((attention_factor - (17.0f64 / 12.0).sqrt()).abs() < 1e-12)
             }
             RopeScaling::None => panic!("expected LongRoPE"),
         }

@@ -243,11 +243,12 @@ impl Phi3 {
                 None => total,
             };
             let factors = self.rope_policy.factors_for(&self.cfg, end);
-            if item.cache.is_empty() || item.cache.factors() != factors {
+            if item.cache.is_empty() {
+                // A first chunk: nothing cached yet, so no keys to re-rotate.
+                item.cache.clear(factors);
+            } else if item.cache.factors() != factors {
                 // The cached keys were rotated with the other factor set: re-encode everything.
-                if !item.cache.is_empty() {
-                    tracing::debug!(len = total, "LongRoPE factor switch: re-encoding sequence");
-                }
+                tracing::debug!(len = total, "LongRoPE factor switch: re-encoding sequence");
                 item.cache.clear(factors);
                 start = 0;
                 end = total;
