@@ -2,6 +2,7 @@
 
 mod generate;
 mod options;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Generate a chat answer for one prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
+    /// Serve the Azure AI Model Inference and OpenAI chat-completions APIs over HTTP.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -30,6 +33,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

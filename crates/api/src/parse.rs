@@ -1,0 +1,434 @@
+//! Parsing and validating a chat-completions body into a [`ChatRequest`].
+//!
+//! The body is read as a JSON object first and each parameter is then decoded on its own, so
+//! every error names the parameter at fault (a derived `Deserialize` would only say "line 1
+//! column 57"). `null` counts as absent everywhere, because the SDKs send explicit nulls.
+
+use phi_engine::sampling::SamplingParams;
+use phi_engine::stop::StopStrings;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::extra_parameters::ExtraParameters;
+use crate::messages::parse_messages;
+use crate::request::{ChatRequest, MAX_CHOICES};
+
+/// Every body key of the Azure AI Model Inference and OpenAI chat-completions APIs. Keys outside
+/// this list are "extra parameters" (see [`ExtraParameters`]).
+pub const KNOWN_PARAMETERS: &[&str] = &[
+    // Azure AI Model Inference (2024-05-01-preview).
+    "messages",
+    "model",
+    "frequency_penalty",
+    "presence_penalty",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "stream",
+    "seed",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "modalities",
+    // OpenAI chat completions.
+    "max_completion_tokens",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "stream_options",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "logit_bias",
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
+/// Parses and validates a chat-completions body.
+pub fn parse_chat_request(body: &[u8], extra: ExtraParameters) -> Result<ChatRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
+    let Value::Object(mut map) = value else {
+        return Err(ApiError::invalid_json("the body must be a JSON object"));
+    };
+    let unknown: Vec<String> =
+        map.keys().filter(|k| !KNOWN_PARAMETERS.contains(&k.as_str())).cloned().collect();
+    if !unknown.is_empty() {
+        if extra == ExtraParameters::Error {
+            return Err(ApiError::extra_parameters(&unknown));
+        }
+        for key in &unknown {
+            map.remove(key);
+        }
+    }
+    let f = Fields(map);
+
+    let messages = parse_messages(f.get("messages"))?;
+    reject_unsupported(&f)?;
+
+    let sampling = SamplingParams {
+        temperature: f.number("temperature")?.unwrap_or(1.0),
+        top_p: f.number("top_p")?.unwrap_or(1.0),
+        presence_penalty: f.number("presence_penalty")?.unwrap_or(0.0),
+        frequency_penalty: f.number("frequency_penalty")?.unwrap_or(0.0),
+        seed: f.integer("seed")?,
+        logprobs: f.boolean("logprobs")?.unwrap_or(false),
+        top_logprobs: f.count("top_logprobs")?,
+    };
+    sampling.validate().map_err(|e| match e.param() {
+        Some(param) => ApiError::invalid_value(param, e.to_string()),
+        None => ApiError::invalid_value("messages", e.to_string()),
+    })?;
+
+    let max_tokens = match f.count("max_completion_tokens")? {
+        Some(m) => Some(("max_completion_tokens", m)),
+        None => f.count("max_tokens")?.map(|m| ("max_tokens", m)),
+    };
+    if let Some((param, 0)) = max_tokens {
+        return Err(ApiError::invalid_value(param, format!("`{param}` must be at least 1, got 0")));
+    }
+
+    let stop = parse_stop(f.get("stop"))?;
+    StopStrings::new(stop.iter().cloned())
+        .map_err(|e| ApiError::invalid_value(e.param(), e.to_string()))?;
+
+    let n = f.count("n")?.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::invalid_value(
+            "n",
+            format!("`n` must be between 1 and {MAX_CHOICES}, got {n}"),
+        ));
+    }
+
+    let stream = f.boolean("stream")?.unwrap_or(false);
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid_type("stream_options.include_usage", "a boolean"))
+            }
+        },
+        Some(_) => return Err(ApiError::invalid_type("stream_options", "an object")),
+    };
+    let model = match f.get("model") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::invalid_type("model", "a string")),
+    };
+
+    Ok(ChatRequest {
+        messages,
+        sampling,
+        max_tokens: max_tokens.map(|(_, m)| m),
+        stop,
+        n,
+        stream,
+        include_usage,
+        model,
+        ignored_parameters: unknown,
+    })
+}
+
+/// Parameters the API defines that this text-only server without tool calling cannot honour:
+/// 422 when they ask for something, accepted when they ask for nothing (empty lists, `"none"`).
+fn reject_unsupported(f: &Fields) -> Result<(), ApiError> {
+    match f.get("response_format") {
+        None => {}
+        Some(Value::String(t)) => check_format_type("response_format", t)?,
+        Some(Value::Object(o)) => match o.get("type") {
+            Some(Value::String(t)) => check_format_type("response_format", t)?,
+            _ => return Err(ApiError::invalid_type("response_format.type", "a string")),
+        },
+        Some(_) => return Err(ApiError::invalid_type("response_format", "an object or a string")),
+    }
+    for list in ["tools", "functions"] {
+        match f.get(list) {
+            None => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(Value::Array(_)) => {
+                return Err(ApiError::not_supported(
+                    list,
+                    format!("`{list}` is not supported: this server does not support tool calling"),
+                ))
+            }
+            Some(_) => return Err(ApiError::invalid_type(list, "an array")),
+        }
+    }
+    for choice in ["tool_choice", "function_call"] {
+        match f.get(choice) {
+            None => {}
+            Some(Value::String(s)) if s == "none" || s == "auto" => {}
+            Some(_) => {
+                return Err(ApiError::not_supported(
+                    choice,
+                    format!(
+                        "`{choice}` is not supported: this server does not support tool calling"
+                    ),
+                ))
+            }
+        }
+    }
+    match f.get("logit_bias") {
+        None => {}
+        Some(Value::Object(o)) if o.is_empty() => {}
+        Some(Value::Object(_)) => {
+            return Err(ApiError::not_supported("logit_bias", "`logit_bias` is not supported"))
+        }
+        Some(_) => return Err(ApiError::invalid_type("logit_bias", "an object")),
+    }
+    match f.get("modalities") {
+        None => {}
+        Some(Value::Array(a)) if a.iter().all(|m| m == "text") => {}
+        Some(Value::Array(_)) => {
+            return Err(ApiError::not_supported(
+                "modalities",
+                "only the text modality is supported",
+            ))
+        }
+        Some(_) => return Err(ApiError::invalid_type("modalities", "an array of strings")),
+    }
+    for param in ["audio", "prediction", "web_search_options"] {
+        if f.get(param).is_some() {
+            return Err(ApiError::not_supported(param, format!("`{param}` is not supported")));
+        }
+    }
+    Ok(())
+}
+
+fn check_format_type(param: &str, t: &str) -> Result<(), ApiError> {
+    match t {
+        "text" => Ok(()),
+        "json_object" | "json_schema" => Err(ApiError::not_supported(
+            param,
+            format!("response_format {t:?} is not supported: only \"text\" is"),
+        )),
+        other => Err(ApiError::invalid_value(
+            param,
+            format!("unknown response_format type {other:?} (expected text, json_object or json_schema)"),
+        )),
+    }
+}
+
+fn parse_stop(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(ApiError::invalid_type("stop", "a string or an array of strings")),
+            })
+            .collect(),
+        Some(_) => Err(ApiError::invalid_type("stop", "a string or an array of strings")),
+    }
+}
+
+/// The body's top-level keys, with typed getters whose errors name the key.
+struct Fields(Map<String, Value>);
+
+impl Fields {
+    /// The value of a key; `null` reads as absent.
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    /// A number, or a string holding one (some clients send `"0.5"`).
+    fn number(&self, name: &str) -> Result<Option<f32>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64().map(|x| x as f32)),
+            Some(Value::String(s)) => match s.trim().parse::<f64>() {
+                Ok(x) if x.is_finite() => Ok(Some(x as f32)),
+                _ => Err(ApiError::invalid_type(name, "a number")),
+            },
+            Some(_) => Err(ApiError::invalid_type(name, "a number")),
+        }
+    }
+
+    /// A signed 64-bit integer.
+    fn integer(&self, name: &str) -> Result<Option<i64>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(i) => Ok(Some(i)),
+                None if n.is_u64() => Err(ApiError::invalid_value(
+                    name,
+                    format!("`{name}` must fit in a signed 64-bit integer, got {n}"),
+                )),
+                None => Err(ApiError::invalid_type(name, "an integer")),
+            },
+            Some(_) => Err(ApiError::invalid_type(name, "an integer")),
+        }
+    }
+
+    /// A non-negative integer.
+    fn count(&self, name: &str) -> Result<Option<usize>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                if let Some(u) = n.as_u64() {
+                    Ok(Some(usize::try_from(u).unwrap_or(usize::MAX)))
+                } else if n.is_i64() {
+                    Err(ApiError::invalid_value(
+                        name,
+                        format!("`{name}` must not be negative, got {n}"),
+                    ))
+                } else {
+                    Err(ApiError::invalid_type(name, "an integer"))
+                }
+            }
+            Some(_) => Err(ApiError::invalid_type(name, "an integer")),
+        }
+    }
+
+    /// A boolean.
+    fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::invalid_type(name, "a boolean")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ChatRequest, ApiError> {
+        parse_chat_request(v.to_string().as_bytes(), ExtraParameters::Error)
+    }
+
+    fn user() -> Value {
+        json!([{"role": "user", "content": "hi"}])
+    }
+
+    #[test]
+    fn azure_sample_body() {
+        let r = parse(json!({"messages": [{"role": "system", "content": "sys"},
+            {"role": "user", "content": "hi"}], "frequency_penalty": 0.1, "max_tokens": 5,
+            "presence_penalty": 0.1, "response_format": {"type": "text"}, "seed": 1,
+            "stop": ["\n\n"], "temperature": 0, "top_p": 1}))
+        .unwrap();
+        assert_eq!(r.messages.len(), 2);
+        assert_eq!(r.max_tokens, Some(5));
+        assert_eq!(r.stop, vec!["\n\n".to_string()]);
+        assert_eq!(r.sampling.seed, Some(1));
+        assert_eq!(r.sampling.temperature, 0.0);
+        assert!((r.sampling.frequency_penalty - 0.1).abs() < 1e-6);
+        assert!(!r.stream);
+        assert_eq!(r.n, 1);
+    }
+
+    #[test]
+    fn openai_spellings() {
+        let r = parse(json!({"model": "m", "messages": user(), "max_completion_tokens": 7,
+            "max_tokens": 99, "stop": "x", "presence_penalty": "0.5", "frequency_penalty": "-1",
+            "response_format": "text", "stream": true, "stream_options": {"include_usage": true},
+            "n": 3, "logprobs": true, "top_logprobs": 2, "user": "u", "temperature": null}))
+        .unwrap();
+        assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.stop, vec!["x".to_string()]);
+        assert_eq!(r.sampling.presence_penalty, 0.5);
+        assert_eq!(r.sampling.frequency_penalty, -1.0);
+        assert_eq!(r.sampling.temperature, 1.0);
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.n, 3);
+        assert_eq!(r.sampling.top_logprobs, Some(2));
+        assert_eq!(r.model.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn extra_parameters_policy() {
+        let body = json!({"messages": user(), "foo": 1, "bar": null}).to_string();
+        let e = parse_chat_request(body.as_bytes(), ExtraParameters::Error).unwrap_err();
+        assert_eq!(e.code, "extra_parameters_not_allowed");
+        assert!(e.message.contains("'foo'") && e.message.contains("'bar'"));
+        for policy in [ExtraParameters::Drop, ExtraParameters::PassThrough] {
+            let r = parse_chat_request(body.as_bytes(), policy).unwrap();
+            assert_eq!(r.ignored_parameters.len(), 2);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let cases = [
+            (json!({"messages": user(), "temperature": 3}), 400, "temperature"),
+            (json!({"messages": user(), "temperature": "hot"}), 400, "temperature"),
+            (json!({"messages": user(), "top_p": 0}), 400, "top_p"),
+            (json!({"messages": user(), "presence_penalty": -2.5}), 400, "presence_penalty"),
+            (json!({"messages": user(), "frequency_penalty": [1]}), 400, "frequency_penalty"),
+            (json!({"messages": user(), "max_tokens": 0}), 400, "max_tokens"),
+            (json!({"messages": user(), "max_tokens": -1}), 400, "max_tokens"),
+            (
+                json!({"messages": user(), "max_completion_tokens": 1.5}),
+                400,
+                "max_completion_tokens",
+            ),
+            (json!({"messages": user(), "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
+            (json!({"messages": user(), "stop": [""]}), 400, "stop"),
+            (json!({"messages": user(), "stop": 5}), 400, "stop"),
+            (json!({"messages": user(), "seed": "x"}), 400, "seed"),
+            (json!({"messages": user(), "seed": 18446744073709551615u64}), 400, "seed"),
+            (json!({"messages": user(), "n": 0}), 400, "n"),
+            (json!({"messages": user(), "n": 17}), 400, "n"),
+            (json!({"messages": user(), "top_logprobs": 2}), 400, "top_logprobs"),
+            (
+                json!({"messages": user(), "logprobs": true, "top_logprobs": 21}),
+                400,
+                "top_logprobs",
+            ),
+            (json!({"messages": user(), "logprobs": "yes"}), 400, "logprobs"),
+            (json!({"messages": user(), "stream": 1}), 400, "stream"),
+            (json!({"messages": user(), "model": 1}), 400, "model"),
+            (
+                json!({"messages": user(), "response_format": {"type": "xml"}}),
+                400,
+                "response_format",
+            ),
+            (
+                json!({"messages": user(), "response_format": {"type": "json_object"}}),
+                422,
+                "response_format",
+            ),
+            (json!({"messages": user(), "tools": [{"type": "function"}]}), 422, "tools"),
+            (json!({"messages": user(), "tool_choice": "required"}), 422, "tool_choice"),
+            (json!({"messages": user(), "logit_bias": {"1": 5}}), 422, "logit_bias"),
+            (json!({"messages": user(), "modalities": ["text", "audio"]}), 422, "modalities"),
+            (json!({"model": "m"}), 400, "messages"),
+        ];
+        for (body, status, param) in cases {
+            let e = parse(body.clone()).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (status, Some(param)), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn accepts_harmless_values_of_unsupported_parameters() {
+        let r = parse(json!({"messages": user(), "tools": [], "tool_choice": "none",
+            "logit_bias": {}, "modalities": ["text"], "parallel_tool_calls": true,
+            "stream_options": null}));
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[test]
+    fn malformed_json() {
+        let e = parse_chat_request(b"{\"messages\": [", ExtraParameters::Error).unwrap_err();
+        assert_eq!((e.status, e.code), (400, "invalid_json"));
+        let e = parse_chat_request(b"[1]", ExtraParameters::Error).unwrap_err();
+        assert_eq!((e.status, e.code), (400, "invalid_json"));
+    }
+}

@@ -1,0 +1,742 @@
+//! Binary-level tests of `phi-serve serve`: each test starts the real binary on the bundled tiny
+//! model with `--port 0`, reads the bound address from its stdout, and talks HTTP to it. They
+//! check the wire bytes that the azure and openai SDKs depend on (shared/api/CONTRACT.md), every
+//! error status, authentication, and that concurrent and disconnecting clients behave.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::{Client, Response};
+use serde_json::{json, Value};
+
+const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny/phi3-mini-4k");
+
+/// A running `phi-serve serve`, killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    client: Client,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_phi-serve"));
+        cmd.args(["serve", "--model", MODEL, "--port", "0"]).args(args);
+        for var in ["PHI_SERVE_API_KEYS", "PHI_SERVE_HOST", "PHI_SERVE_PORT", "PHI_SERVE_DEVICE"] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("start phi-serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("phi-serve listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(base) => base,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("phi-serve did not report its address: {:?}", child.wait());
+            }
+        };
+        let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        Server { child, base, client }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().unwrap()
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap()
+    }
+
+    fn health(&self) -> Value {
+        self.get("/health").json().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chat(prompt: &str, max_tokens: u32) -> Value {
+    json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+           "temperature": 0})
+}
+
+fn streaming(mut body: Value) -> Value {
+    body["stream"] = json!(true);
+    body
+}
+
+/// Asserts the error shape and status, and returns the error object.
+fn expect_error(res: Response, status: u16) -> Value {
+    assert_eq!(res.status().as_u16(), status, "{:?}", res.headers());
+    let headers = res.headers().clone();
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(headers.contains_key("x-request-id"));
+    let body: Value = res.json().unwrap();
+    let err = &body["error"];
+    for key in ["code", "message", "type", "param", "status"] {
+        assert!(err.get(key).is_some(), "missing {key} in {body}");
+    }
+    assert_eq!(err["status"], status);
+    assert_eq!(headers["x-ms-error-code"].to_str().unwrap(), err["code"].as_str().unwrap());
+    err.clone()
+}
+
+/// Splits an SSE body into its events, asserting the framing the azure parser needs: LF only,
+/// every event exactly one `data: ` line followed by a blank line.
+fn sse_events(bytes: &[u8]) -> Vec<String> {
+    assert!(!bytes.contains(&b'\r'), "CR in the stream");
+    let text = std::str::from_utf8(bytes).unwrap();
+    assert!(text.ends_with("\n\n"), "stream does not end with a blank line: {text:?}");
+    text[..text.len() - 2]
+        .split("\n\n")
+        .map(|event| {
+            assert!(!event.contains('\n'), "multi-line event {event:?}");
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data line: {event:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The JSON chunks of a stream that ended with `[DONE]`.
+fn parse_chunks(bytes: &[u8]) -> Vec<Value> {
+    let events = sse_events(bytes);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect()
+}
+
+fn content_of(chunks: &[Value], index: usize) -> String {
+    chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap().iter())
+        .filter(|c| c["index"] == index)
+        .filter_map(|c| c["delta"]["content"].as_str())
+        .collect()
+}
+
+#[test]
+fn health_info_and_models() {
+    let s = Server::start(&["--api-key", "k"]);
+    let res = s.get("/health");
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().contains_key("x-request-id"));
+    assert_eq!(res.json::<Value>().unwrap()["status"], "ok");
+
+    for path in ["/info?api-version=2024-05-01-preview", "/v1/info"] {
+        let res = s.client.get(s.url(path)).header("api-key", "k").send().unwrap();
+        assert_eq!(res.status(), 200);
+        let info: Value = res.json().unwrap();
+        assert_eq!(
+            info,
+            json!({"model_name": "phi3-mini-4k", "model_type": "chat_completion",
+                   "model_provider_name": "Microsoft"})
+        );
+    }
+    for path in ["/v1/models", "/models"] {
+        let res = s.client.get(s.url(path)).bearer_auth("k").send().unwrap();
+        assert_eq!(res.status(), 200);
+        let list: Value = res.json().unwrap();
+        assert_eq!(list["object"], "list");
+        let model = &list["data"][0];
+        assert_eq!(model["id"], "phi3-mini-4k");
+        assert_eq!(model["object"], "model");
+        assert!(model["created"].is_u64());
+        assert!(model["owned_by"].is_string());
+    }
+}
+
+#[test]
+fn request_ids() {
+    let s = Server::start(&[]);
+    let res =
+        s.client.get(s.url("/health")).header("x-ms-client-request-id", "abc-123").send().unwrap();
+    assert_eq!(res.headers()["x-request-id"], "abc-123");
+    assert_eq!(res.headers()["x-ms-client-request-id"], "abc-123");
+    let a = s.get("/nope").headers()["x-request-id"].clone();
+    let b = s.get("/nope").headers()["x-request-id"].clone();
+    assert_ne!(a, b);
+    assert_eq!(a.len(), 32);
+}
+
+#[test]
+fn json_completion_cloud_shape() {
+    let s = Server::start(&["--served-model-name", "phi-3-test"]);
+    let res = s.post("/chat/completions?api-version=2024-05-01-preview", &chat("hi", 5));
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let bytes = res.bytes().unwrap();
+    assert!(!bytes.contains(&b'\n'), "compact JSON expected");
+    assert!(bytes.starts_with(b"{\"id\":\"chatcmpl-"));
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    let keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["choices", "created", "id", "model", "object", "usage"]);
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "phi-3-test");
+    assert!(body["created"].is_u64());
+    let choice = &body["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(choice["message"]["content"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(choice["message"]["tool_calls"].is_null());
+    assert!(choice.as_object().unwrap().contains_key("logprobs") && choice["logprobs"].is_null());
+    assert_eq!(choice["finish_reason"], "length");
+    let usage = &body["usage"];
+    assert_eq!(usage["completion_tokens"], 5);
+    let p = usage["prompt_tokens"].as_u64().unwrap();
+    assert!(p > 0);
+    assert_eq!(usage["total_tokens"], p + 5);
+
+    // Greedy decoding is deterministic, and the OpenAI route answers the same.
+    let again: Value = s.post("/v1/chat/completions", &chat("hi", 5)).json().unwrap();
+    assert_eq!(again["choices"][0]["message"], choice["message"]);
+}
+
+#[test]
+fn sse_framing_azure_route() {
+    let s = Server::start(&[]);
+    let expected: Value = s.post("/chat/completions", &chat("hi", 6)).json().unwrap();
+    let res = s.post("/chat/completions?api-version=2024-05-01-preview", &streaming(chat("hi", 6)));
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    assert_eq!(res.headers()["cache-control"], "no-cache");
+    assert!(res.headers().get("content-encoding").is_none());
+    let bytes = res.bytes().unwrap();
+    let chunks = parse_chunks(&bytes);
+    assert!(bytes.ends_with(b"}\n\ndata: [DONE]\n\n"));
+
+    let first = &chunks[0];
+    assert_eq!(
+        first["choices"],
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])
+    );
+    for c in &chunks {
+        assert_eq!(c["id"], first["id"]);
+        assert_eq!(c["created"], first["created"]);
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["model"], "phi3-mini-4k");
+        // Never `choices: []` on the azure route: the sample loop reads choices[0].delta.
+        assert_eq!(c["choices"].as_array().unwrap().len(), 1);
+        assert!(c["choices"][0]["delta"].is_object());
+    }
+    let finishes: Vec<&Value> =
+        chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();
+    assert_eq!(finishes.len(), 1);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["choices"][0]["delta"], json!({}));
+    assert_eq!(last["usage"], expected["usage"]);
+    for c in &chunks[..chunks.len() - 1] {
+        assert!(c.get("usage").is_none());
+    }
+    assert_eq!(
+        content_of(&chunks, 0),
+        expected["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    // The exact bytes of one content chunk.
+    let id = first["id"].as_str().unwrap();
+    let created = first["created"].as_u64().unwrap();
+    let piece = chunks[1]["choices"][0]["delta"]["content"].as_str().unwrap();
+    let wire = format!(
+        "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\
+         \"model\":\"phi3-mini-4k\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}},\
+         \"finish_reason\":null}}]}}\n\n",
+        serde_json::to_string(piece).unwrap()
+    );
+    assert!(std::str::from_utf8(&bytes).unwrap().contains(&wire), "{wire}");
+}
+
+#[test]
+fn sse_include_usage_on_v1() {
+    let s = Server::start(&[]);
+    let mut body = streaming(chat("hi", 4));
+    body["model"] = json!("anything");
+    body["stream_options"] = json!({"include_usage": true});
+    let bytes = s.post("/v1/chat/completions", &body).bytes().unwrap();
+    let chunks = parse_chunks(&bytes);
+    let (usage_chunk, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 4);
+    for c in rest {
+        assert!(c["usage"].is_null() && c.as_object().unwrap().contains_key("usage"), "{c}");
+        assert_eq!(c["choices"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(rest.last().unwrap()["choices"][0]["finish_reason"], "length");
+
+    // Without include_usage the final chunk carries usage, and no chunk has empty choices.
+    let bytes = s.post("/v1/chat/completions", &streaming(chat("hi", 4))).bytes().unwrap();
+    let chunks = parse_chunks(&bytes);
+    assert!(chunks.iter().all(|c| !c["choices"].as_array().unwrap().is_empty()));
+    assert!(chunks.last().unwrap()["usage"]["total_tokens"].as_u64().unwrap() > 4);
+}
+
+#[test]
+fn logprobs_openai_shape() {
+    let s = Server::start(&[]);
+    let mut body = chat("hi", 4);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let res: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+    let lp = &res["choices"][0]["logprobs"];
+    assert!(lp["refusal"].is_null());
+    let content = lp["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4);
+    let mut text = String::new();
+    for entry in content {
+        let token = entry["token"].as_str().unwrap();
+        let bytes: Vec<u8> =
+            entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), token);
+        text.push_str(token);
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the sampled token is the most likely one.
+        assert_eq!(top[0]["token"], entry["token"]);
+        assert_eq!(top[0]["logprob"], entry["logprob"]);
+        for t in top {
+            assert!(t["token"].is_string() && t["logprob"].is_number() && t["bytes"].is_array());
+        }
+    }
+    assert_eq!(
+        text.trim_start(),
+        res["choices"][0]["message"]["content"].as_str().unwrap().trim_start()
+    );
+
+    // The azure SDK's model_extras={"logprobs": True}: pass-through header.
+    let res = s
+        .client
+        .post(s.url("/chat/completions?api-version=2024-05-01-preview"))
+        .header("content-type", "application/json")
+        .header("extra-parameters", "pass-through")
+        .body(
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                     "logprobs": true})
+            .to_string(),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().unwrap();
+    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 3);
+    assert_eq!(content[0]["top_logprobs"], json!([]));
+
+    // Streaming: the logprobs of each chunk cover its delta.
+    let mut body = streaming(chat("hi", 4));
+    body["logprobs"] = json!(true);
+    let bytes = s.post("/v1/chat/completions", &body).bytes().unwrap();
+    let entries: usize = parse_chunks(&bytes)
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().map(Vec::len))
+        .sum();
+    assert_eq!(entries, 4);
+}
+
+#[test]
+fn several_choices() {
+    let s = Server::start(&[]);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 3,
+                      "temperature": 1, "seed": 7});
+    let res: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+    let choices = res["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert!(c["finish_reason"].is_string());
+    }
+    let completion: u64 = res["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(completion, 15);
+    // Seeded: the same request gives the same choices.
+    let again: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+    assert_eq!(again["choices"], res["choices"]);
+
+    let bytes = s.post("/v1/chat/completions", &streaming(body)).bytes().unwrap();
+    let chunks = parse_chunks(&bytes);
+    for i in 0..3 {
+        let of_i: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap().iter())
+            .filter(|c| c["index"] == i)
+            .collect();
+        assert_eq!(of_i[0]["delta"]["role"], "assistant");
+        assert_eq!(of_i.iter().filter(|c| !c["finish_reason"].is_null()).count(), 1);
+        assert_eq!(
+            content_of(&chunks, i),
+            res["choices"][i]["message"]["content"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn accepted_parameter_spellings() {
+    let s = Server::start(&[]);
+    // The azure SDK's captured body.
+    let azure = json!({"messages": [{"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"}], "frequency_penalty": 0.1, "max_tokens": 5,
+        "presence_penalty": 0.1, "response_format": {"type": "text"}, "seed": 1,
+        "stop": ["\n\n"], "temperature": 0, "top_p": 1});
+    assert_eq!(s.post("/chat/completions?api-version=2024-05-01-preview", &azure).status(), 200);
+    // OpenAI spellings, numeric strings, bare response_format, content parts, developer role,
+    // assistant turn without content.
+    let openai = json!({"model": "m", "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "user", "content": "again"}],
+        "max_completion_tokens": 3, "presence_penalty": "0.5", "frequency_penalty": "-0.5",
+        "stop": "zzz", "response_format": "text", "user": "u", "temperature": 0.5, "seed": 3});
+    let res: Value = s.post("/v1/chat/completions", &openai).json().unwrap();
+    assert_eq!(res["usage"]["completion_tokens"], 3, "{res}");
+
+    // A stop string cuts the answer before it.
+    let full: Value = s.post("/v1/chat/completions", &chat("hi", 20)).json().unwrap();
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap();
+    let cut = text.char_indices().nth(6).map(|(i, _)| i).unwrap();
+    let stop: String = text[cut..].chars().take(3).collect();
+    let mut body = chat("hi", 20);
+    body["stop"] = json!([stop]);
+    let res: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+    assert_eq!(res["choices"][0]["finish_reason"], "stop");
+    assert_eq!(res["choices"][0]["message"]["content"].as_str().unwrap(), &text[..cut]);
+}
+
+#[test]
+fn extra_parameters_header() {
+    let s = Server::start(&[]);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                      "foo": 1, "safe_prompt": true});
+    let send = |header: Option<&str>| {
+        let mut req = s
+            .client
+            .post(s.url("/chat/completions?api-version=2024-05-01-preview"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(h) = header {
+            req = req.header("extra-parameters", h);
+        }
+        req.send().unwrap()
+    };
+    let err = expect_error(send(None), 400);
+    assert_eq!(err["code"], "extra_parameters_not_allowed");
+    assert_eq!(err["param"], "foo");
+    assert!(err["message"].as_str().unwrap().contains("'safe_prompt'"));
+    let err = expect_error(send(Some("error")), 400);
+    assert_eq!(err["code"], "extra_parameters_not_allowed");
+    assert_eq!(send(Some("drop")).status(), 200);
+    assert_eq!(send(Some("pass-through")).status(), 200);
+    let err = expect_error(send(Some("ignore")), 400);
+    assert_eq!(err["param"], "extra-parameters");
+}
+
+#[test]
+fn error_statuses() {
+    let s = Server::start(&["--max-body-bytes", "1024"]);
+    let v1 = s.url("/v1/chat/completions");
+
+    let err = expect_error(s.post("/v1/chat/nope", &chat("hi", 1)), 404);
+    assert_eq!(err["code"], "not_found");
+    expect_error(s.get("/"), 404);
+    let err = expect_error(s.get("/v1/chat/completions"), 405);
+    assert_eq!(err["code"], "method_not_allowed");
+    expect_error(s.client.post(s.url("/health")).send().unwrap(), 405);
+
+    // 415: no content type, or not JSON.
+    let err = expect_error(s.client.post(&v1).body(chat("hi", 1).to_string()).send().unwrap(), 415);
+    assert_eq!(err["code"], "unsupported_media_type");
+    let res = s.client.post(&v1).header("content-type", "text/plain").body("{}").send().unwrap();
+    expect_error(res, 415);
+    let res = s
+        .client
+        .post(&v1)
+        .header("content-type", "application/json; charset=utf-8")
+        .body(chat("hi", 1).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // 413: over --max-body-bytes.
+    let big = chat(&"a".repeat(2000), 1);
+    let err = expect_error(s.post("/v1/chat/completions", &big), 413);
+    assert_eq!(err["code"], "payload_too_large");
+
+    // 400: malformed JSON, not an object, bad parameters (named), prompt too long.
+    let send_raw = |raw: &str| {
+        s.client
+            .post(&v1)
+            .header("content-type", "application/json")
+            .body(raw.to_string())
+            .send()
+            .unwrap()
+    };
+    let err = expect_error(send_raw("{\"messages\": [}"), 400);
+    assert_eq!(err["code"], "invalid_json");
+    expect_error(send_raw("[]"), 400);
+    expect_error(send_raw(""), 400);
+    for (patch, param) in [
+        (json!({"temperature": 5}), "temperature"),
+        (json!({"top_p": "x"}), "top_p"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"n": 0}), "n"),
+        (json!({"top_logprobs": 3}), "top_logprobs"),
+        (json!({"messages": []}), "messages"),
+        (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
+    ] {
+        let mut body = chat("hi", 2);
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let err = expect_error(s.post("/v1/chat/completions", &body), 400);
+        assert_eq!(err["param"], param, "{err}");
+        assert_eq!(err["type"], "invalid_request_error");
+    }
+    let err = expect_error(s.post("/v1/chat/completions", &chat(&"hello ".repeat(100), 1)), 400);
+    assert_eq!(err["code"], "context_length_exceeded");
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("64 tokens") && msg.contains("At most 63"), "{msg}");
+
+    // 422: valid but unsupported.
+    let mut body = chat("hi", 2);
+    body["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+    let err = expect_error(s.post("/v1/chat/completions", &body), 422);
+    assert_eq!(err["code"], "parameter_not_supported");
+    assert_eq!(err["param"], "tools");
+
+    // The server is still healthy after all that.
+    assert_eq!(s.post("/v1/chat/completions", &chat("hi", 2)).status(), 200);
+}
+
+#[test]
+fn authentication() {
+    let dir = std::env::temp_dir().join(format!("phi-serve-http-keys-{}", std::process::id()));
+    std::fs::write(&dir, "# rotated in\nkey-from-file\n").unwrap();
+    let s = Server::start_with_env(
+        &["--api-key", "key-one", "--api-key-file", dir.to_str().unwrap()],
+        &[("PHI_SERVE_API_KEYS", "key-two, key-three")],
+    );
+    let v1 = s.url("/v1/chat/completions");
+    let body = chat("hi", 1).to_string();
+    let post = |name: Option<(&str, &str)>| {
+        let mut req =
+            s.client.post(&v1).header("content-type", "application/json").body(body.clone());
+        if let Some((k, v)) = name {
+            req = req.header(k, v);
+        }
+        req.send().unwrap()
+    };
+    let err = expect_error(post(None), 401);
+    assert_eq!(err["code"], "missing_api_key");
+    let err = expect_error(post(Some(("authorization", "Bearer nope"))), 401);
+    assert_eq!(err["code"], "invalid_api_key");
+    expect_error(post(Some(("api-key", "key-on"))), 401);
+    expect_error(post(Some(("api-key", "key-one2"))), 401);
+    expect_error(post(Some(("authorization", "key-one"))), 401);
+    for ok in [
+        ("authorization", "Bearer key-one"),
+        ("Authorization", "bearer key-two"),
+        ("api-key", "key-three"),
+        ("api-key", "key-from-file"),
+    ] {
+        assert_eq!(post(Some(ok)).status(), 200, "{ok:?}");
+    }
+    // The azure SDK sends both headers.
+    let res = s
+        .client
+        .post(&v1)
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer key-two")
+        .header("api-key", "key-two")
+        .body(body.clone())
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    for path in ["/info", "/v1/models"] {
+        expect_error(s.get(path), 401);
+    }
+    assert_eq!(s.get("/health").status(), 200);
+    std::fs::remove_file(&dir).unwrap();
+}
+
+#[test]
+fn refuses_public_address_without_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_phi-serve"))
+        .args(["serve", "--model", MODEL, "--host", "0.0.0.0", "--port", "0"])
+        .env_remove("PHI_SERVE_API_KEYS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to listen on 0.0.0.0 without an API key"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+/// Reads a streaming response until `n` SSE events arrived, returning their bytes.
+fn read_events(res: &mut Response, n: usize) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(2).filter(|w| w == b"\n\n").count() < n {
+        let k = res.read(&mut buf).unwrap();
+        assert!(k > 0, "stream ended early");
+        seen.extend_from_slice(&buf[..k]);
+    }
+    seen
+}
+
+fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+#[test]
+fn queue_full_is_429_with_retry_after() {
+    let s = Server::start(&["--max-batch-size", "1", "--max-queue", "1", "--step-delay-ms", "100"]);
+    // A runs (it fills the batch of one) ...
+    let mut a = s.post("/v1/chat/completions", &streaming(chat("hi", 50)));
+    read_events(&mut a, 2);
+    // ... B waits in the queue of one ...
+    let base = s.base.clone();
+    let b = thread::spawn(move || {
+        let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(chat("hello", 3).to_string())
+            .send()
+            .unwrap()
+            .status()
+    });
+    wait_until("B to be queued", PATIENCE, || s.health()["queued"] == 1);
+    // ... so C is refused.
+    let res = s.post("/v1/chat/completions", &chat("x", 1));
+    assert_eq!(res.headers()["retry-after"], "1");
+    let err = expect_error(res, 429);
+    assert_eq!(err["code"], "too_many_requests");
+    // Dropping A frees the batch for B.
+    drop(a);
+    assert_eq!(b.join().unwrap(), 200);
+}
+
+#[test]
+fn concurrent_streams_all_complete() {
+    let s = Server::start(&["--step-delay-ms", "5"]);
+    let prompts =
+        ["hi", "hello there", "what is 2+2", "tell me a joke", "x", "the quick brown fox"];
+    let solo: Vec<Value> = prompts
+        .iter()
+        .map(|p| s.post("/v1/chat/completions", &chat(p, 30)).json().unwrap())
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let base = s.base.clone();
+            let body = streaming(chat(p, 30));
+            thread::spawn(move || {
+                let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+                let res = client
+                    .post(format!("{base}/v1/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .unwrap();
+                assert_eq!(res.status(), 200);
+                parse_chunks(&res.bytes().unwrap())
+            })
+        })
+        .collect();
+    for (h, expected) in handles.into_iter().zip(&solo) {
+        let chunks = h.join().unwrap();
+        // Batched with the others, each request gets exactly what it gets alone.
+        assert_eq!(
+            content_of(&chunks, 0),
+            expected["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        assert_eq!(chunks.last().unwrap()["usage"], expected["usage"]);
+    }
+}
+
+#[test]
+fn disconnecting_client_is_dropped_and_others_finish() {
+    // 100 ms a step: 60 tokens would take 6 s, so a request gone within 3 s was cancelled.
+    let s = Server::start(&["--step-delay-ms", "100"]);
+    let mut quitter = s.post("/v1/chat/completions", &streaming(chat("hi", 60)));
+    read_events(&mut quitter, 2);
+    assert_eq!(s.health()["running"], 1);
+    drop(quitter);
+    wait_until("the streaming quitter to be dropped", Duration::from_secs(3), || {
+        s.health()["running"] == 0
+    });
+
+    // A non-streaming client that gives up is dropped too.
+    let short = Client::builder().timeout(Duration::from_millis(500)).build().unwrap();
+    let res = short
+        .post(s.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat("hi", 60).to_string())
+        .send();
+    assert!(res.is_err(), "should have timed out");
+    wait_until("the abandoned request to be dropped", Duration::from_secs(3), || {
+        s.health()["running"] == 0
+    });
+
+    // A client that disconnects mid-stream does not disturb another one in the same batch.
+    let expected: Value = s.post("/v1/chat/completions", &chat("hello there", 15)).json().unwrap();
+    let base = s.base.clone();
+    let other = thread::spawn(move || {
+        let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        let res = client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(streaming(chat("hello there", 15)).to_string())
+            .send()
+            .unwrap();
+        parse_chunks(&res.bytes().unwrap())
+    });
+    let mut quitter = s.post("/v1/chat/completions", &streaming(chat("hi", 60)));
+    read_events(&mut quitter, 2);
+    wait_until("both requests to run", PATIENCE, || s.health()["running"] == 2);
+    drop(quitter);
+    let chunks = other.join().unwrap();
+    assert_eq!(
+        content_of(&chunks, 0),
+        expected["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 15);
+    wait_until("the batch to empty", Duration::from_secs(3), || s.health()["running"] == 0);
+    assert_eq!(s.post("/v1/chat/completions", &chat("hi", 2)).status(), 200);
+}

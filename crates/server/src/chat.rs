@@ -1,0 +1,120 @@
+//! `POST /chat/completions` (Azure, any `api-version`) and `POST /v1/chat/completions` (OpenAI).
+//!
+//! Everything that can be wrong with a request is found before it is queued: content type, body
+//! size, JSON, parameters, the chat template and the context length; then the request goes to
+//! the engine worker (429 when its queue is full) and is answered as JSON or as server-sent
+//! events, decided by the body's `stream` alone (both SDKs send `Accept: application/json` even
+//! when streaming).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use phi_api::extra_parameters::HEADER as EXTRA_PARAMETERS;
+use phi_api::{parse_chat_request, ApiError, ExtraParameters};
+
+use crate::completion::collect;
+use crate::flavor::Flavor;
+use crate::http_error::HttpError;
+use crate::ids::random_id;
+use crate::prepare::prepare;
+use crate::response_meta::ResponseMeta;
+use crate::state::{unix_now, AppState};
+use crate::stream::sse_response;
+use crate::worker::{Job, SubmitError};
+
+/// Handler of the Azure route.
+pub async fn azure_chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    chat(state, Flavor::Azure, headers, body).await
+}
+
+/// Handler of the OpenAI route.
+pub async fn openai_chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    chat(state, Flavor::OpenAi, headers, body).await
+}
+
+async fn chat(
+    state: AppState,
+    flavor: Flavor,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    require_json(&headers)?;
+    let body = body.map_err(|rejection| body_error(&rejection, state.config().max_body_bytes))?;
+    let extra = match headers.get(EXTRA_PARAMETERS) {
+        None => ExtraParameters::Error,
+        Some(v) => ExtraParameters::from_header(Some(
+            v.to_str().map_err(|_| ApiError::invalid_extra_parameters_header("<not ASCII>"))?,
+        ))?,
+    };
+    let req = parse_chat_request(&body, extra)?;
+    if !req.ignored_parameters.is_empty() {
+        tracing::debug!(parameters = ?req.ignored_parameters, "ignoring extra parameters");
+    }
+
+    let engine = state.engine().clone();
+    let (req, prepared) = tokio::task::spawn_blocking(move || {
+        let prepared = prepare(&engine, &req);
+        (req, prepared)
+    })
+    .await
+    .map_err(|_| ApiError::internal("preparing the prompt panicked"))?;
+    let prepared = prepared?;
+
+    let meta = ResponseMeta {
+        id: random_id("chatcmpl-"),
+        created: unix_now(),
+        model: state.config().model_name.clone(),
+        n: req.n,
+        prompt_tokens: prepared.prompt_tokens,
+        logprobs: req.sampling.logprobs,
+        include_usage: req.include_usage,
+        flavor,
+        engine: state.engine().clone(),
+    };
+    let (job, events) = Job::new(prepared.sequences);
+    state.worker().submit(job).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::too_many_requests(),
+        SubmitError::Stopped => ApiError::unavailable("the engine worker has stopped"),
+    })?;
+    if req.stream {
+        Ok(sse_response(meta, events))
+    } else {
+        let completion = collect(&meta, events).await?;
+        Ok((StatusCode::OK, Json(completion)).into_response())
+    }
+}
+
+/// 415 unless the body is declared as JSON (`application/json` or `application/*+json`, any
+/// parameters).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let value = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("<not ASCII>"));
+    let ok = value.is_some_and(|v| {
+        let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(value))
+    }
+}
+
+/// 413 for a body over the limit, 400 for one that could not be read.
+fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large(limit)
+    } else {
+        ApiError::invalid_json(format!("the body could not be read: {rejection}"))
+    }
+}

@@ -1,0 +1,55 @@
+//! The non-streaming answer: wait for every choice to finish and build one JSON body.
+
+use phi_api::{
+    ApiError, AssistantMessage, ChatCompletion, Choice, ChoiceLogprobs, FinishReason, Usage,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::choice_state::ChoiceState;
+use crate::response_meta::ResponseMeta;
+use crate::worker::WorkerEvent;
+
+/// Collects the worker's events for a request into a [`ChatCompletion`]. Dropping the future
+/// (client gone) drops the receiver, which cancels the request in the worker.
+pub async fn collect(
+    meta: &ResponseMeta,
+    mut events: UnboundedReceiver<WorkerEvent>,
+) -> Result<ChatCompletion, ApiError> {
+    let mut choices = vec![ChoiceState::default(); meta.n];
+    let mut finished = 0;
+    while finished < meta.n {
+        match events.recv().await {
+            Some(WorkerEvent::Step { choice, output }) => {
+                let state = &mut choices[choice];
+                state.apply(&meta.engine, &output, meta.logprobs, true);
+                if output.finish_reason.is_some() {
+                    finished += 1;
+                }
+            }
+            Some(WorkerEvent::Failed(message)) => return Err(ApiError::internal(message)),
+            None => {
+                return Err(ApiError::internal("the engine stopped before the answer was complete"))
+            }
+        }
+    }
+    let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+    Ok(ChatCompletion {
+        id: meta.id.clone(),
+        object: ChatCompletion::OBJECT,
+        created: meta.created,
+        model: meta.model.clone(),
+        choices: choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| Choice {
+                index,
+                message: AssistantMessage::new(c.text),
+                finish_reason: c.finish.unwrap_or(FinishReason::Stop),
+                logprobs: meta
+                    .logprobs
+                    .then_some(ChoiceLogprobs { content: c.logprobs, refusal: None }),
+            })
+            .collect(),
+        usage: Usage::new(meta.prompt_tokens, completion_tokens),
+    })
+}

@@ -1,0 +1,33 @@
+//! Settings of the HTTP server that the command line decides.
+
+use crate::worker::WorkerConfig;
+
+/// Everything [`crate::router`] needs besides the engine.
+///
+/// Exists so the binary's flags map onto one plain value that tests can also build by hand.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The name reported by `/info`, `/v1/models` and the `model` field of answers.
+    pub model_name: String,
+    /// The publisher reported by `/info` and `/v1/models`.
+    pub model_provider: String,
+    /// Accepted API keys; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Largest accepted request body (413 above).
+    pub max_body_bytes: usize,
+    /// Batching and queueing limits.
+    pub worker: WorkerConfig,
+}
+
+impl ServerConfig {
+    /// Defaults for a model name: no keys, 4 MiB bodies, default batching.
+    pub fn new(model_name: impl Into<String>) -> Self {
+        ServerConfig {
+            model_name: model_name.into(),
+            model_provider: "Microsoft".into(),
+            api_keys: Vec::new(),
+            max_body_bytes: 4 << 20,
+            worker: WorkerConfig::default(),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! phi-server: the HTTP server of phi-serve.
+//!
+//! It speaks the Azure AI Model Inference API (`/info`, `/chat/completions`) and the OpenAI API
+//! (`/v1/models`, `/v1/chat/completions`) exactly as the `azure-ai-inference` and `openai` SDKs
+//! need (see `shared/api/CONTRACT.md`). Requests are validated by `phi-api`, then handed to one
+//! engine worker thread that steps every running request together in one batched forward pass
+//! per token ([`worker`]).
+
+pub mod auth;
+pub mod chat;
+pub mod choice_state;
+pub mod completion;
+pub mod config;
+pub mod fallback;
+pub mod flavor;
+pub mod http_error;
+pub mod ids;
+pub mod info;
+pub mod prepare;
+pub mod request_id;
+pub mod response_meta;
+pub mod routes;
+pub mod state;
+pub mod stream;
+pub mod token_logprobs;
+pub mod worker;
+
+use std::future::Future;
+
+pub use config::ServerConfig;
+pub use routes::router;
+pub use state::AppState;
+pub use worker::WorkerConfig;
+
+/// Serves the API on `listener` until `shutdown` resolves, then lets open requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

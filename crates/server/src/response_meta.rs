@@ -1,0 +1,34 @@
+//! What every part of one answer shares: its id, timestamp, model name and the request options
+//! that shape the response.
+
+use std::sync::Arc;
+
+use phi_engine::engine::Engine;
+
+use crate::flavor::Flavor;
+
+/// Per-request facts the response builders need.
+///
+/// Exists so the JSON and SSE builders take one value instead of a long argument list, and so
+/// every chunk of a stream carries the same `id` and `created`.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model's name.
+    pub model: String,
+    /// Number of choices.
+    pub n: usize,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Whether log-probabilities were requested.
+    pub logprobs: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// Which route the request came in on.
+    pub flavor: Flavor,
+    /// For token texts and stop-token ids.
+    pub engine: Arc<Engine>,
+}

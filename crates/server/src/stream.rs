@@ -1,0 +1,153 @@
+//! The streaming answer: server-sent events built by hand (not axum's `Sse`, whose keep-alive
+//! comments break the azure parser, CONTRACT.md (e).1).
+//!
+//! The bytes are, in order: one role chunk per choice (`delta: {role: assistant, content: ""}`),
+//! a content chunk for every step that released text, one final chunk per choice with `delta: {}`
+//! and its `finish_reason`, then `data: [DONE]`. The last final chunk carries `usage`, except on
+//! `/v1` with `stream_options.include_usage`, where every chunk has `"usage": null` and a
+//! usage-only chunk with `choices: []` comes before `[DONE]`. An engine failure after the headers
+//! went out is reported as `data: {"error": {...}}` and the stream ends without `[DONE]`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use phi_api::{
+    sse, ApiError, ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, FinishReason, Usage,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::choice_state::ChoiceState;
+use crate::flavor::Flavor;
+use crate::response_meta::ResponseMeta;
+use crate::worker::WorkerEvent;
+
+/// The 200 response whose body streams the request's events. When the client disconnects the
+/// body is dropped, which drops the event receiver and so cancels the request in the worker.
+pub fn sse_response(meta: ResponseMeta, events: UnboundedReceiver<WorkerEvent>) -> Response {
+    let stream = futures_util::stream::unfold(SseState::new(meta, events), |mut s| async move {
+        loop {
+            if let Some(bytes) = s.out.pop_front() {
+                return Some((Ok::<_, Infallible>(bytes), s));
+            }
+            if s.done {
+                return None;
+            }
+            match s.events.recv().await {
+                Some(WorkerEvent::Step { choice, output }) => s.on_step(choice, &output),
+                Some(WorkerEvent::Failed(message)) => s.fail(message),
+                None => s.fail("the engine stopped before the answer was complete".into()),
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid")
+}
+
+struct SseState {
+    meta: ResponseMeta,
+    events: UnboundedReceiver<WorkerEvent>,
+    choices: Vec<ChoiceState>,
+    finished: usize,
+    out: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl SseState {
+    fn new(meta: ResponseMeta, events: UnboundedReceiver<WorkerEvent>) -> Self {
+        let mut s = SseState {
+            choices: vec![ChoiceState::default(); meta.n],
+            meta,
+            events,
+            finished: 0,
+            out: VecDeque::new(),
+            done: false,
+        };
+        for index in 0..s.meta.n {
+            let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+            s.push_choice(index, delta, None, None, None);
+        }
+        s
+    }
+
+    /// `usage: null` on every chunk when the client asked for a separate usage chunk.
+    fn nulled_usage(&self) -> bool {
+        self.meta.flavor == Flavor::OpenAi && self.meta.include_usage
+    }
+
+    fn push_choice(
+        &mut self,
+        index: usize,
+        delta: Delta,
+        finish_reason: Option<FinishReason>,
+        logprobs: Option<ChoiceLogprobs>,
+        usage: Option<Usage>,
+    ) {
+        let usage = match usage {
+            Some(u) => Some(Some(u)),
+            None if self.nulled_usage() => Some(None),
+            None => None,
+        };
+        let choice = ChunkChoice { index, delta, finish_reason, logprobs };
+        self.push_chunk(vec![choice], usage);
+    }
+
+    fn push_chunk(&mut self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) {
+        let chunk = ChatCompletionChunk {
+            id: self.meta.id.clone(),
+            object: ChatCompletionChunk::OBJECT,
+            created: self.meta.created,
+            model: self.meta.model.clone(),
+            choices,
+            usage,
+        };
+        self.out.push_back(Bytes::from(sse::event(&chunk)));
+    }
+
+    fn on_step(&mut self, index: usize, output: &phi_engine::engine::StepOutput) {
+        let logprobs = self.meta.logprobs;
+        let state = &mut self.choices[index];
+        state.apply(&self.meta.engine, output, logprobs, false);
+        if !output.text.is_empty() {
+            let lp = logprobs.then(|| ChoiceLogprobs {
+                content: std::mem::take(&mut state.logprobs),
+                refusal: None,
+            });
+            let delta = Delta { role: None, content: Some(output.text.clone()) };
+            self.push_choice(index, delta, None, lp, None);
+        }
+        let Some(reason) = output.finish_reason.map(FinishReason::from) else { return };
+        self.finished += 1;
+        let leftover = std::mem::take(&mut self.choices[index].logprobs);
+        let lp =
+            (!leftover.is_empty()).then_some(ChoiceLogprobs { content: leftover, refusal: None });
+        let last = self.finished == self.meta.n;
+        let usage = self.usage();
+        let final_usage = (last && !self.nulled_usage()).then_some(usage);
+        self.push_choice(index, Delta::default(), Some(reason), lp, final_usage);
+        if last {
+            if self.nulled_usage() {
+                self.push_chunk(Vec::new(), Some(Some(usage)));
+            }
+            self.out.push_back(Bytes::from_static(sse::DONE));
+            self.done = true;
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        Usage::new(self.meta.prompt_tokens, self.choices.iter().map(|c| c.completion_tokens).sum())
+    }
+
+    fn fail(&mut self, message: String) {
+        tracing::error!(error = %message, "stream ended by an engine failure");
+        self.out.push_back(Bytes::from(sse::event(&ApiError::internal(message).body())));
+        self.done = true;
+    }
+}

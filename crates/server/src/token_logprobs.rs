@@ -1,0 +1,61 @@
+//! Engine tokens to OpenAI logprob entries: token text and bytes from the tokenizer's pieces.
+
+use phi_api::{TokenLogprob, TopLogprob};
+use phi_engine::engine::GeneratedToken;
+use phi_engine::tokenizer::PhiTokenizer;
+
+/// The logprob entry of one generated token, alternatives included.
+pub fn token_logprob(tokenizer: &PhiTokenizer, token: &GeneratedToken) -> TokenLogprob {
+    let (text, bytes) = token_text(tokenizer, token.id);
+    TokenLogprob {
+        token: text,
+        logprob: token.logprob,
+        bytes: Some(bytes),
+        top_logprobs: token
+            .top_logprobs
+            .iter()
+            .map(|&(id, logprob)| {
+                let (token, bytes) = token_text(tokenizer, id);
+                TopLogprob { token, logprob, bytes: Some(bytes) }
+            })
+            .collect(),
+    }
+}
+
+/// A token's text and bytes: SentencePiece's `▁` becomes a space, a byte-fallback piece
+/// `<0xNN>` is the single byte NN (its text is lossy when the byte is part of a longer
+/// character; `bytes` is exact), special tokens keep their spelling.
+pub fn token_text(tokenizer: &PhiTokenizer, id: u32) -> (String, Vec<u8>) {
+    let piece = tokenizer.id_to_token(id).unwrap_or_default();
+    piece_text(&piece)
+}
+
+fn piece_text(piece: &str) -> (String, Vec<u8>) {
+    if let Some(byte) = byte_fallback(piece) {
+        return (String::from_utf8_lossy(&[byte]).into_owned(), vec![byte]);
+    }
+    let text = piece.replace('\u{2581}', " ");
+    let bytes = text.as_bytes().to_vec();
+    (text, bytes)
+}
+
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces() {
+        assert_eq!(piece_text("\u{2581}Hello"), (" Hello".to_string(), b" Hello".to_vec()));
+        assert_eq!(piece_text("<0x0A>"), ("\n".to_string(), vec![10]));
+        assert_eq!(piece_text("<0xE2>"), ("\u{FFFD}".to_string(), vec![0xE2]));
+        assert_eq!(piece_text("<|end|>"), ("<|end|>".to_string(), b"<|end|>".to_vec()));
+    }
+}

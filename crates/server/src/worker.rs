@@ -1,0 +1,246 @@
+//! The engine worker: one thread that owns the stepping of every running sequence.
+//!
+//! Requests arrive over a bounded channel (the waiting queue). Each iteration the worker admits
+//! waiting requests while the batch has room, drops requests whose client went away, and calls
+//! [`Engine::step`] once over every unfinished sequence of every running request: one batched
+//! forward pass per generated token for all of them (continuous batching: a request joins and
+//! leaves the batch between any two steps). Each request's [`StepOutput`]s go back over its own
+//! unbounded tokio channel, so the worker never waits for a slow client.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use phi_engine::engine::{Engine, Sequence, StepOutput};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+/// Batching limits of the worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Most sequences stepped together (a request with `n` choices counts `n`). A request larger
+    /// than this still runs, alone.
+    pub max_batch: usize,
+    /// Most requests waiting to join the batch; one more is refused with 429. With 0 every
+    /// request is refused.
+    pub max_queue: usize,
+    /// Pause after every step. Only for tests, which need generation slow enough to observe
+    /// queueing and disconnects on a tiny model.
+    pub step_delay: Option<Duration>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { max_batch: 8, max_queue: 64, step_delay: None }
+    }
+}
+
+/// What the worker reports to a request.
+#[derive(Debug, Clone)]
+pub enum WorkerEvent {
+    /// One step's output for choice `choice` of the request.
+    Step {
+        /// Index of the sequence in [`Job::sequences`].
+        choice: usize,
+        /// What the step produced.
+        output: StepOutput,
+    },
+    /// The engine failed; the request is over.
+    Failed(String),
+}
+
+/// A request for the worker: its sequences (one per choice) and where to send their outputs.
+#[derive(Debug)]
+pub struct Job {
+    /// The choices, created and validated by [`Engine::new_sequence`].
+    pub sequences: Vec<Sequence>,
+    /// Where outputs go; dropping the receiver cancels the job.
+    pub events: UnboundedSender<WorkerEvent>,
+}
+
+impl Job {
+    /// A job and the receiver of its events.
+    pub fn new(sequences: Vec<Sequence>) -> (Self, UnboundedReceiver<WorkerEvent>) {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Job { sequences, events }, rx)
+    }
+
+    fn unfinished(&self) -> usize {
+        self.sequences.iter().filter(|s| !s.is_finished()).count()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The waiting queue is full (answer 429).
+    QueueFull,
+    /// The worker thread has stopped (answer 503).
+    Stopped,
+}
+
+/// Live counts of the worker's load, for `/health` and for operators.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    queued: AtomicUsize,
+    running: AtomicUsize,
+}
+
+impl WorkerStats {
+    /// Requests waiting for a place in the batch.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Requests in the batch.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
+/// The sending side of the worker; cheap to clone, shared by all handlers.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle {
+    queue: Sender<Job>,
+    stats: Arc<WorkerStats>,
+    max_queue: usize,
+}
+
+impl WorkerHandle {
+    /// Starts the worker thread. It runs until every handle is dropped and the running requests
+    /// are done.
+    pub fn spawn(engine: Arc<Engine>, config: WorkerConfig) -> std::io::Result<Self> {
+        // The channel itself is unbounded: the bound is `stats.queued`, which also counts the
+        // job the worker holds back while the batch is full.
+        let (queue, rx) = mpsc::channel();
+        let stats = Arc::new(WorkerStats::default());
+        let max_queue = config.max_queue;
+        let worker =
+            Worker { engine, config, rx, running: Vec::new(), held: None, stats: stats.clone() };
+        std::thread::Builder::new().name("phi-engine-worker".into()).spawn(move || worker.run())?;
+        Ok(WorkerHandle { queue, stats, max_queue })
+    }
+
+    /// Queues a job without waiting: refused when `max_queue` requests already wait.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        // Reserved before sending, so the worker never takes off more than was counted.
+        self.stats
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.max_queue).then_some(q + 1)
+            })
+            .map_err(|_| SubmitError::QueueFull)?;
+        self.queue.send(job).map_err(|_| {
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            SubmitError::Stopped
+        })
+    }
+
+    /// The worker's load.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    config: WorkerConfig,
+    rx: Receiver<Job>,
+    running: Vec<Job>,
+    /// A job taken off the queue that did not fit in the batch yet (still counted as queued).
+    held: Option<Job>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.held.is_none() {
+                // Idle: sleep until a request arrives, or stop when the server is gone.
+                match self.rx.recv() {
+                    Ok(job) => self.held = Some(job),
+                    Err(_) => return,
+                }
+            }
+            self.admit();
+            self.running.retain(|job| !job.cancelled());
+            self.publish();
+            if self.running.is_empty() {
+                continue;
+            }
+            self.step();
+            self.running.retain(|job| job.unfinished() > 0 && !job.cancelled());
+            self.publish();
+            if let Some(delay) = self.config.step_delay {
+                std::thread::sleep(delay);
+            }
+        }
+    }
+
+    /// Publishes how many requests are in the batch.
+    fn publish(&self) {
+        self.stats.running.store(self.running.len(), Ordering::Release);
+    }
+
+    /// Moves waiting jobs into the batch while there is room.
+    fn admit(&mut self) {
+        loop {
+            if self.held.is_none() {
+                match self.rx.try_recv() {
+                    Ok(job) => self.held = Some(job),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+                }
+            }
+            let Some(job) = self.held.take() else { return };
+            if job.cancelled() {
+                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+            let active: usize = self.running.iter().map(Job::unfinished).sum();
+            if active > 0 && active + job.sequences.len() > self.config.max_batch {
+                self.held = Some(job);
+                return;
+            }
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            self.running.push(job);
+        }
+    }
+
+    /// One batched forward pass over every unfinished sequence; outputs go to their jobs.
+    fn step(&mut self) {
+        let mut owners = Vec::new();
+        let mut seqs: Vec<&mut Sequence> = Vec::new();
+        for (j, job) in self.running.iter_mut().enumerate() {
+            for (c, seq) in job.sequences.iter_mut().enumerate() {
+                if !seq.is_finished() {
+                    owners.push((j, c));
+                    seqs.push(seq);
+                }
+            }
+        }
+        let engine = &self.engine;
+        let result = catch_unwind(AssertUnwindSafe(|| engine.step(&mut seqs)));
+        drop(seqs);
+        let message = match result {
+            Ok(Ok(outputs)) => {
+                for ((j, choice), output) in owners.into_iter().zip(outputs) {
+                    // A closed receiver is noticed (and the job dropped) before the next step.
+                    let _ = self.running[j].events.send(WorkerEvent::Step { choice, output });
+                }
+                return;
+            }
+            Ok(Err(e)) => format!("the engine failed: {e}"),
+            Err(_) => "the engine panicked".to_string(),
+        };
+        // The batch's state is unknown after a failure: end every request in it.
+        tracing::error!(error = %message, requests = self.running.len(), "engine step failed");
+        for job in self.running.drain(..) {
+            let _ = job.events.send(WorkerEvent::Failed(message.clone()));
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! The engine worker on the bundled tiny model, without HTTP: batched requests get exactly what
+//! they get alone, a dropped receiver cancels its request, and a full queue refuses more.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phi_engine::chat_template::ChatMessage;
+use phi_engine::checkpoint::ModelSource;
+use phi_engine::engine::{Engine, FinishReason, GenerateOptions, LoadOptions};
+use phi_engine::sampling::SamplingParams;
+use phi_server::worker::{Job, SubmitError, WorkerConfig, WorkerEvent, WorkerHandle};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny/phi3-mini-4k");
+
+fn engine() -> Arc<Engine> {
+    let source = ModelSource::parse(MODEL, None).unwrap();
+    Arc::new(Engine::load(&source, &LoadOptions::default()).unwrap())
+}
+
+fn options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        max_tokens: Some(max_tokens),
+        ..GenerateOptions::default()
+    }
+}
+
+fn prompt(engine: &Engine, text: &str) -> Vec<u32> {
+    engine.encode_chat(&[ChatMessage::user(text)]).unwrap().ids
+}
+
+/// Drains a job's events: the text of each choice and how it finished.
+fn drain(rx: &mut UnboundedReceiver<WorkerEvent>, n: usize) -> Vec<(String, Option<FinishReason>)> {
+    let mut out = vec![(String::new(), None); n];
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            WorkerEvent::Step { choice, output } => {
+                out[choice].0.push_str(&output.text);
+                if output.finish_reason.is_some() {
+                    assert!(out[choice].1.is_none(), "choice {choice} finished twice");
+                    out[choice].1 = output.finish_reason;
+                }
+            }
+            WorkerEvent::Failed(m) => panic!("engine failed: {m}"),
+        }
+    }
+    out
+}
+
+#[test]
+fn batched_requests_match_solo_generation() {
+    let engine = engine();
+    let worker = WorkerHandle::spawn(engine.clone(), WorkerConfig::default()).unwrap();
+    let prompts = ["hi", "hello there", "what is 2+2", "x"];
+    let lengths = [5, 20, 12, 30];
+    let mut receivers = Vec::new();
+    for (p, &len) in prompts.iter().zip(&lengths) {
+        let ids = prompt(&engine, p);
+        // Two choices per request, so jobs with several sequences are batched too.
+        let seqs = (0..2).map(|_| engine.new_sequence(&ids, &options(len)).unwrap()).collect();
+        let (job, rx) = Job::new(seqs);
+        worker.submit(job).unwrap();
+        receivers.push(rx);
+    }
+    for ((p, &len), mut rx) in prompts.iter().zip(&lengths).zip(receivers) {
+        let solo = engine.generate(&prompt(&engine, p), &options(len), |_| true).unwrap();
+        for (text, finish) in drain(&mut rx, 2) {
+            assert_eq!(text, solo.text, "prompt {p:?}");
+            assert_eq!(finish, Some(solo.finish_reason));
+        }
+    }
+}
+
+#[test]
+fn dropped_receiver_cancels_and_full_queue_refuses() {
+    let engine = engine();
+    let config =
+        WorkerConfig { max_batch: 1, max_queue: 1, step_delay: Some(Duration::from_millis(50)) };
+    let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
+    let ids = prompt(&engine, "hi");
+    let job = |n| Job::new(vec![engine.new_sequence(&ids, &options(n)).unwrap()]);
+
+    let (a, mut a_rx) = job(50);
+    worker.submit(a).unwrap();
+    assert!(matches!(a_rx.blocking_recv(), Some(WorkerEvent::Step { .. })));
+    assert_eq!(worker.stats().running(), 1);
+    let (b, mut b_rx) = job(3);
+    worker.submit(b).unwrap();
+    let (c, _c_rx) = job(3);
+    assert_eq!(worker.submit(c).unwrap_err(), SubmitError::QueueFull);
+    assert_eq!(worker.stats().queued(), 1);
+
+    // Dropping A's receiver frees the batch long before A's 50 tokens (2.5 s) are done.
+    let start = Instant::now();
+    drop(a_rx);
+    let out = drain(&mut b_rx, 1);
+    assert_eq!(out[0].1, Some(FinishReason::Length));
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while worker.stats().running() != 0 || worker.stats().queued() != 0 {
+        assert!(Instant::now() < deadline, "worker did not go idle");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

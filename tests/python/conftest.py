@@ -1,0 +1,90 @@
+"""Fixtures that run the real phi-serve binary on the bundled tiny model.
+
+The binary comes from $PHI_SERVE_BIN (default: target/debug/phi-serve). Each server listens on
+--port 0; the fixture reads the bound address from the line the binary prints on stdout and
+kills the process when the tests that use it are done.
+"""
+
+import os
+import queue
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "tiny" / "phi3-mini-4k"
+API_KEY = "test-key-1"
+SECOND_KEY = "test-key-2"
+MODEL_NAME = "phi3-mini-4k"
+
+
+@dataclass
+class Server:
+    """A running phi-serve: its base URL (no trailing slash) and process."""
+
+    url: str
+    process: subprocess.Popen
+
+
+def _binary() -> str:
+    path = Path(os.environ.get("PHI_SERVE_BIN", ROOT / "target" / "debug" / "phi-serve"))
+    if not path.is_absolute():
+        path = ROOT / path
+    if not path.exists():
+        pytest.fail(f"phi-serve binary not found at {path}: build it or set PHI_SERVE_BIN")
+    return str(path)
+
+
+def start_server(*args: str, env: dict | None = None) -> Server:
+    """Starts `phi-serve serve` and waits for its address."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PHI_SERVE_")}
+    full_env.update(env or {})
+    process = subprocess.Popen(
+        [_binary(), "serve", "--model", str(MODEL), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    prefix = "phi-serve listening on "
+    while True:
+        try:
+            line = lines.get(timeout=120)
+        except queue.Empty:
+            process.kill()
+            pytest.fail("phi-serve did not print its address within 120 s")
+        if line is None:
+            pytest.fail(f"phi-serve exited with {process.wait()} before listening")
+        if line.startswith(prefix):
+            return Server(url=line[len(prefix):].strip(), process=process)
+
+
+def stop_server(server: Server) -> None:
+    server.process.kill()
+    server.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """A server with two valid keys: one from --api-key, one from PHI_SERVE_API_KEYS."""
+    s = start_server("--api-key", API_KEY, env={"PHI_SERVE_API_KEYS": SECOND_KEY})
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def busy_server():
+    """A server that runs one request at a time, queues one, and generates slowly."""
+    s = start_server("--max-batch-size", "1", "--max-queue", "1", "--step-delay-ms", "100")
+    yield s
+    stop_server(s)

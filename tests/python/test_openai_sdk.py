@@ -1,0 +1,203 @@
+"""The `openai` 3.57.0 SDK, in strict response-validation mode, against the real phi-serve:
+every call shape of shared/api/CONTRACT.md section (b) works, and errors raise the SDK's
+exception types."""
+
+import threading
+import time
+
+import httpx2
+import openai
+import pytest
+from openai import OpenAI
+
+from conftest import API_KEY, MODEL_NAME, SECOND_KEY
+
+
+def make_client(base_url: str, key: str = API_KEY) -> OpenAI:
+    return OpenAI(
+        base_url=base_url, api_key=key, max_retries=0, _strict_response_validation=True
+    )
+
+
+@pytest.fixture()
+def client(server):
+    c = make_client(server.url + "/v1")
+    yield c
+    c.close()
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    assert models.data[0].object == "model"
+
+
+def test_create(client):
+    resp = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=0
+    )
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_create_with_openai_parameters(server):
+    c = make_client(server.url + "/v1", key=SECOND_KEY)
+    resp = c.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+        max_completion_tokens=4,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        stop="\n\n",
+        seed=42,
+        temperature=0.7,
+        top_p=0.9,
+        n=2,
+        user="someone",
+        response_format={"type": "text"},
+    )
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert resp.usage.completion_tokens <= 8
+    again = c.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+        max_completion_tokens=4,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        stop="\n\n",
+        seed=42,
+        temperature=0.7,
+        top_p=0.9,
+        n=2,
+    )
+    assert [x.message.content for x in again.choices] == [x.message.content for x in resp.choices]
+    c.close()
+
+
+def test_stream_with_include_usage(client):
+    expected = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=8, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    *content_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.total_tokens == expected.usage.total_tokens
+    assert all(c.usage is None for c in content_chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    assert text == expected.choices[0].message.content
+    assert content_chunks[-1].choices[0].finish_reason == expected.choices[0].finish_reason
+
+
+def test_logprobs(client):
+    resp = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert entry.logprob <= 0
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token
+
+
+def test_server_root_base_url_reaches_the_azure_route(server):
+    c = make_client(server.url)
+    resp = c.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2)
+    assert resp.choices[0].message.content is not None
+    c.close()
+
+
+def test_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=5)
+    assert err.value.status_code == 400
+    assert err.value.param == "temperature"
+    assert err.value.code == "invalid_value"
+    assert err.value.type == "invalid_request_error"
+    assert err.value.request_id
+
+
+def test_unknown_parameter(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, extra_body={"not_a_param": 1}
+        )
+    assert err.value.code == "extra_parameters_not_allowed"
+    assert err.value.param == "not_a_param"
+
+
+def test_unsupported_is_422(client):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=MESSAGES,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    assert err.value.param == "tools"
+
+
+def test_authentication_error(server):
+    c = make_client(server.url + "/v1", key="wrong")
+    with pytest.raises(openai.AuthenticationError) as err:
+        c.chat.completions.create(model=MODEL_NAME, messages=MESSAGES)
+    assert err.value.code == "invalid_api_key"
+    c.close()
+
+
+def test_not_found(server):
+    c = make_client(server.url + "/nope/v1")
+    with pytest.raises(openai.NotFoundError):
+        c.models.list()
+    c.close()
+
+
+def test_rate_limit_error(busy_server):
+    c = make_client(busy_server.url + "/v1")
+    # The first request fills the batch of one, the second the queue of one.
+    first = c.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=40, stream=True
+    )
+    next(iter(first))
+    result = {}
+
+    def second():
+        result["resp"] = c.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=2
+        )
+
+    t = threading.Thread(target=second)
+    t.start()
+    deadline = time.time() + 30
+    while httpx2.get(busy_server.url + "/health").json()["queued"] != 1:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2)
+    assert err.value.response.headers["retry-after"] == "1"
+    assert err.value.code == "too_many_requests"
+    first.close()
+    t.join(timeout=60)
+    assert result["resp"].choices[0].finish_reason in ("stop", "length")
+    c.close()
