@@ -33,6 +33,9 @@ pub struct LoadOptions {
     pub system_role: SystemRolePolicy,
     /// When LongRoPE models switch to their long factors.
     pub long_rope: LongRopePolicy,
+    /// Prompt tokens a sequence feeds per step (chunked prefill), so one long prompt does not
+    /// stall the other sequences of a batch; `None` for whole prompts.
+    pub prefill_chunk: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -42,6 +45,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             system_role: SystemRolePolicy::Auto,
             long_rope: LongRopePolicy::Dynamic,
+            prefill_chunk: Some(512),
         }
     }
 }
@@ -56,6 +60,7 @@ pub struct Engine {
     /// Embedding rows with no token (Phi-3's 32011..32063): never sampled.
     padding_ids: Vec<u32>,
     files: CheckpointFiles,
+    prefill_chunk: Option<usize>,
 }
 
 /// Why a sequence ended.
@@ -282,7 +287,15 @@ impl Engine {
             system_role = template.resolved_system_role().as_str(),
             "model loaded"
         );
-        Ok(Self { model, tokenizer, template, stop_token_ids, padding_ids, files })
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            stop_token_ids,
+            padding_ids,
+            files,
+            prefill_chunk: opts.prefill_chunk.filter(|&n| n > 0),
+        })
     }
 
     /// The model.
@@ -358,7 +371,7 @@ impl Engine {
             text: String::new(),
             generated: Vec::new(),
             finish: None,
-            prefill_chunk: None,
+            prefill_chunk: self.prefill_chunk,
             timings: Timings::default(),
         })
     }

@@ -34,6 +34,10 @@ pub struct ModelArgs {
     /// long factors for every position (as vLLM does).
     #[arg(long, env = "PHI_SERVE_LONG_ROPE", value_enum, default_value = "dynamic")]
     pub long_rope: LongRopeArg,
+    /// Prompt tokens fed per engine step (chunked prefill), so a long prompt does not stall the
+    /// streams already running; 0 feeds whole prompts.
+    #[arg(long, env = "PHI_SERVE_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: usize,
 }
 
 /// `--dtype` values.
@@ -112,6 +116,7 @@ impl ModelArgs {
                 LongRopeArg::Dynamic => LongRopePolicy::Dynamic,
                 LongRopeArg::AlwaysLong => LongRopePolicy::AlwaysLong,
             },
+            prefill_chunk: Some(self.prefill_chunk).filter(|&n| n > 0),
         };
         let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
         Ok(Engine::load(&source, &opts)?)
