@@ -380,7 +380,7 @@ impl Phi3 {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                     .to_dtype(scores.dtype())?
             };
-            let out = probs.matmul(&v_all.contiguous()?)?; // [nkv, g*l, hd]
+            let out = probs.matmul(&v_all)?; // [nkv, g*l, hd]; v_all is a view of the cache, no copy
             let out = out.reshape((nq, l, hd))?.transpose(0, 1)?.reshape((l, nq * hd))?;
             outputs.push(out);
         }
