@@ -74,6 +74,13 @@ fn bad(path: &Path, msg: impl Into<String>) -> EngineError {
     EngineError::Config { path: path.to_path_buf(), message: msg.into() }
 }
 
+/// Reads a JSON settings file; errors name the file.
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
+    serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))
+}
+
 fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -122,11 +129,7 @@ const SUPPORTED_ARCHITECTURES: &[&str] = &["Phi3ForCausalLM"];
 impl Phi3Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
-        Self::from_value(&value, path)
+        Self::from_value(&read_json(path)?, path)
     }
 
     /// Validates an already parsed `config.json`; `path` is only used in error messages.
@@ -370,11 +373,7 @@ pub struct GenerationConfig {
 impl GenerationConfig {
     /// Reads `generation_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
-        Ok(Self { eos_token_ids: token_ids(value.get("eos_token_id")) })
+        Ok(Self { eos_token_ids: token_ids(read_json(path)?.get("eos_token_id")) })
     }
 }
 

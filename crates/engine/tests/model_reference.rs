@@ -58,35 +58,63 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// One recorded logits case: its name, input ids, the recorded positions and their logits.
+struct LogitsCase {
+    name: String,
+    input: Vec<u32>,
+    positions: Vec<usize>,
+    want: Vec<Vec<f32>>,
+    factors: String,
+}
+
+fn logits_cases(variant: &str) -> Vec<LogitsCase> {
+    let (json, logits) = reference(variant);
+    json["logits_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let name = case["name"].as_str().unwrap().to_string();
+            LogitsCase {
+                input: ids(&case["input_ids"]),
+                positions: case["positions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_u64().unwrap() as usize)
+                    .collect(),
+                want: logits[&format!("logits.{name}")].to_vec2::<f32>().unwrap(),
+                factors: case["rope_factors"].as_str().unwrap_or("short").to_string(),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// Logits of every position of `input`, from an empty cache in one pass.
+fn all_logits(model: &Phi3, input: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    let out = model
+        .forward(&mut [BatchItem {
+            tokens: input,
+            cache: &mut cache,
+            max_new_tokens: None,
+            all_logits: true,
+        }])
+        .unwrap();
+    out.logits.to_vec2::<f32>().unwrap()
+}
+
 #[test]
 fn logits_match_transformers() {
     for variant in VARIANTS {
         let model = load(variant);
-        let (json, logits) = reference(variant);
-        for case in json["logits_cases"].as_array().unwrap() {
-            let name = case["name"].as_str().unwrap();
-            let input = ids(&case["input_ids"]);
-            let positions: Vec<usize> = case["positions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_u64().unwrap() as usize)
-                .collect();
-            let want = logits[&format!("logits.{name}")].to_vec2::<f32>().unwrap();
-            let mut cache = model.new_cache();
-            let out = model
-                .forward(&mut [BatchItem {
-                    tokens: &input,
-                    cache: &mut cache,
-                    max_new_tokens: None,
-                    all_logits: true,
-                }])
-                .unwrap();
-            let got = out.logits.to_vec2::<f32>().unwrap();
-            assert_eq!(got.len(), input.len());
-            for (row, &p) in want.iter().zip(&positions) {
+        for case in logits_cases(variant) {
+            let got = all_logits(&model, &case.input);
+            assert_eq!(got.len(), case.input.len());
+            for (row, &p) in case.want.iter().zip(&case.positions) {
                 let d = max_abs_diff(&got[p], row);
-                assert!(d < LOGIT_TOL, "{variant}/{name} position {p}: max |diff| {d}");
+                assert!(d < LOGIT_TOL, "{variant}/{} position {p}: max |diff| {d}", case.name);
             }
         }
     }
@@ -273,28 +301,10 @@ fn bf16_tracks_the_reference() {
         let dir = root().join("models/tiny").join(variant);
         let files = ModelSource::parse(dir.to_str().unwrap(), None).unwrap().resolve().unwrap();
         let model = Phi3::from_checkpoint(&files, DType::BF16, &Device::Cpu).unwrap();
-        let (json, logits) = reference(variant);
-        for case in json["logits_cases"].as_array().unwrap() {
-            let name = case["name"].as_str().unwrap();
-            let input = ids(&case["input_ids"]);
-            let positions: Vec<usize> = case["positions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_u64().unwrap() as usize)
-                .collect();
-            let want = logits[&format!("logits.{name}")].to_vec2::<f32>().unwrap();
-            let mut cache = model.new_cache();
-            let out = model
-                .forward(&mut [BatchItem {
-                    tokens: &input,
-                    cache: &mut cache,
-                    max_new_tokens: None,
-                    all_logits: true,
-                }])
-                .unwrap();
-            let got = out.logits.to_vec2::<f32>().unwrap();
-            for (row, &p) in want.iter().zip(&positions) {
+        for case in logits_cases(variant) {
+            let name = &case.name;
+            let got = all_logits(&model, &case.input);
+            for (row, &p) in case.want.iter().zip(&case.positions) {
                 let d = max_abs_diff(&got[p], row);
                 // bf16 keeps 8 significant bits: allow 5% of the row's largest logit.
                 let tol = 0.05 * row.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -321,26 +331,18 @@ fn always_long_policy_uses_long_factors_everywhere() {
     use phi_engine::rope::LongRopePolicy;
     let mut model = load("phi3-mini-128k");
     model.set_long_rope_policy(LongRopePolicy::AlwaysLong);
-    let (json, logits) = reference("phi3-mini-128k");
-    for case in json["logits_cases"].as_array().unwrap() {
-        let name = case["name"].as_str().unwrap();
-        let input = ids(&case["input_ids"]);
-        let p = input.len() - 1; // the last position is always among the recorded ones
-        let want = logits[&format!("logits.{name}")].to_vec2::<f32>().unwrap().pop().unwrap();
-        let mut cache = model.new_cache();
-        let out = model
-            .forward(&mut [BatchItem {
-                tokens: &input,
-                cache: &mut cache,
-                max_new_tokens: None,
-                all_logits: true,
-            }])
-            .unwrap();
-        let d = max_abs_diff(&out.logits.to_vec2::<f32>().unwrap()[p], &want);
-        if case["rope_factors"] == "long" {
-            assert!(d < LOGIT_TOL, "{name}: {d}");
+    for case in logits_cases("phi3-mini-128k") {
+        // The last position is always among the recorded ones.
+        let got = all_logits(&model, &case.input).pop().unwrap();
+        let d = max_abs_diff(&got, case.want.last().unwrap());
+        if case.factors == "long" {
+            assert!(d < LOGIT_TOL, "{}: {d}", case.name);
         } else {
-            assert!(d > 1e-2, "{name}: short-factor reference reproduced with long factors ({d})");
+            assert!(
+                d > 1e-2,
+                "{}: short-factor reference reproduced with long factors ({d})",
+                case.name
+            );
         }
     }
 }
