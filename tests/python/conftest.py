@@ -38,9 +38,11 @@ def _binary() -> str:
     return str(path)
 
 
-def start_server(*args: str, env: dict | None = None) -> Server:
-    """Starts `phi-serve serve` and waits for its address."""
+def start_server(*args: str, env: dict | None = None, loaded: bool = True) -> Server:
+    """Starts `phi-serve serve` and waits for its address: the line it prints once the model is
+    loaded, or with `loaded=False` the one it prints as soon as it listens (answering 503)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PHI_SERVE_")}
+    full_env["RUST_LOG"] = "warn"  # the per-request log lines would drown pytest's output
     full_env.update(env or {})
     process = subprocess.Popen(
         [_binary(), "serve", "--model", str(MODEL), "--port", "0", *args],
@@ -56,7 +58,7 @@ def start_server(*args: str, env: dict | None = None) -> Server:
         lines.put(None)
 
     threading.Thread(target=read, daemon=True).start()
-    prefix = "phi-serve listening on "
+    prefix = "phi-serve listening on " if loaded else "phi-serve loading the model, answering 503 on "
     while True:
         try:
             line = lines.get(timeout=120)
@@ -86,5 +88,22 @@ def server():
 def busy_server():
     """A server that runs one request at a time, queues one, and generates slowly."""
     s = start_server("--max-batch-size", "1", "--max-queue", "1", "--step-delay-ms", "100")
+    yield s
+    stop_server(s)
+
+
+# A blocklist under which "kill" (violence, high) blocks a prompt, and any word of four or more
+# letters (self_harm, medium) blocks an answer; "hi" passes as a prompt.
+BLOCKLIST = """{"threshold": "medium", "categories": {
+    "violence": {"terms": ["kill"]},
+    "self_harm": {"patterns": [{"regex": "[A-Za-z]{4,}", "severity": "medium"}]}}}"""
+
+
+@pytest.fixture(scope="module")
+def filtered_server(tmp_path_factory):
+    """A server with the blocklist content filter of BLOCKLIST."""
+    path = tmp_path_factory.mktemp("filter") / "blocklist.json"
+    path.write_text(BLOCKLIST)
+    s = start_server("--content-filter", "blocklist", "--content-filter-file", str(path))
     yield s
     stop_server(s)

@@ -184,3 +184,28 @@ def test_unknown_route_raises_resource_not_found(server):
     with pytest.raises(ResourceNotFoundError):
         c.complete(messages=[UserMessage("hi")])
     c.close()
+
+
+def test_content_filter(filtered_server):
+    c = ChatCompletionsClient(endpoint=filtered_server.url, credential=AzureKeyCredential("x"))
+    with pytest.raises(HttpResponseError) as err:
+        c.complete(messages=[SystemMessage("never kill"), UserMessage("hi")])
+    assert err.value.status_code == 400
+    assert err.value.error.code == "content_filter"
+
+    resp = c.complete(messages=[UserMessage("hi")], max_tokens=20, temperature=0)
+    assert resp.choices[0].finish_reason == "content_filter"
+    body = resp.as_dict()
+    assert body["choices"][0]["content_filter_results"]["self_harm"]["filtered"] is True
+    assert body["prompt_filter_results"][0]["content_filter_results"]["violence"] == {
+        "filtered": False,
+        "severity": "safe",
+    }
+
+    updates = list(
+        c.complete(messages=[UserMessage("hi")], max_tokens=20, temperature=0, stream=True)
+    )
+    text = "".join(u.choices[0].delta.content or "" for u in updates if u.choices)
+    assert text == (resp.choices[0].message.content or "")
+    assert updates[-1].choices[0].finish_reason == "content_filter"
+    c.close()

@@ -201,3 +201,35 @@ def test_rate_limit_error(busy_server):
     t.join(timeout=60)
     assert result["resp"].choices[0].finish_reason in ("stop", "length")
     c.close()
+
+
+def test_content_filter(filtered_server):
+    c = make_client(filtered_server.url + "/v1")
+    # A blocked prompt is a BadRequestError with code content_filter and param prompt.
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "kill it"}]
+        )
+    assert err.value.code == "content_filter"
+    assert err.value.param == "prompt"
+    inner = err.value.body["innererror"]["content_filter_result"]
+    assert inner["violence"] == {"filtered": True, "severity": "high"}
+
+    # A blocked (greedy) answer ends with finish_reason content_filter; the annotations pass strict
+    # validation as extra fields.
+    resp = c.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=20, temperature=0
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "content_filter"
+    assert choice.model_extra["content_filter_results"]["self_harm"]["filtered"] is True
+    assert resp.model_extra["prompt_filter_results"][0]["prompt_index"] == 0
+
+    stream = c.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=20, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == (choice.message.content or "")
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    c.close()

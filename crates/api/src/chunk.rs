@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use crate::content_filter::{ContentFilterResults, PromptFilterResult};
 use crate::finish_reason::FinishReason;
 use crate::logprobs::ChoiceLogprobs;
 use crate::usage::Usage;
@@ -24,6 +25,10 @@ pub struct ChatCompletionChunk {
     pub created: u64,
     /// The served model's name.
     pub model: String,
+    /// The prompt's content-filter annotation, on the first chunk only (when a filter is
+    /// configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_filter_results: Option<Vec<PromptFilterResult>>,
     /// The choices this chunk advances (empty only in the include_usage chunk).
     pub choices: Vec<ChunkChoice>,
     /// Absent (`None`), `null` (`Some(None)`) or the counts.
@@ -48,6 +53,9 @@ pub struct ChunkChoice {
     /// Log-probabilities of the tokens in this delta, when requested.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<ChoiceLogprobs>,
+    /// The content-filter annotation of the text so far (when a filter is configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_filter_results: Option<ContentFilterResults>,
 }
 
 /// The `delta` object.

@@ -22,8 +22,10 @@ pub struct ApiError {
     pub message: String,
     /// The request parameter at fault, when there is one (OpenAI's `param`).
     pub param: Option<String>,
-    /// OpenAI's error `type`.
+    /// OpenAI's error `type`; empty for `null` (as Azure OpenAI's content-filter error has).
     pub kind: &'static str,
+    /// Azure OpenAI's `innererror` object, when there is one (a blocked prompt's filter results).
+    pub innererror: Option<serde_json::Value>,
 }
 
 /// The JSON body of an error response.
@@ -42,16 +44,25 @@ pub struct ErrorObject {
     pub code: &'static str,
     /// Human-readable explanation.
     pub message: String,
-    /// OpenAI's error type, e.g. `invalid_request_error`.
+    /// OpenAI's error type, e.g. `invalid_request_error`, or `null`.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: Option<&'static str>,
     /// The parameter at fault, or `null`.
     pub param: Option<String>,
     /// The HTTP status again, as Azure OpenAI's error bodies carry it.
     pub status: u16,
+    /// Azure OpenAI's `innererror`, only when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub innererror: Option<serde_json::Value>,
 }
 
 const INVALID_REQUEST: &str = "invalid_request_error";
+
+/// The message of a blocked prompt, word for word as Azure OpenAI sends it.
+pub const CONTENT_FILTER_MESSAGE: &str = "The response was filtered due to the prompt triggering \
+    Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more \
+    about our content filtering policies please read our documentation: \
+    https://go.microsoft.com/fwlink/?linkid=2198766";
 
 impl ApiError {
     fn new(
@@ -60,7 +71,7 @@ impl ApiError {
         kind: &'static str,
         message: impl Into<String>,
     ) -> Self {
-        ApiError { status, code, message: message.into(), param: None, kind }
+        ApiError { status, code, message: message.into(), param: None, kind, innererror: None }
     }
 
     /// Names the parameter at fault.
@@ -227,15 +238,29 @@ impl ApiError {
         Self::new(503, "service_unavailable", "server_error", message)
     }
 
+    /// The prompt was blocked by the content filter (400), in Azure OpenAI's shape: `type: null`,
+    /// `param: "prompt"`, and `innererror` with the code `ResponsibleAIPolicyViolation` and the
+    /// filter's per-category results.
+    pub fn content_filter(results: &crate::content_filter::ContentFilterResults) -> Self {
+        let mut e =
+            Self::new(400, "content_filter", "", CONTENT_FILTER_MESSAGE).with_param("prompt");
+        e.innererror = Some(serde_json::json!({
+            "code": "ResponsibleAIPolicyViolation",
+            "content_filter_result": results,
+        }));
+        e
+    }
+
     /// The wire body of this error.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorObject {
                 code: self.code,
                 message: self.message.clone(),
-                kind: self.kind,
+                kind: (!self.kind.is_empty()).then_some(self.kind),
                 param: self.param.clone(),
                 status: self.status,
+                innererror: self.innererror.clone(),
             },
         }
     }
@@ -261,6 +286,27 @@ mod tests {
             v,
             serde_json::json!({"error": {"code": "invalid_value", "message": "too hot",
                 "type": "invalid_request_error", "param": "temperature", "status": 400}})
+        );
+    }
+
+    #[test]
+    fn content_filter_body_is_azure_openai_shape() {
+        let results = crate::content_filter::ContentFilterResults {
+            violence: crate::content_filter::CategoryResult {
+                filtered: true,
+                severity: crate::Severity::Medium,
+            },
+            ..Default::default()
+        };
+        let v = serde_json::to_value(ApiError::content_filter(&results).body()).unwrap();
+        let safe = serde_json::json!({"filtered": false, "severity": "safe"});
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"code": "content_filter", "message": CONTENT_FILTER_MESSAGE,
+                "type": null, "param": "prompt", "status": 400,
+                "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+                    "hate": safe, "self_harm": safe, "sexual": safe,
+                    "violence": {"filtered": true, "severity": "medium"}}}}})
         );
     }
 

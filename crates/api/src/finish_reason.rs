@@ -19,6 +19,18 @@ pub enum FinishReason {
     ToolCalls,
 }
 
+impl FinishReason {
+    /// The wire spelling, e.g. `content_filter`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::ToolCalls => "tool_calls",
+        }
+    }
+}
+
 impl From<phi_engine::engine::FinishReason> for FinishReason {
     fn from(r: phi_engine::engine::FinishReason) -> Self {
         match r {

@@ -6,6 +6,7 @@
 //! and `openai` Python SDKs accept (see `shared/api/CONTRACT.md`).
 
 pub mod chunk;
+pub mod content_filter;
 pub mod error;
 pub mod extra_parameters;
 pub mod finish_reason;
@@ -19,6 +20,7 @@ pub mod sse;
 pub mod usage;
 
 pub use chunk::{ChatCompletionChunk, ChunkChoice, Delta};
+pub use content_filter::{CategoryResult, ContentFilterResults, PromptFilterResult, Severity};
 pub use error::{ApiError, ErrorBody};
 pub use extra_parameters::ExtraParameters;
 pub use finish_reason::FinishReason;

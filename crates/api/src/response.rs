@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use crate::content_filter::{ContentFilterResults, PromptFilterResult};
 use crate::finish_reason::FinishReason;
 use crate::logprobs::ChoiceLogprobs;
 use crate::usage::Usage;
@@ -21,6 +22,9 @@ pub struct ChatCompletion {
     pub created: u64,
     /// The served model's name.
     pub model: String,
+    /// The prompt's content-filter annotation (only when a filter is configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_filter_results: Option<Vec<PromptFilterResult>>,
     /// One per `n`.
     pub choices: Vec<Choice>,
     /// Token counts.
@@ -43,6 +47,9 @@ pub struct Choice {
     pub finish_reason: FinishReason,
     /// Log-probabilities when requested, else `null`.
     pub logprobs: Option<ChoiceLogprobs>,
+    /// The answer's content-filter annotation (only when a filter is configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_filter_results: Option<ContentFilterResults>,
 }
 
 /// The assistant's message in a [`Choice`].

@@ -22,13 +22,19 @@ enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// Without `RUST_LOG`: warnings of every crate, and phi-serve's own start-up and per-request
+/// lines.
+const DEFAULT_LOG: &str = "warn,phi_serve=info,phi_server=info,phi_engine=info";
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never into a shipped log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

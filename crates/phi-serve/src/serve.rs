@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
+use phi_server::content_filter::{BlocklistFilter, ContentFilter};
+use phi_server::http_filter::HttpFilter;
+use phi_server::loading::LoadingGate;
 use phi_server::{AppState, ServerConfig, WorkerConfig};
 
 use crate::options::ModelArgs;
@@ -56,14 +59,98 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Content filter for prompts and answers: `none`, `blocklist` (needs
+    /// --content-filter-file) or `http` (needs --content-filter-url). A blocked prompt is
+    /// answered 400 `content_filter`; a blocked answer ends with finish_reason `content_filter`.
+    /// With a filter, answers carry `prompt_filter_results` and `content_filter_results`
+    /// annotations. A filter that cannot answer fails closed (503 for a prompt).
+    #[arg(long, value_enum, default_value_t = FilterKind::None, env = "PHI_SERVE_CONTENT_FILTER")]
+    content_filter: FilterKind,
+    /// The blocklist (JSON: `{"threshold": "medium", "categories": {"violence": {"terms":
+    /// ["word", {"term": "w2", "severity": "low"}], "patterns": [{"regex": "(?i)a\\s+b",
+    /// "severity": "high"}]}}}`; categories hate, self_harm, sexual, violence).
+    #[arg(long, value_name = "FILE", env = "PHI_SERVE_CONTENT_FILTER_FILE")]
+    content_filter_file: Option<PathBuf>,
+    /// The moderation service of `--content-filter http`: every check POSTs `{"text": ...}`
+    /// there and reads back Azure AI Content Safety's `categoriesAnalysis` answer or
+    /// `{"violence": {"severity": "high", "filtered": true}, ...}`.
+    #[arg(long, value_name = "URL", env = "PHI_SERVE_CONTENT_FILTER_URL")]
+    content_filter_url: Option<String>,
+    /// Severity at which `--content-filter http` blocks a category the service did not decide.
+    #[arg(long, value_name = "SEVERITY", default_value = "medium",
+          value_parser = ["low", "medium", "high"])]
+    content_filter_threshold: String,
+    /// A header sent to the moderation service, `Name: value` (repeatable), e.g.
+    /// `Ocp-Apim-Subscription-Key: KEY`.
+    #[arg(long = "content-filter-header", value_name = "HEADER")]
+    content_filter_headers: Vec<String>,
+    /// How long one check of the moderation service may take.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    content_filter_timeout_ms: u64,
+    /// An origin whose browser pages may call the API, e.g. `https://app.example.com`, or `*`
+    /// for any (repeatable; none by default, so browsers get no cross-origin access).
+    #[arg(
+        long = "cors-allow-origin",
+        value_name = "ORIGIN",
+        env = "PHI_SERVE_CORS_ALLOW_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
     /// Sleep after every engine step (testing only: makes a tiny model slow enough to observe
     /// queueing and disconnects).
     #[arg(long, hide = true, value_name = "MS")]
     step_delay_ms: Option<u64>,
+    /// Wait before loading the model (testing only: makes the 503-while-loading phase
+    /// observable with a tiny model).
+    #[arg(long, hide = true, value_name = "MS")]
+    load_delay_ms: Option<u64>,
+}
+
+/// `--content-filter` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FilterKind {
+    /// No filtering and no annotations.
+    None,
+    /// Terms and regular expressions per category, from --content-filter-file.
+    Blocklist,
+    /// The operator's moderation service at --content-filter-url.
+    Http,
+}
+
+/// The configured content filter.
+fn content_filter(args: &ServeArgs) -> Result<Option<Arc<dyn ContentFilter>>> {
+    let file = args.content_filter_file.as_deref();
+    let url = args.content_filter_url.as_deref();
+    if file.is_some() && args.content_filter != FilterKind::Blocklist {
+        bail!("--content-filter-file needs --content-filter blocklist");
+    }
+    if url.is_some() && args.content_filter != FilterKind::Http {
+        bail!("--content-filter-url needs --content-filter http");
+    }
+    match args.content_filter {
+        FilterKind::None => Ok(None),
+        FilterKind::Blocklist => {
+            let path = file.context("--content-filter blocklist needs --content-filter-file")?;
+            Ok(Some(Arc::new(BlocklistFilter::from_file(path)?)))
+        }
+        FilterKind::Http => {
+            let url = url.context("--content-filter http needs --content-filter-url")?;
+            let threshold = serde_json::from_value(args.content_filter_threshold.clone().into())
+                .context("--content-filter-threshold")?;
+            let filter = HttpFilter::new(
+                url,
+                threshold,
+                &args.content_filter_headers,
+                Duration::from_millis(args.content_filter_timeout_ms.max(1)),
+            )?;
+            Ok(Some(Arc::new(filter)))
+        }
+    }
 }
 
 /// Runs the subcommand until Ctrl-C or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<()> {
+    let filter = content_filter(&args)?;
     let api_keys =
         collect_keys(&args.api_keys, args.api_key_file.as_deref(), std::env::var(KEYS_ENV).ok())?;
     let loopback = is_loopback(&args.host, args.port)?;
@@ -78,7 +165,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tracing::warn!(host = %args.host, "serving without authentication on a non-loopback address");
     }
 
-    let engine = Arc::new(args.model.load()?);
     let config = ServerConfig {
         model_name: args
             .served_model_name
@@ -91,24 +177,75 @@ pub fn run(args: ServeArgs) -> Result<()> {
             max_queue: usize::try_from(args.max_queue).unwrap_or(usize::MAX),
             step_delay: args.step_delay_ms.map(Duration::from_millis),
         },
+        content_filter: filter,
+        cors_origins: cors_origins(&args.cors_origins)?,
         ..ServerConfig::new("")
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+    let (host, port, model, load_delay) =
+        (args.host, args.port, args.model, args.load_delay_ms.map(Duration::from_millis));
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
-            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+            .with_context(|| format!("cannot listen on {host}:{port}"))?;
         let addr = listener.local_addr()?;
-        let state = AppState::new(engine, config).context("cannot start the engine worker")?;
-        println!("phi-serve listening on http://{addr}");
+        // Listening while the model loads: every route answers 503 until it is ready.
+        println!("phi-serve loading the model, answering 503 on http://{addr}");
         std::io::stdout().flush()?;
-        tracing::info!(%addr, "listening");
-        phi_server::serve(listener, state, shutdown_signal()).await?;
-        Ok(())
-    })
+        tracing::info!(%addr, model = %model.model, "loading the model (answering 503 until ready)");
+        let gate = LoadingGate::new();
+        let mut server =
+            tokio::spawn(phi_server::serve_gated(listener, gate.clone(), shutdown_signal()));
+        let loading = tokio::task::spawn_blocking(move || {
+            if let Some(delay) = load_delay {
+                std::thread::sleep(delay);
+            }
+            model.load()
+        });
+        tokio::select! {
+            loaded = loading => {
+                let engine = Arc::new(loaded.context("loading the model panicked")??);
+                let state = AppState::new(engine, config).context("cannot start the engine worker")?;
+                gate.open(phi_server::router(state));
+                println!("phi-serve listening on http://{addr}");
+                std::io::stdout().flush()?;
+                tracing::info!(%addr, "model loaded, serving");
+                server.await.context("the server task panicked")??;
+            }
+            stopped = &mut server => {
+                stopped.context("the server task panicked")??;
+                tracing::info!("stopped before the model was loaded");
+            }
+        }
+        anyhow::Ok(())
+    });
+    // A load still running after a shutdown signal is abandoned, not waited for.
+    runtime.shutdown_background();
+    result
+}
+
+/// The `--cors-allow-origin` values, each checked to be `*` or `scheme://host[:port]`.
+fn cors_origins(origins: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for o in origins.iter().map(|o| o.trim().trim_end_matches('/')).filter(|o| !o.is_empty()) {
+        let ok = o == "*"
+            || o.split_once("://").is_some_and(|(scheme, host)| {
+                matches!(scheme, "http" | "https")
+                    && !host.is_empty()
+                    && !host.contains(['/', ' ', '*'])
+                    && o.is_ascii()
+            });
+        if !ok {
+            bail!(
+                "--cors-allow-origin {o:?} is not `*` or an origin such as https://app.example.com"
+            );
+        }
+        out.push(o.to_string());
+    }
+    Ok(out)
 }
 
 /// Keys from the flags, the key file and the environment, trimmed, without blanks and
@@ -185,6 +322,16 @@ mod tests {
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(keys, ["k1", "k2", "k3", "k4"]);
         assert!(collect_keys(&[], None, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn cors_origins_are_checked() {
+        let ok = cors_origins(&["https://a.example.com/".into(), "http://localhost:3000".into()]);
+        assert_eq!(ok.unwrap(), ["https://a.example.com", "http://localhost:3000"]);
+        assert_eq!(cors_origins(&["*".into()]).unwrap(), ["*"]);
+        for bad in ["a.example.com", "https://", "ftp://x", "https://x/path", "https://*.x"] {
+            assert!(cors_origins(&[bad.into()]).is_err(), "{bad}");
+        }
     }
 
     #[test]

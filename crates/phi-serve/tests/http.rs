@@ -3,146 +3,16 @@
 //! check the wire bytes that the azure and openai SDKs depend on (shared/api/CONTRACT.md), every
 //! error status, authentication, and that concurrent and disconnecting clients behave.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::io::Read;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::*;
 use reqwest::blocking::{Client, Response};
 use serde_json::{json, Value};
-
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny/phi3-mini-4k");
-
-/// A running `phi-serve serve`, killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-    client: Client,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        Self::start_with_env(args, &[])
-    }
-
-    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_phi-serve"));
-        cmd.args(["serve", "--model", MODEL, "--port", "0"]).args(args);
-        for var in ["PHI_SERVE_API_KEYS", "PHI_SERVE_HOST", "PHI_SERVE_PORT", "PHI_SERVE_DEVICE"] {
-            cmd.env_remove(var);
-        }
-        cmd.envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("start phi-serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("phi-serve listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
-        let base = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(base) => base,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("phi-serve did not report its address: {:?}", child.wait());
-            }
-        };
-        let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-        Server { child, base, client }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn get(&self, path: &str) -> Response {
-        self.client.get(self.url(path)).send().unwrap()
-    }
-
-    fn post(&self, path: &str, body: &Value) -> Response {
-        self.client
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .unwrap()
-    }
-
-    fn health(&self) -> Value {
-        self.get("/health").json().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn chat(prompt: &str, max_tokens: u32) -> Value {
-    json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-           "temperature": 0})
-}
-
-fn streaming(mut body: Value) -> Value {
-    body["stream"] = json!(true);
-    body
-}
-
-/// Asserts the error shape and status, and returns the error object.
-fn expect_error(res: Response, status: u16) -> Value {
-    assert_eq!(res.status().as_u16(), status, "{:?}", res.headers());
-    let headers = res.headers().clone();
-    assert_eq!(headers["content-type"], "application/json");
-    assert!(headers.contains_key("x-request-id"));
-    let body: Value = res.json().unwrap();
-    let err = &body["error"];
-    for key in ["code", "message", "type", "param", "status"] {
-        assert!(err.get(key).is_some(), "missing {key} in {body}");
-    }
-    assert_eq!(err["status"], status);
-    assert_eq!(headers["x-ms-error-code"].to_str().unwrap(), err["code"].as_str().unwrap());
-    err.clone()
-}
-
-/// Splits an SSE body into its events, asserting the framing the azure parser needs: LF only,
-/// every event exactly one `data: ` line followed by a blank line.
-fn sse_events(bytes: &[u8]) -> Vec<String> {
-    assert!(!bytes.contains(&b'\r'), "CR in the stream");
-    let text = std::str::from_utf8(bytes).unwrap();
-    assert!(text.ends_with("\n\n"), "stream does not end with a blank line: {text:?}");
-    text[..text.len() - 2]
-        .split("\n\n")
-        .map(|event| {
-            assert!(!event.contains('\n'), "multi-line event {event:?}");
-            event
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data line: {event:?}"))
-                .to_string()
-        })
-        .collect()
-}
-
-/// The JSON chunks of a stream that ended with `[DONE]`.
-fn parse_chunks(bytes: &[u8]) -> Vec<Value> {
-    let events = sse_events(bytes);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect()
-}
-
-fn content_of(chunks: &[Value], index: usize) -> String {
-    chunks
-        .iter()
-        .flat_map(|c| c["choices"].as_array().unwrap().iter())
-        .filter(|c| c["index"] == index)
-        .filter_map(|c| c["delta"]["content"].as_str())
-        .collect()
-}
 
 #[test]
 fn health_info_and_models() {
@@ -739,4 +609,182 @@ fn disconnecting_client_is_dropped_and_others_finish() {
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 15);
     wait_until("the batch to empty", Duration::from_secs(3), || s.health()["running"] == 0);
     assert_eq!(s.post("/v1/chat/completions", &chat("hi", 2)).status(), 200);
+}
+
+/// Writes a blocklist file for `--content-filter-file` into a fresh temp dir.
+fn blocklist_file(name: &str, json: &Value) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("phi-serve-cf-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("blocklist.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}
+
+fn start_filtered(file: &std::path::Path) -> Server {
+    Server::start(&[
+        "--content-filter",
+        "blocklist",
+        "--content-filter-file",
+        file.to_str().unwrap(),
+    ])
+}
+
+const FILTER_MESSAGE: &str = "The response was filtered due to the prompt triggering Azure \
+    OpenAI's content management policy. Please modify your prompt and retry. To learn more about \
+    our content filtering policies please read our documentation: \
+    https://go.microsoft.com/fwlink/?linkid=2198766";
+
+fn safe_results() -> Value {
+    let safe = json!({"filtered": false, "severity": "safe"});
+    json!({"hate": safe, "self_harm": safe, "sexual": safe, "violence": safe})
+}
+
+#[test]
+fn content_filter_blocks_prompt_and_annotates_clean_answers() {
+    let file = blocklist_file(
+        "prompt",
+        &json!({"threshold": "medium", "categories": {
+            "violence": {"terms": ["kill", {"term": "hurt", "severity": "low"}]},
+            "hate": {"patterns": [{"regex": "(?i)bad\\s+people", "severity": "medium"}]}}}),
+    );
+    let server = start_filtered(&file);
+    let safe = json!({"filtered": false, "severity": "safe"});
+
+    for (path, prompt, violence, hate) in [
+        (
+            "/v1/chat/completions",
+            "How do I KILL time?",
+            json!({"filtered": true, "severity": "high"}),
+            safe.clone(),
+        ),
+        (
+            "/chat/completions",
+            "they are Bad   People",
+            safe.clone(),
+            json!({"filtered": true, "severity": "medium"}),
+        ),
+    ] {
+        let res = server.post(path, &chat(prompt, 4));
+        assert_eq!(res.status().as_u16(), 400);
+        assert_eq!(res.headers()["x-ms-error-code"], "content_filter");
+        let body: Value = res.json().unwrap();
+        assert_eq!(
+            body,
+            json!({"error": {"message": FILTER_MESSAGE, "type": null, "param": "prompt",
+                "code": "content_filter", "status": 400,
+                "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+                    "hate": hate, "self_harm": safe, "sexual": safe, "violence": violence}}}})
+        );
+    }
+    // The prompt is every message's text, the system message included; streaming too.
+    let body = json!({"messages": [{"role": "system", "content": "never kill"},
+                                   {"role": "user", "content": "hi"}], "stream": true});
+    let err = expect_error(server.post("/v1/chat/completions", &body), 400);
+    assert_eq!(err["code"], "content_filter");
+
+    // Below the threshold (low < medium), or not a whole word: answered, and annotated.
+    let res = server.post("/v1/chat/completions", &chat("does it hurt the skills of killers?", 4));
+    assert_eq!(res.status().as_u16(), 200);
+    let body: Value = res.json().unwrap();
+    let mut prompt_results = safe_results();
+    prompt_results["violence"] = json!({"filtered": false, "severity": "low"});
+    assert_eq!(
+        body["prompt_filter_results"],
+        json!([{"prompt_index": 0, "content_filter_results": prompt_results}])
+    );
+    let choice = &body["choices"][0];
+    assert_ne!(choice["finish_reason"], "content_filter");
+    assert_eq!(choice["content_filter_results"], safe_results(), "{body}");
+
+    // Streaming: the first chunk carries prompt_filter_results, content chunks and final
+    // chunks carry content_filter_results next to their delta.
+    let res = server.post("/v1/chat/completions", &streaming(chat("hello", 6)));
+    assert_eq!(res.status().as_u16(), 200);
+    let chunks = parse_chunks(&res.bytes().unwrap());
+    assert_eq!(
+        chunks[0]["prompt_filter_results"],
+        json!([{"prompt_index": 0, "content_filter_results": safe_results()}])
+    );
+    assert!(chunks[1..].iter().all(|c| c.get("prompt_filter_results").is_none()));
+    for c in &chunks[1..] {
+        let choice = &c["choices"][0];
+        assert!(choice.get("delta").is_some());
+        assert_eq!(choice["content_filter_results"], safe_results(), "{c}");
+    }
+    let last = &chunks.last().unwrap()["choices"][0];
+    assert!(last["finish_reason"].is_string());
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+#[test]
+fn content_filter_stops_blocked_output() {
+    let prompt = "Tell me a story";
+    // Without a filter: the greedy answer, and no annotations.
+    let plain = Server::start(&[]);
+    let res = plain.post("/v1/chat/completions", &chat(prompt, 12));
+    let body: Value = res.json().unwrap();
+    assert!(body.get("prompt_filter_results").is_none(), "{body}");
+    assert!(body["choices"][0].get("content_filter_results").is_none(), "{body}");
+    let full = body["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let res = plain.post("/v1/chat/completions", &streaming(chat(prompt, 12)));
+    let chunks = parse_chunks(&res.bytes().unwrap());
+    assert!(chunks.iter().all(|c| c.get("prompt_filter_results").is_none()));
+    assert!(chunks.iter().all(|c| c["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|ch| ch.get("content_filter_results").is_none())));
+    drop(plain);
+
+    // A word of that answer (not its first, so some text comes before it), blocked.
+    let words: Vec<&str> = full
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| w.len() >= 3 && w.chars().all(|c| c.is_ascii_alphabetic()))
+        .filter(|w| !prompt.to_lowercase().contains(&w.to_lowercase()))
+        .collect();
+    assert!(words.len() >= 2, "no usable word in {full:?}");
+    let word = words[1];
+    let file = blocklist_file("output", &json!({"categories": {"violence": {"terms": [word]}}}));
+    let server = start_filtered(&file);
+    let blocked = json!({"filtered": true, "severity": "high"});
+
+    let res = server.post("/v1/chat/completions", &chat(prompt, 12));
+    assert_eq!(res.status().as_u16(), 200);
+    let body: Value = res.json().unwrap();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "content_filter", "{body} (word {word:?} of {full:?})");
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(!content.to_lowercase().contains(&word.to_lowercase()), "{content:?} has {word:?}");
+    assert!(full.starts_with(content) && content.len() < full.len(), "{content:?} vs {full:?}");
+    // The last word is held back until the text after it shows it complete, so no beginning
+    // of the blocked word went out either: what was released ends before a word.
+    let word_char = |c: char| c.is_alphanumeric() || c == '_';
+    assert!(
+        !content.ends_with(word_char),
+        "{content:?} released a word before {word:?} was judged"
+    );
+    assert_eq!(choice["content_filter_results"]["violence"], blocked);
+    assert_eq!(body["prompt_filter_results"][0]["content_filter_results"], safe_results());
+    // The choice stopped early: fewer tokens than the unfiltered 12.
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() < 12, "{body}");
+
+    for path in ["/v1/chat/completions", "/chat/completions"] {
+        let res = server.post(path, &streaming(chat(prompt, 12)));
+        assert_eq!(res.status().as_u16(), 200);
+        let chunks = parse_chunks(&res.bytes().unwrap());
+        let streamed = content_of(&chunks, 0);
+        assert_eq!(streamed, content, "{chunks:?}");
+        let last = chunks.last().unwrap();
+        let last_choice = &last["choices"][0];
+        assert_eq!(last_choice["finish_reason"], "content_filter", "{chunks:?}");
+        assert_eq!(last_choice["delta"], json!({}));
+        assert_eq!(last_choice["content_filter_results"]["violence"], blocked);
+        if path == "/chat/completions" {
+            assert!(last["usage"]["completion_tokens"].as_u64().unwrap() < 12);
+        }
+        // Only the final chunk says content_filter; no chunk before it carries the word.
+        let finals = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count();
+        assert_eq!(finals, 1);
+    }
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }

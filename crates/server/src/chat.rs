@@ -6,20 +6,25 @@
 //! events, decided by the body's `stream` alone (both SDKs send `Accept: application/json` even
 //! when streaming).
 
+use std::time::Instant;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use phi_api::extra_parameters::HEADER as EXTRA_PARAMETERS;
-use phi_api::{parse_chat_request, ApiError, ExtraParameters};
+use phi_api::{parse_chat_request, ApiError, ChatRequest, ExtraParameters};
 
 use crate::completion::collect;
+use crate::content_filter::{ContentFilter, FilterContext, FilterVerdict, TextKind};
 use crate::flavor::Flavor;
 use crate::http_error::HttpError;
 use crate::ids::random_id;
 use crate::prepare::prepare;
+use crate::request_id::RequestId;
+use crate::request_log::{CompletionLog, LoggedByCompletion};
 use crate::response_meta::ResponseMeta;
 use crate::state::{unix_now, AppState};
 use crate::stream::sse_response;
@@ -28,27 +33,31 @@ use crate::worker::{Job, SubmitError};
 /// Handler of the Azure route.
 pub async fn azure_chat(
     State(state): State<AppState>,
+    id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    chat(state, Flavor::Azure, headers, body).await
+    chat(state, Flavor::Azure, id.map(|e| e.0), headers, body).await
 }
 
 /// Handler of the OpenAI route.
 pub async fn openai_chat(
     State(state): State<AppState>,
+    id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    chat(state, Flavor::OpenAi, headers, body).await
+    chat(state, Flavor::OpenAi, id.map(|e| e.0), headers, body).await
 }
 
 async fn chat(
     state: AppState,
     flavor: Flavor,
+    id: Option<RequestId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
+    let started = Instant::now();
     require_json(&headers)?;
     let body = body.map_err(|rejection| body_error(&rejection, state.config().max_body_bytes))?;
     let extra = match headers.get(EXTRA_PARAMETERS) {
@@ -62,6 +71,11 @@ async fn chat(
         tracing::debug!(parameters = ?req.ignored_parameters, "ignoring extra parameters");
     }
 
+    // The prompt is screened before anything else: a blocked one starts no generation.
+    let verdict = match state.config().content_filter.clone() {
+        None => None,
+        Some(filter) => Some((screen_prompt(filter.as_ref(), &req).await?, filter)),
+    };
     let engine = state.engine().clone();
     let (req, prepared) = tokio::task::spawn_blocking(move || {
         let prepared = prepare(&engine, &req);
@@ -70,6 +84,9 @@ async fn chat(
     .await
     .map_err(|_| ApiError::internal("preparing the prompt panicked"))?;
     let prepared = prepared?;
+    let (job, events) = Job::new(prepared.sequences);
+    let filter =
+        verdict.map(|(prompt, filter)| FilterContext { filter, prompt, stopper: job.stopper() });
 
     let meta = ResponseMeta {
         id: random_id("chatcmpl-"),
@@ -81,18 +98,39 @@ async fn chat(
         include_usage: req.include_usage,
         flavor,
         engine: state.engine().clone(),
+        filter,
     };
-    let (job, events) = Job::new(prepared.sequences);
     state.worker().submit(job).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::too_many_requests(),
         SubmitError::Stopped => ApiError::unavailable("the engine worker has stopped"),
     })?;
-    if req.stream {
-        Ok(sse_response(meta, events))
+    let log =
+        CompletionLog::start(id, flavor.path(), req.stream, started, meta.prompt_tokens, req.n);
+    let mut res = if req.stream {
+        sse_response(meta, events, log)
     } else {
-        let completion = collect(&meta, events).await?;
-        Ok((StatusCode::OK, Json(completion)).into_response())
+        let completion = collect(&meta, events, log).await?;
+        (StatusCode::OK, Json(completion)).into_response()
+    };
+    res.extensions_mut().insert(LoggedByCompletion);
+    Ok(res)
+}
+
+/// The filter's verdict on every message's text: a 400 `content_filter` when it blocks, a 503
+/// when the filter could not judge (fail closed; the SDKs retry 503).
+async fn screen_prompt(
+    filter: &dyn ContentFilter,
+    req: &ChatRequest,
+) -> Result<FilterVerdict, ApiError> {
+    let text: Vec<&str> = req.messages.iter().map(|m| m.content.as_str()).collect();
+    let verdict = filter.check(&text.join("\n"), TextKind::Prompt).await.map_err(|e| {
+        tracing::error!(error = %e, "the content filter could not judge a prompt");
+        ApiError::unavailable(format!("the content filter is unavailable: {e}"))
+    })?;
+    if verdict.filtered() {
+        return Err(ApiError::content_filter(&verdict));
     }
+    Ok(verdict)
 }
 
 /// 415 unless the body is declared as JSON (`application/json` or `application/*+json`, any

@@ -6,6 +6,7 @@ use phi_api::{
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::choice_state::ChoiceState;
+use crate::request_log::CompletionLog;
 use crate::response_meta::ResponseMeta;
 use crate::worker::WorkerEvent;
 
@@ -14,6 +15,7 @@ use crate::worker::WorkerEvent;
 pub async fn collect(
     meta: &ResponseMeta,
     mut events: UnboundedReceiver<WorkerEvent>,
+    mut log: CompletionLog,
 ) -> Result<ChatCompletion, ApiError> {
     let mut choices = vec![ChoiceState::default(); meta.n];
     let mut finished = 0;
@@ -21,14 +23,28 @@ pub async fn collect(
         match events.recv().await {
             Some(WorkerEvent::Step { choice, output }) => {
                 let state = &mut choices[choice];
-                state.apply(&meta.engine, &output, meta.logprobs, true);
-                if output.finish_reason.is_some() {
+                if state.finish.is_some() {
+                    // Stopped by the content filter; the worker may have stepped it once more.
+                    continue;
+                }
+                let filter = meta.filter.as_ref();
+                let released = state
+                    .apply_filtered(&meta.engine, &output, meta.logprobs, true, filter, choice)
+                    .await;
+                log.update(choice, state.completion_tokens, !released.is_empty(), state.finish);
+                if state.finish.is_some() {
                     finished += 1;
                 }
             }
-            Some(WorkerEvent::Failed(message)) => return Err(ApiError::internal(message)),
+            Some(WorkerEvent::Failed(message)) => {
+                log.discard();
+                return Err(ApiError::internal(message));
+            }
             None => {
-                return Err(ApiError::internal("the engine stopped before the answer was complete"))
+                log.discard();
+                return Err(ApiError::internal(
+                    "the engine stopped before the answer was complete",
+                ));
             }
         }
     }
@@ -38,6 +54,7 @@ pub async fn collect(
         object: ChatCompletion::OBJECT,
         created: meta.created,
         model: meta.model.clone(),
+        prompt_filter_results: meta.prompt_filter_results(),
         choices: choices
             .into_iter()
             .enumerate()
@@ -48,6 +65,10 @@ pub async fn collect(
                 logprobs: meta
                     .logprobs
                     .then_some(ChoiceLogprobs { content: c.logprobs, refusal: None }),
+                content_filter_results: meta
+                    .filter
+                    .as_ref()
+                    .map(|_| c.filter_results.unwrap_or_default()),
             })
             .collect(),
         usage: Usage::new(meta.prompt_tokens, completion_tokens),

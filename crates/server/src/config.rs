@@ -1,5 +1,8 @@
 //! Settings of the HTTP server that the command line decides.
 
+use std::sync::Arc;
+
+use crate::content_filter::ContentFilter;
 use crate::worker::WorkerConfig;
 
 /// Everything [`crate::router`] needs besides the engine.
@@ -17,6 +20,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Batching and queueing limits.
     pub worker: WorkerConfig,
+    /// The content filter for prompts and answers; `None` filters nothing and annotates
+    /// nothing.
+    pub content_filter: Option<Arc<dyn ContentFilter>>,
+    /// Origins whose browser pages may call the API (`*` for any); empty for none.
+    pub cors_origins: Vec<String>,
 }
 
 impl ServerConfig {
@@ -28,6 +36,8 @@ impl ServerConfig {
             api_keys: Vec::new(),
             max_body_bytes: 4 << 20,
             worker: WorkerConfig::default(),
+            content_filter: None,
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -12,3 +12,13 @@ pub enum Flavor {
     /// `/v1/chat/completions` (OpenAI).
     OpenAi,
 }
+
+impl Flavor {
+    /// The route's path.
+    pub fn path(self) -> &'static str {
+        match self {
+            Flavor::Azure => "/chat/completions",
+            Flavor::OpenAi => "/v1/chat/completions",
+        }
+    }
+}

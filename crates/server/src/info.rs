@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use crate::state::AppState;
 
-/// `GET /health`: 200 once the model is loaded (the server only listens after that), with the
-/// number of requests generating and waiting; needs no key so that load balancers and
+/// `GET /health`: 200 once the model is loaded (503 `loading` before, see [`crate::loading`]),
+/// with the number of requests generating and waiting; needs no key so that load balancers and
 /// orchestrators can probe it.
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let stats = state.worker().stats();

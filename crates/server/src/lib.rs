@@ -11,13 +11,17 @@ pub mod chat;
 pub mod choice_state;
 pub mod completion;
 pub mod config;
+pub mod content_filter;
 pub mod fallback;
 pub mod flavor;
 pub mod http_error;
+pub mod http_filter;
 pub mod ids;
 pub mod info;
+pub mod loading;
 pub mod prepare;
 pub mod request_id;
+pub mod request_log;
 pub mod response_meta;
 pub mod routes;
 pub mod state;
@@ -39,4 +43,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Serves `gate` on `listener` (503 until the gate is opened with the real router) until
+/// `shutdown` resolves, then lets open requests finish.
+pub async fn serve_gated(
+    listener: tokio::net::TcpListener,
+    gate: loading::LoadingGate,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, gate.router()).with_graceful_shutdown(shutdown).await
 }

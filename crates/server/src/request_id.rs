@@ -15,9 +15,20 @@ pub const CLIENT_REQUEST_ID: &str = "x-ms-client-request-id";
 /// The response header carrying the request's id.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// Middleware: runs the request inside a tracing span named after its id and stamps the id on
-/// the response.
-pub async fn request_id(req: Request, next: Next) -> Response {
+/// The request's id, in the request's extensions for the handlers and the log.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+impl RequestId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+/// Middleware: runs the request inside a tracing span named after its id, hands the id to the
+/// handlers ([`RequestId`]) and stamps it on the response.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
     let client_id = req
         .headers()
         .get(CLIENT_REQUEST_ID)
@@ -26,6 +37,7 @@ pub async fn request_id(req: Request, next: Next) -> Response {
     let id = client_id.clone().unwrap_or_else(|| {
         HeaderValue::from_str(&random_id("")).expect("hex digits are a valid header value")
     });
+    req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!(
         "request",
         id = id.to_str().unwrap_or_default(),

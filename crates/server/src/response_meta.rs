@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use phi_engine::engine::Engine;
 
+use crate::content_filter::FilterContext;
 use crate::flavor::Flavor;
 
 /// Per-request facts the response builders need.
@@ -31,4 +32,15 @@ pub struct ResponseMeta {
     pub flavor: Flavor,
     /// For token texts and stop-token ids.
     pub engine: Arc<Engine>,
+    /// The content filter, when one is configured (answers are then annotated).
+    pub filter: Option<FilterContext>,
+}
+
+impl ResponseMeta {
+    /// `prompt_filter_results`, when a filter is configured.
+    pub fn prompt_filter_results(&self) -> Option<Vec<phi_api::PromptFilterResult>> {
+        self.filter.as_ref().map(|f| {
+            vec![phi_api::PromptFilterResult { prompt_index: 0, content_filter_results: f.prompt }]
+        })
+    }
 }

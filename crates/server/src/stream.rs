@@ -15,33 +15,40 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use phi_api::{
-    sse, ApiError, ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, FinishReason, Usage,
+    sse, ApiError, ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, ContentFilterResults, Delta,
+    FinishReason, Usage,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::choice_state::ChoiceState;
 use crate::flavor::Flavor;
+use crate::request_log::CompletionLog;
 use crate::response_meta::ResponseMeta;
 use crate::worker::WorkerEvent;
 
 /// The 200 response whose body streams the request's events. When the client disconnects the
 /// body is dropped, which drops the event receiver and so cancels the request in the worker.
-pub fn sse_response(meta: ResponseMeta, events: UnboundedReceiver<WorkerEvent>) -> Response {
-    let stream = futures_util::stream::unfold(SseState::new(meta, events), |mut s| async move {
-        loop {
-            if let Some(bytes) = s.out.pop_front() {
-                return Some((Ok::<_, Infallible>(bytes), s));
+pub fn sse_response(
+    meta: ResponseMeta,
+    events: UnboundedReceiver<WorkerEvent>,
+    log: CompletionLog,
+) -> Response {
+    let stream =
+        futures_util::stream::unfold(SseState::new(meta, events, log), |mut s| async move {
+            loop {
+                if let Some(bytes) = s.out.pop_front() {
+                    return Some((Ok::<_, Infallible>(bytes), s));
+                }
+                if s.done {
+                    return None;
+                }
+                match s.events.recv().await {
+                    Some(WorkerEvent::Step { choice, output }) => s.on_step(choice, &output).await,
+                    Some(WorkerEvent::Failed(message)) => s.fail(message),
+                    None => s.fail("the engine stopped before the answer was complete".into()),
+                }
             }
-            if s.done {
-                return None;
-            }
-            match s.events.recv().await {
-                Some(WorkerEvent::Step { choice, output }) => s.on_step(choice, &output),
-                Some(WorkerEvent::Failed(message)) => s.fail(message),
-                None => s.fail("the engine stopped before the answer was complete".into()),
-            }
-        }
-    });
+        });
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -58,10 +65,14 @@ struct SseState {
     finished: usize,
     out: VecDeque<Bytes>,
     done: bool,
+    /// Whether a chunk went out yet (the first carries `prompt_filter_results`).
+    started: bool,
+    /// Written when the stream ends or is dropped (client gone).
+    log: CompletionLog,
 }
 
 impl SseState {
-    fn new(meta: ResponseMeta, events: UnboundedReceiver<WorkerEvent>) -> Self {
+    fn new(meta: ResponseMeta, events: UnboundedReceiver<WorkerEvent>, log: CompletionLog) -> Self {
         let mut s = SseState {
             choices: vec![ChoiceState::default(); meta.n],
             meta,
@@ -69,10 +80,12 @@ impl SseState {
             finished: 0,
             out: VecDeque::new(),
             done: false,
+            started: false,
+            log,
         };
         for index in 0..s.meta.n {
             let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
-            s.push_choice(index, delta, None, None, None);
+            s.push_choice(index, delta, None, None, None, None);
         }
         s
     }
@@ -88,6 +101,7 @@ impl SseState {
         delta: Delta,
         finish_reason: Option<FinishReason>,
         logprobs: Option<ChoiceLogprobs>,
+        content_filter_results: Option<ContentFilterResults>,
         usage: Option<Usage>,
     ) {
         let usage = match usage {
@@ -95,7 +109,7 @@ impl SseState {
             None if self.nulled_usage() => Some(None),
             None => None,
         };
-        let choice = ChunkChoice { index, delta, finish_reason, logprobs };
+        let choice = ChunkChoice { index, delta, finish_reason, logprobs, content_filter_results };
         self.push_chunk(vec![choice], usage);
     }
 
@@ -105,33 +119,46 @@ impl SseState {
             object: ChatCompletionChunk::OBJECT,
             created: self.meta.created,
             model: self.meta.model.clone(),
+            prompt_filter_results: if self.started {
+                None
+            } else {
+                self.meta.prompt_filter_results()
+            },
             choices,
             usage,
         };
+        self.started = true;
         self.out.push_back(Bytes::from(sse::event(&chunk)));
     }
 
-    fn on_step(&mut self, index: usize, output: &phi_engine::engine::StepOutput) {
+    async fn on_step(&mut self, index: usize, output: &phi_engine::engine::StepOutput) {
         let logprobs = self.meta.logprobs;
         let state = &mut self.choices[index];
-        state.apply(&self.meta.engine, output, logprobs, false);
-        if !output.text.is_empty() {
-            let lp = logprobs.then(|| ChoiceLogprobs {
-                content: std::mem::take(&mut state.logprobs),
-                refusal: None,
-            });
-            let delta = Delta { role: None, content: Some(output.text.clone()) };
-            self.push_choice(index, delta, None, lp, None);
+        if state.finish.is_some() {
+            // Stopped by the content filter; the worker may have stepped it once more.
+            return;
         }
-        let Some(reason) = output.finish_reason.map(FinishReason::from) else { return };
+        let filter = self.meta.filter.as_ref();
+        // With a filter, the answer so far is checked before any of this step's text is sent.
+        let released =
+            state.apply_filtered(&self.meta.engine, output, logprobs, false, filter, index).await;
+        let results = state.filter_results;
+        self.log.update(index, state.completion_tokens, !released.is_empty(), state.finish);
+        if !released.is_empty() {
+            let lp = logprobs
+                .then(|| ChoiceLogprobs { content: state.take_released_logprobs(), refusal: None });
+            let delta = Delta { role: None, content: Some(released) };
+            self.push_choice(index, delta, None, lp, results, None);
+        }
+        let Some(reason) = self.choices[index].finish else { return };
         self.finished += 1;
-        let leftover = std::mem::take(&mut self.choices[index].logprobs);
+        let leftover = self.choices[index].take_released_logprobs();
         let lp =
             (!leftover.is_empty()).then_some(ChoiceLogprobs { content: leftover, refusal: None });
         let last = self.finished == self.meta.n;
         let usage = self.usage();
         let final_usage = (last && !self.nulled_usage()).then_some(usage);
-        self.push_choice(index, Delta::default(), Some(reason), lp, final_usage);
+        self.push_choice(index, Delta::default(), Some(reason), lp, results, final_usage);
         if last {
             if self.nulled_usage() {
                 self.push_chunk(Vec::new(), Some(Some(usage)));
@@ -147,6 +174,7 @@ impl SseState {
 
     fn fail(&mut self, message: String) {
         tracing::error!(error = %message, "stream ended by an engine failure");
+        self.log.engine_failed();
         self.out.push_back(Bytes::from(sse::event(&ApiError::internal(message).body())));
         self.done = true;
     }

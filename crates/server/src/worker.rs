@@ -8,7 +8,7 @@
 //! unbounded tokio channel, so the worker never waits for a slow client.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,17 +57,47 @@ pub struct Job {
     pub sequences: Vec<Sequence>,
     /// Where outputs go; dropping the receiver cancels the job.
     pub events: UnboundedSender<WorkerEvent>,
+    stopper: ChoiceStopper,
+}
+
+/// Stops single choices of a job (a choice blocked by the content filter): the worker no longer
+/// steps a stopped sequence and sends no more events for it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ChoiceStopper(Arc<[AtomicBool]>);
+
+impl ChoiceStopper {
+    /// Stops choice `choice` before the worker's next step.
+    pub fn stop(&self, choice: usize) {
+        if let Some(flag) = self.0.get(choice) {
+            flag.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether choice `choice` was stopped.
+    pub fn is_stopped(&self, choice: usize) -> bool {
+        self.0.get(choice).is_some_and(|f| f.load(Ordering::Acquire))
+    }
 }
 
 impl Job {
     /// A job and the receiver of its events.
     pub fn new(sequences: Vec<Sequence>) -> (Self, UnboundedReceiver<WorkerEvent>) {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
-        (Job { sequences, events }, rx)
+        let stopper = ChoiceStopper((0..sequences.len()).map(|_| AtomicBool::new(false)).collect());
+        (Job { sequences, events, stopper }, rx)
+    }
+
+    /// The handle that stops single choices of this job.
+    pub fn stopper(&self) -> ChoiceStopper {
+        self.stopper.clone()
+    }
+
+    fn active(&self, choice: usize) -> bool {
+        !self.sequences[choice].is_finished() && !self.stopper.is_stopped(choice)
     }
 
     fn unfinished(&self) -> usize {
-        self.sequences.iter().filter(|s| !s.is_finished()).count()
+        (0..self.sequences.len()).filter(|&c| self.active(c)).count()
     }
 
     fn cancelled(&self) -> bool {
@@ -168,7 +198,8 @@ impl Worker {
                 }
             }
             self.admit();
-            self.running.retain(|job| !job.cancelled());
+            // A job whose choices were all stopped (content filter) is done too.
+            self.running.retain(|job| job.unfinished() > 0 && !job.cancelled());
             self.publish();
             if self.running.is_empty() {
                 continue;
@@ -216,8 +247,9 @@ impl Worker {
         let mut owners = Vec::new();
         let mut seqs: Vec<&mut Sequence> = Vec::new();
         for (j, job) in self.running.iter_mut().enumerate() {
+            let stopper = &job.stopper;
             for (c, seq) in job.sequences.iter_mut().enumerate() {
-                if !seq.is_finished() {
+                if !seq.is_finished() && !stopper.is_stopped(c) {
                     owners.push((j, c));
                     seqs.push(seq);
                 }

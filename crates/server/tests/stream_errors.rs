@@ -3,11 +3,13 @@
 //! raises `APIError` on it), framed like every other event.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::to_bytes;
 use phi_engine::checkpoint::ModelSource;
 use phi_engine::engine::{Engine, LoadOptions, StepOutput};
 use phi_server::flavor::Flavor;
+use phi_server::request_log::CompletionLog;
 use phi_server::response_meta::ResponseMeta;
 use phi_server::stream::sse_response;
 use phi_server::worker::WorkerEvent;
@@ -27,6 +29,7 @@ fn meta() -> ResponseMeta {
         include_usage: false,
         flavor: Flavor::OpenAi,
         engine: Arc::new(Engine::load(&source, &LoadOptions::default()).unwrap()),
+        filter: None,
     }
 }
 
@@ -38,7 +41,8 @@ async fn body_events(failure: Option<&str>) -> Vec<String> {
         tx.send(WorkerEvent::Failed(message.into())).unwrap();
     }
     drop(tx);
-    let res = sse_response(meta(), rx);
+    let log = CompletionLog::start(None, "/v1/chat/completions", true, Instant::now(), 3, 1);
+    let res = sse_response(meta(), rx, log);
     assert_eq!(res.status(), 200);
     let bytes = to_bytes(res.into_body(), usize::MAX).await.unwrap();
     let text = String::from_utf8(bytes.to_vec()).unwrap();

@@ -103,3 +103,29 @@ fn dropped_receiver_cancels_and_full_queue_refuses() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn stopped_choice_is_no_longer_stepped() {
+    let engine = engine();
+    let config =
+        WorkerConfig { step_delay: Some(Duration::from_millis(20)), ..WorkerConfig::default() };
+    let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
+    let ids = prompt(&engine, "hi");
+    let seqs = (0..2).map(|_| engine.new_sequence(&ids, &options(10)).unwrap()).collect();
+    let (job, mut rx) = Job::new(seqs);
+    let stopper = job.stopper();
+    worker.submit(job).unwrap();
+    let mut steps = [0usize; 2];
+    let mut finished = [false; 2];
+    while let Some(event) = rx.blocking_recv() {
+        let WorkerEvent::Step { choice, output } = event else { panic!("engine failed") };
+        steps[choice] += 1;
+        finished[choice] |= output.finish_reason.is_some();
+        if choice == 0 && steps[0] == 2 {
+            stopper.stop(0);
+        }
+    }
+    // The step in flight when it was stopped may still arrive, nothing after it.
+    assert!(steps[0] <= 3 && !finished[0], "{steps:?}");
+    assert!(finished[1] && steps[1] > 3, "{steps:?}");
+}

@@ -1,0 +1,327 @@
+//! Binary-level tests of what an operator relies on around the API: 503 while the model loads,
+//! CORS for browser clients, one log line per request, and the HTTP content-filter hook talking
+//! to a moderation service (a small HTTP server in the test, answering as Azure AI Content
+//! Safety's `text:analyze` does).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+#[test]
+fn answers_503_while_loading_then_serves() {
+    let s = Server::start_opts(Options {
+        args: &["--load-delay-ms", "2500", "--api-key", "k"],
+        while_loading: true,
+        ..Options::default()
+    });
+    let res = s.get("/health");
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.json::<Value>().unwrap(), json!({"status": "loading"}));
+    for res in [
+        s.client.post(s.url("/v1/chat/completions")).header("api-key", "k").json(&chat("hi", 2)),
+        s.client.get(s.url("/info")),
+    ]
+    .map(|r| r.send().unwrap())
+    {
+        assert_eq!(res.status(), 503);
+        assert_eq!(res.headers()["retry-after"], "5");
+        assert_eq!(res.headers()["x-ms-error-code"], "service_unavailable");
+        let body: Value = res.json().unwrap();
+        assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
+        assert_eq!(body["error"]["status"], 503);
+    }
+    let line = s.stdout.recv_timeout(Duration::from_secs(60)).expect("the listening line");
+    assert!(line.starts_with(LISTENING), "{line}");
+    assert_eq!(s.health()["status"], "ok");
+    let res = s.client.post(s.url("/v1/chat/completions")).header("api-key", "k");
+    assert_eq!(res.json(&chat("hi", 2)).send().unwrap().status(), 200);
+}
+
+#[test]
+fn cors_only_for_configured_origins() {
+    let s = Server::start(&["--cors-allow-origin", "https://app.example.com", "--api-key", "k"]);
+    // A browser's preflight is answered without a key, mirroring the requested headers.
+    let preflight = |origin: &str| {
+        s.client
+            .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type,x-stainless-os")
+            .send()
+            .unwrap()
+    };
+    let res = preflight("https://app.example.com");
+    assert_eq!(res.status(), 200);
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    let allowed = h["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("x-stainless-os"), "{allowed}");
+    assert!(h["access-control-allow-methods"].to_str().unwrap().contains("POST"));
+    assert!(preflight("https://evil.example.com")
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+
+    let res = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("origin", "https://app.example.com")
+        .header("authorization", "Bearer k")
+        .json(&chat("hi", 2))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["access-control-allow-origin"], "https://app.example.com");
+    let exposed = res.headers()["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+    // An error answer carries the CORS headers too, so the page can read it.
+    let res = s.client.get(s.url("/info")).header("origin", "https://app.example.com").send();
+    let res = res.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["access-control-allow-origin"], "https://app.example.com");
+
+    // Without the flag there is no cross-origin access at all.
+    let plain = Server::start(&[]);
+    let res = plain
+        .client
+        .get(plain.url("/health"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}
+
+/// The next stderr line that contains every one of `needles`.
+fn log_line(s: &Server, needles: &[&str]) -> String {
+    let stderr = s.stderr.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = stderr.recv_timeout(left).expect("a log line");
+        if needles.iter().all(|n| line.contains(n)) {
+            return line;
+        }
+    }
+}
+
+#[test]
+fn one_log_line_per_request() {
+    let s = Server::start_opts(Options {
+        env: &[("RUST_LOG", "phi_server::access=info")],
+        capture_stderr: true,
+        ..Options::default()
+    });
+    let res = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-ms-client-request-id", "req-42")
+        .json(&chat("hi", 3))
+        .send()
+        .unwrap();
+    let body: Value = res.json().unwrap();
+    let tokens = body["usage"]["completion_tokens"].as_u64().unwrap();
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let line = log_line(&s, &["request_id=\"req-42\"", "completion_tokens"]);
+    for field in [
+        "path=\"/v1/chat/completions\"".to_string(),
+        "status=200".into(),
+        "stream=false".into(),
+        format!("prompt_tokens={prompt}"),
+        format!("completion_tokens={tokens}"),
+        format!("finish_reason=\"{}\"", body["choices"][0]["finish_reason"].as_str().unwrap()),
+        "ttft_ms=".into(),
+        "duration_ms=".into(),
+    ] {
+        assert!(line.contains(&field), "{field} not in {line}");
+    }
+
+    // Streams are logged when they end; errors by the access log, with their code.
+    let res = s.post("/chat/completions", &streaming(chat("hello", 2)));
+    let _ = res.bytes().unwrap();
+    let line = log_line(&s, &["path=\"/chat/completions\"", "stream=true"]);
+    assert!(line.contains("status=200") && line.contains("completion_tokens="), "{line}");
+    let res = s.post("/v1/chat/completions", &json!({"messages": []}));
+    assert_eq!(res.status(), 400);
+    let line = log_line(&s, &["status=400"]);
+    assert!(line.contains("method=POST") && line.contains("error_code="), "{line}");
+}
+
+/// What the moderation service saw: the text kind header, the key header and the text.
+type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// A moderation service on a free port, answering as Azure AI Content Safety does: `Violence`
+/// severity 6 for a prompt that says "forbidden", and for an answer once it is 8 bytes or
+/// longer; everything else severity 0.
+fn moderation_service() -> (String, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/contentsafety/text:analyze", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let record = record.clone();
+            thread::spawn(move || answer_moderation(stream, &record));
+        }
+    });
+    (url, seen)
+}
+
+fn answer_moderation(mut stream: TcpStream, seen: &Seen) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        headers.push(line.trim_end().to_lowercase());
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find_map(|h| h.strip_prefix(&format!("{name}: ")).map(str::to_string))
+            .unwrap_or_default()
+    };
+    let len: usize = header("content-length").parse().unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).unwrap();
+    let text =
+        serde_json::from_slice::<Value>(&body).unwrap()["text"].as_str().unwrap().to_string();
+    let kind = header("x-phi-serve-text-kind");
+    let block = match kind.as_str() {
+        "prompt" => text.contains("forbidden"),
+        _ => text.len() >= 8,
+    };
+    seen.lock().unwrap().push((kind, header("ocp-apim-subscription-key"), text));
+    let answer = json!({"blocklistsMatch": [], "categoriesAnalysis": [
+        {"category": "Hate", "severity": 0}, {"category": "SelfHarm", "severity": 0},
+        {"category": "Sexual", "severity": 2},
+        {"category": "Violence", "severity": if block { 6 } else { 0 }}]})
+    .to_string();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+}
+
+#[test]
+fn http_content_filter_asks_the_moderation_service() {
+    let (url, seen) = moderation_service();
+    let s = Server::start(&[
+        "--content-filter",
+        "http",
+        "--content-filter-url",
+        &url,
+        "--content-filter-header",
+        "Ocp-Apim-Subscription-Key: secret",
+    ]);
+    let err = expect_error(s.post("/v1/chat/completions", &chat("a forbidden question", 4)), 400);
+    assert_eq!(err["code"], "content_filter");
+    assert_eq!(err["param"], "prompt");
+    assert_eq!(
+        err["innererror"]["content_filter_result"]["violence"],
+        json!({"filtered": true, "severity": "high"})
+    );
+    assert_eq!(
+        err["innererror"]["content_filter_result"]["sexual"],
+        json!({"filtered": false, "severity": "low"})
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "a blocked prompt generates nothing: {seen:?}");
+        assert_eq!(seen[0], ("prompt".into(), "secret".into(), "a forbidden question".into()));
+    }
+
+    // A clean prompt: the answer is screened as it grows and cut before 8 bytes of it go out.
+    for stream in [false, true] {
+        seen.lock().unwrap().clear();
+        let mut body = chat("Tell me a story", 24);
+        body["stream"] = json!(stream);
+        let res = s.post("/v1/chat/completions", &body);
+        assert_eq!(res.status(), 200);
+        let (content, finish) = if stream {
+            let chunks = parse_chunks(&res.bytes().unwrap());
+            let last = chunks.last().unwrap()["choices"][0].clone();
+            (content_of(&chunks, 0), last["finish_reason"].clone())
+        } else {
+            let body: Value = res.json().unwrap();
+            let choice = body["choices"][0].clone();
+            assert_eq!(choice["content_filter_results"]["violence"]["filtered"], true);
+            (
+                choice["message"]["content"].as_str().unwrap().to_string(),
+                choice["finish_reason"].clone(),
+            )
+        };
+        assert_eq!(finish, "content_filter", "stream={stream}");
+        assert!(content.len() < 8, "{content:?} went out");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].0, "prompt");
+        let answers: Vec<&String> =
+            seen.iter().filter(|s| s.0 == "completion").map(|s| &s.2).collect();
+        assert!(!answers.is_empty(), "{seen:?}");
+        assert!(answers.last().unwrap().len() >= 8, "{answers:?}");
+        assert!(answers.iter().all(|a| a.starts_with(&content)), "{answers:?} vs {content:?}");
+    }
+}
+
+#[test]
+fn unreachable_moderation_service_fails_closed() {
+    // A port that was free a moment ago: nothing listens there.
+    let url = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/analyze", l.local_addr().unwrap())
+    };
+    let s = Server::start(&[
+        "--content-filter",
+        "http",
+        "--content-filter-url",
+        &url,
+        "--content-filter-timeout-ms",
+        "2000",
+    ]);
+    for body in [chat("hello", 4), streaming(chat("hello", 4))] {
+        let res = s.post("/v1/chat/completions", &body);
+        assert_eq!(res.headers()["retry-after"], "5");
+        let err = expect_error(res, 503);
+        assert_eq!(err["code"], "service_unavailable");
+        assert!(err["message"].as_str().unwrap().contains("content filter"), "{err}");
+    }
+    assert_eq!(s.health()["status"], "ok");
+}
+
+#[test]
+fn bad_content_filter_settings_fail_at_start() {
+    for (args, message) in [
+        (&["--content-filter", "http"][..], "--content-filter http needs --content-filter-url"),
+        (&["--content-filter-url", "http://x/"][..], "needs --content-filter http"),
+        (
+            &["--content-filter", "http", "--content-filter-url", "ftp://x/"][..],
+            "http:// or https://",
+        ),
+        (&["--content-filter", "blocklist"][..], "needs --content-filter-file"),
+        (&["--cors-allow-origin", "example.com"][..], "--cors-allow-origin"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_phi-serve"))
+            .args(["serve", "--model", MODEL, "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} listened");
+    }
+}
