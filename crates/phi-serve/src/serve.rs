@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -56,6 +56,15 @@ pub struct ServeArgs {
     /// Most requests waiting for a place in the batch; more are answered 429.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     max_queue: u64,
+    /// Most prompt tokens (over all waiting requests' choices) in the queue; a request that
+    /// would pass it is answered 429, except into an empty queue. Default: no bound beyond
+    /// --max-queue.
+    #[arg(long, env = "PHI_SERVE_MAX_QUEUE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_queue_tokens: Option<u64>,
+    /// After SIGTERM or Ctrl-C: seconds that running and queued requests get to finish (new
+    /// ones are answered 503 and /ready turns 503 meanwhile); then the process exits.
+    #[arg(long, env = "PHI_SERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -175,6 +184,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         worker: WorkerConfig {
             max_batch: usize::try_from(args.max_batch_size).unwrap_or(usize::MAX),
             max_queue: usize::try_from(args.max_queue).unwrap_or(usize::MAX),
+            max_queue_tokens: args
+                .max_queue_tokens
+                .map_or(usize::MAX, |t| usize::try_from(t).unwrap_or(usize::MAX)),
             step_delay: args.step_delay_ms.map(Duration::from_millis),
         },
         content_filter: filter,
@@ -187,6 +199,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     let (host, port, model, load_delay) =
         (args.host, args.port, args.model, args.load_delay_ms.map(Duration::from_millis));
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
@@ -197,8 +210,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         std::io::stdout().flush()?;
         tracing::info!(%addr, model = %model.model, "loading the model (answering 503 until ready)");
         let gate = LoadingGate::new();
-        let mut server =
-            tokio::spawn(phi_server::serve_gated(listener, gate.clone(), shutdown_signal()));
+        // Set once the model is loaded: what a shutdown signal drains.
+        let serving: Arc<OnceLock<AppState>> = Arc::default();
+        let drained = Arc::new(tokio::sync::Notify::new());
+        let shutdown = {
+            let (serving, drained) = (serving.clone(), drained.clone());
+            async move {
+                shutdown_signal().await;
+                if let Some(state) = serving.get() {
+                    phi_server::drain::drain(state, grace).await;
+                }
+                drained.notify_one();
+            }
+        };
+        let mut server = tokio::spawn(phi_server::serve_gated(listener, gate.clone(), shutdown));
         let loading = tokio::task::spawn_blocking(move || {
             if let Some(delay) = load_delay {
                 std::thread::sleep(delay);
@@ -209,11 +234,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
             loaded = loading => {
                 let engine = Arc::new(loaded.context("loading the model panicked")??);
                 let state = AppState::new(engine, config).context("cannot start the engine worker")?;
+                let _ = serving.set(state.clone());
                 gate.open(phi_server::router(state));
                 println!("phi-serve listening on http://{addr}");
                 std::io::stdout().flush()?;
                 tracing::info!(%addr, "model loaded, serving");
-                server.await.context("the server task panicked")??;
+                // After the drain, open connections get a moment to close; a stream cut off by
+                // the grace period does not keep the process alive.
+                let closing = async {
+                    drained.notified().await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+                tokio::select! {
+                    done = &mut server => done.context("the server task panicked")??,
+                    () = closing => tracing::warn!("closing the connections still open"),
+                }
             }
             stopped = &mut server => {
                 stopped.context("the server task panicked")??;

@@ -325,3 +325,207 @@ fn bad_content_filter_settings_fail_at_start() {
         assert!(out.stdout.is_empty(), "{args:?} listened");
     }
 }
+
+/// The value of the sample `name` (with its labels, as written) on a `/metrics` page.
+fn sample(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} not in\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_and_readiness() {
+    let s = Server::start(&["--api-key", "k"]);
+    // Both need no key, like /health.
+    let res = s.get("/ready");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().unwrap(), json!({"status": "ready"}));
+    let res = s.get("/metrics");
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+
+    let res =
+        s.client.post(s.url("/v1/chat/completions")).header("api-key", "k").json(&chat("hi", 5));
+    let body: Value = res.send().unwrap().json().unwrap();
+    let generated = body["usage"]["completion_tokens"].as_f64().unwrap();
+    let prompt = body["usage"]["prompt_tokens"].as_f64().unwrap();
+    let finish = body["choices"][0]["finish_reason"].as_str().unwrap().to_string();
+    let res = s.client.post(s.url("/chat/completions")).header("api-key", "k");
+    let res = res.json(&streaming(chat("hi", 5))).send().unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().unwrap();
+    assert_eq!(s.get("/no/such/route/1").status(), 404);
+    assert_eq!(s.get("/no/such/route/2").status(), 404);
+    assert_eq!(s.get("/info").status(), 401);
+
+    // The stream's line is written when its body is done, a moment after the client read it.
+    thread::sleep(Duration::from_millis(200));
+    let page = s.get("/metrics").text().unwrap();
+    let requests = |route: &str, status: u16| {
+        sample(&page, &format!("phi_serve_requests_total{{route=\"{route}\",status=\"{status}\"}}"))
+    };
+    assert_eq!(requests("/v1/chat/completions", 200), 1.0);
+    assert_eq!(requests("/chat/completions", 200), 1.0);
+    assert_eq!(requests("unmatched", 404), 2.0, "unknown paths share one label");
+    assert_eq!(requests("/info", 401), 1.0);
+    assert_eq!(sample(&page, "phi_serve_prompt_tokens_total"), 2.0 * prompt);
+    assert_eq!(sample(&page, "phi_serve_generated_tokens_total"), 2.0 * generated);
+    assert_eq!(
+        sample(&page, &format!("phi_serve_finish_reason_total{{reason=\"{finish}\"}}")),
+        2.0
+    );
+    assert_eq!(sample(&page, "phi_serve_time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(sample(&page, "phi_serve_request_latency_seconds_count"), 2.0);
+    assert_eq!(sample(&page, "phi_serve_request_latency_seconds_bucket{le=\"+Inf\"}"), 2.0);
+    for gauge in
+        ["queue_length", "running_requests", "running_sequences", "kv_cache_bytes", "draining"]
+    {
+        assert_eq!(sample(&page, &format!("phi_serve_{gauge}")), 0.0, "{gauge}");
+    }
+}
+
+#[test]
+fn busy_server_reports_its_load() {
+    let s = Server::start(&["--step-delay-ms", "50", "--max-batch-size", "1"]);
+    let mut long = chat("Tell me a story", 200);
+    long["stop"] = json!([]);
+    let base = s.base.clone();
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let (base, body) = (base.clone(), streaming(long.clone()));
+            thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                let res = client.post(format!("{base}/v1/chat/completions")).json(&body).send();
+                // Dropped before the end: the client goes away mid-stream.
+                let mut res = res.unwrap();
+                let mut buf = [0u8; 256];
+                let _ = res.read(&mut buf);
+                thread::sleep(Duration::from_millis(600));
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = s.get("/metrics").text().unwrap();
+        // The gauges are published after admission and again after each step (when the
+        // cache has grown), so wait for the state, not for the first partial match.
+        if sample(&page, "phi_serve_running_requests") == 1.0
+            && sample(&page, "phi_serve_queue_length") == 1.0
+            && sample(&page, "phi_serve_kv_cache_bytes") > 0.0
+        {
+            assert_eq!(sample(&page, "phi_serve_running_sequences"), 1.0);
+            assert!(sample(&page, "phi_serve_queued_prompt_tokens") > 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never saw one running and one queued:\n{page}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    for t in streams {
+        t.join().unwrap();
+    }
+    // Both clients left: the batch empties and its cache is given back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = s.get("/metrics").text().unwrap();
+        if sample(&page, "phi_serve_running_requests") == 0.0
+            && sample(&page, "phi_serve_queue_length") == 0.0
+        {
+            assert_eq!(sample(&page, "phi_serve_kv_cache_bytes"), 0.0);
+            assert!(
+                sample(&page, "phi_serve_finish_reason_total{reason=\"client_disconnected\"}")
+                    >= 1.0
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the batch never emptied:\n{page}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(s: &Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the server process to exit, at most `limit`.
+fn wait_exit(s: &mut Server, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "phi-serve did not exit within {limit:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_running_requests() {
+    let mut s = Server::start(&["--step-delay-ms", "40", "--shutdown-grace-secs", "30"]);
+    let body = streaming(chat("Tell me a story", 40));
+    let url = s.url("/v1/chat/completions");
+    let stream = thread::spawn(move || {
+        let res = reqwest::blocking::Client::new().post(url).json(&body).send().unwrap();
+        parse_chunks(&res.bytes().unwrap())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.health()["running"] != 1 {
+        assert!(Instant::now() < deadline, "the stream never started");
+        thread::sleep(Duration::from_millis(10));
+    }
+    sigterm(&s);
+    // Draining: not ready, no new work, the running stream goes on.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = s.get("/ready");
+        if res.status() == 503 {
+            assert_eq!(res.json::<Value>().unwrap(), json!({"status": "draining"}));
+            break;
+        }
+        assert!(Instant::now() < deadline, "/ready never turned 503");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let err = expect_error(s.post("/v1/chat/completions", &chat("hi", 2)), 503);
+    assert!(err["message"].as_str().unwrap().contains("shutting down"), "{err}");
+    assert_eq!(s.health()["status"], "ok", "still alive while draining");
+    let chunks = stream.join().unwrap();
+    let last = &chunks.last().unwrap()["choices"][0];
+    assert!(last["finish_reason"].is_string(), "the stream was completed: {last}");
+    let status = wait_exit(&mut s, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn grace_period_bounds_the_drain() {
+    let mut s = Server::start(&["--step-delay-ms", "100", "--shutdown-grace-secs", "1"]);
+    let mut body = streaming(chat("Tell me a story", 400));
+    body["stop"] = json!([]);
+    let url = s.url("/v1/chat/completions");
+    let stream = thread::spawn(move || {
+        let client = reqwest::blocking::Client::new();
+        let mut res = client.post(url).json(&body).send().unwrap();
+        let mut all = Vec::new();
+        let _ = res.read_to_end(&mut all);
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.health()["running"] != 1 {
+        assert!(Instant::now() < deadline, "the stream never started");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let signalled = Instant::now();
+    sigterm(&s);
+    wait_exit(&mut s, Duration::from_secs(10));
+    assert!(signalled.elapsed() >= Duration::from_secs(1), "exited before the grace period");
+    let bytes = stream.join().unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(!text.contains("[DONE]"), "a 40 s stream cannot have completed: {text}");
+}

@@ -58,6 +58,9 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let started = Instant::now();
+    if state.is_draining() {
+        return Err(ApiError::unavailable("the server is shutting down").into());
+    }
     require_json(&headers)?;
     let body = body.map_err(|rejection| body_error(&rejection, state.config().max_body_bytes))?;
     let extra = match headers.get(EXTRA_PARAMETERS) {
@@ -105,7 +108,8 @@ async fn chat(
         SubmitError::Stopped => ApiError::unavailable("the engine worker has stopped"),
     })?;
     let log =
-        CompletionLog::start(id, flavor.path(), req.stream, started, meta.prompt_tokens, req.n);
+        CompletionLog::start(id, flavor.path(), req.stream, started, meta.prompt_tokens, req.n)
+            .with_metrics(state.metrics().clone());
     let mut res = if req.stream {
         sse_response(meta, events, log)
     } else {

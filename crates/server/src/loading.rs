@@ -1,7 +1,8 @@
 //! The server listens while the model loads (a large checkpoint takes minutes to read), so that
 //! orchestrators see a live process and clients get a clear answer instead of a refused
 //! connection: until the model is ready every route answers `503 service_unavailable` with
-//! `Retry-After` (both SDKs retry it), and `GET /health` answers 503 `{"status": "loading"}`.
+//! `Retry-After` (both SDKs retry it), and `GET /health` and `/ready` answer 503
+//! `{"status": "loading"}`.
 //! Once the model is loaded, [`LoadingGate::open`] hands every request to the real router.
 
 use std::sync::{Arc, OnceLock};
@@ -58,7 +59,7 @@ impl LoadingGate {
 
 /// What a request gets while the model loads.
 fn loading_response(path: &str) -> Response {
-    if path == "/health" {
+    if path == "/health" || path == "/ready" {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"})))
             .into_response();
     }

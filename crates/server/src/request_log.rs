@@ -7,24 +7,32 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::Request;
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use phi_api::FinishReason;
 
+use crate::metrics::{CompletionSample, Metrics};
 use crate::request_id::RequestId;
+use crate::state::AppState;
 
 /// Marks a response whose log line its answer's builder writes ([`CompletionLog`]).
 #[derive(Debug, Clone, Copy)]
 pub struct LoggedByCompletion;
 
-/// Middleware: the log line of every response not marked [`LoggedByCompletion`].
-pub async fn access_log(req: Request, next: Next) -> Response {
+/// Middleware: counts every response in the metrics, and writes the log line of every response
+/// not marked [`LoggedByCompletion`].
+pub async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // The route, not the path, labels the metrics: unknown paths must not grow the label set.
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
     let id = req.extensions().get::<RequestId>().cloned();
     let res = next.run(req).await;
+    state.metrics().request(route.as_deref().unwrap_or("unmatched"), res.status().as_u16());
     if res.extensions().get::<LoggedByCompletion>().is_none() {
         tracing::info!(
             target: "phi_server::access",
@@ -57,6 +65,8 @@ pub struct CompletionLog {
     enabled: bool,
     /// Set when the engine failed after the stream began: unfinished choices say `error`.
     failed: bool,
+    /// Where the completion is counted, when the server keeps metrics.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl CompletionLog {
@@ -80,7 +90,14 @@ impl CompletionLog {
             span: tracing::Span::current(),
             enabled: true,
             failed: false,
+            metrics: None,
         }
+    }
+
+    /// Counts the completion in `metrics` too.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The engine failed after a stream's headers went out: unfinished choices are logged as
@@ -119,7 +136,7 @@ impl Drop for CompletionLog {
         }
         let elapsed = self.started.elapsed();
         let completion_tokens: usize = self.choices.iter().map(|c| c.0).sum();
-        let finish: Vec<&str> = self
+        let finish: Vec<&'static str> = self
             .choices
             .iter()
             .map(|c| match c.1 {
@@ -132,6 +149,15 @@ impl Drop for CompletionLog {
         let tokens_per_s = decode
             .filter(|d| !d.is_zero() && completion_tokens > 1)
             .map(|d| ((completion_tokens - 1) as f64 / d.as_secs_f64() * 10.0).round() / 10.0);
+        if let Some(metrics) = &self.metrics {
+            let sample = CompletionSample {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens,
+                ttft: self.first_text,
+                latency: elapsed,
+            };
+            metrics.completion(sample, &finish);
+        }
         let _entered = self.span.enter();
         tracing::info!(
             target: "phi_server::access",

@@ -13,14 +13,15 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use crate::auth::require_api_key;
 use crate::chat::{azure_chat, openai_chat};
 use crate::fallback::{method_not_allowed, not_found, panic_response};
-use crate::info::{health, info, models};
+use crate::info::{health, info, metrics, models, ready};
 use crate::request_id::request_id;
 use crate::request_log::access_log;
 use crate::state::AppState;
 
 /// Builds the router.
 ///
-/// `/health` needs no key; every other route does when keys are configured. Query strings
+/// `/health`, `/ready` and `/metrics` need no key; every other route does when keys are
+/// configured. Query strings
 /// (the azure SDK's `api-version`) are ignored. Unknown routes, wrong methods, oversized bodies
 /// and panics all answer in the JSON error shape, every response carries `x-request-id` and gets
 /// one log line, and browsers from the configured CORS origins may call every route.
@@ -36,12 +37,14 @@ pub fn router(state: AppState) -> Router {
         .route_layer(from_fn_with_state(state.clone(), require_api_key));
     let router = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(from_fn(access_log))
+        .layer(from_fn_with_state(state.clone(), access_log))
         .layer(from_fn(request_id));
     // Outermost, so that a browser's preflight is answered before authentication.
     match cors_layer(&state.config().cors_origins) {

@@ -1,15 +1,17 @@
 //! What every handler shares.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use phi_engine::engine::Engine;
 
 use crate::config::ServerConfig;
+use crate::metrics::Metrics;
 use crate::worker::{WorkerConfig, WorkerHandle};
 
 /// Shared state of the router: the engine (for tokenizing and validating in handlers), the
-/// worker's queue, and the configuration.
+/// worker's queue, the configuration, the metrics, and whether the server is draining.
 ///
 /// Exists as one cheaply clonable value because axum hands state to handlers by clone.
 #[derive(Debug, Clone)]
@@ -23,6 +25,8 @@ struct Inner {
     worker: WorkerHandle,
     config: ServerConfig,
     started: u64,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
 }
 
 impl AppState {
@@ -30,7 +34,15 @@ impl AppState {
     pub fn new(engine: Arc<Engine>, config: ServerConfig) -> std::io::Result<Self> {
         let worker_config: WorkerConfig = config.worker.clone();
         let worker = WorkerHandle::spawn(engine.clone(), worker_config)?;
-        Ok(AppState { inner: Arc::new(Inner { engine, worker, config, started: unix_now() }) })
+        let inner = Inner {
+            engine,
+            worker,
+            config,
+            started: unix_now(),
+            metrics: Arc::default(),
+            draining: AtomicBool::new(false),
+        };
+        Ok(AppState { inner: Arc::new(inner) })
     }
 
     /// The engine.
@@ -46,6 +58,22 @@ impl AppState {
     /// The configuration.
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    /// The counters behind `/metrics`.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Stops admitting chat requests (503 `shutting_down`; `/ready` answers 503) while the
+    /// running ones finish.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether [`start_draining`](Self::start_draining) was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
     }
 
     /// When the server started, in Unix seconds.

@@ -25,6 +25,10 @@ pub struct WorkerConfig {
     /// Most requests waiting to join the batch; one more is refused with 429. With 0 every
     /// request is refused.
     pub max_queue: usize,
+    /// Most prompt tokens (summed over the sequences) waiting to join the batch; a request that
+    /// would pass it is refused with 429, except into an empty queue, so that one long prompt
+    /// can always wait its turn.
+    pub max_queue_tokens: usize,
     /// Pause after every step. Only for tests, which need generation slow enough to observe
     /// queueing and disconnects on a tiny model.
     pub step_delay: Option<Duration>,
@@ -32,7 +36,7 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { max_batch: 8, max_queue: 64, step_delay: None }
+        WorkerConfig { max_batch: 8, max_queue: 64, max_queue_tokens: usize::MAX, step_delay: None }
     }
 }
 
@@ -103,6 +107,11 @@ impl Job {
     fn cancelled(&self) -> bool {
         self.events.is_closed()
     }
+
+    /// Prompt tokens of all its sequences (what it costs the queue).
+    fn prompt_tokens(&self) -> usize {
+        self.sequences.iter().map(Sequence::prompt_len).sum()
+    }
 }
 
 /// Why a job was not accepted.
@@ -114,11 +123,14 @@ pub enum SubmitError {
     Stopped,
 }
 
-/// Live counts of the worker's load, for `/health` and for operators.
+/// Live counts of the worker's load, for `/health`, `/metrics` and draining.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     queued: AtomicUsize,
+    queued_tokens: AtomicUsize,
     running: AtomicUsize,
+    running_sequences: AtomicUsize,
+    cache_bytes: AtomicUsize,
 }
 
 impl WorkerStats {
@@ -127,9 +139,29 @@ impl WorkerStats {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// Prompt tokens of the waiting requests.
+    pub fn queued_tokens(&self) -> usize {
+        self.queued_tokens.load(Ordering::Acquire)
+    }
+
     /// Requests in the batch.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Unfinished sequences in the batch.
+    pub fn running_sequences(&self) -> usize {
+        self.running_sequences.load(Ordering::Acquire)
+    }
+
+    /// KV-cache bytes held by the requests in the batch.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing runs or waits.
+    pub fn is_idle(&self) -> bool {
+        self.queued() == 0 && self.running() == 0
     }
 }
 
@@ -139,6 +171,7 @@ pub struct WorkerHandle {
     queue: Sender<Job>,
     stats: Arc<WorkerStats>,
     max_queue: usize,
+    max_queue_tokens: usize,
 }
 
 impl WorkerHandle {
@@ -149,24 +182,35 @@ impl WorkerHandle {
         // job the worker holds back while the batch is full.
         let (queue, rx) = mpsc::channel();
         let stats = Arc::new(WorkerStats::default());
-        let max_queue = config.max_queue;
+        let (max_queue, max_queue_tokens) = (config.max_queue, config.max_queue_tokens);
         let worker =
             Worker { engine, config, rx, running: Vec::new(), held: None, stats: stats.clone() };
         std::thread::Builder::new().name("phi-engine-worker".into()).spawn(move || worker.run())?;
-        Ok(WorkerHandle { queue, stats, max_queue })
+        Ok(WorkerHandle { queue, stats, max_queue, max_queue_tokens })
     }
 
-    /// Queues a job without waiting: refused when `max_queue` requests already wait.
+    /// Queues a job without waiting: refused when `max_queue` requests, or `max_queue_tokens`
+    /// prompt tokens with this one's, already wait.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         // Reserved before sending, so the worker never takes off more than was counted.
+        let tokens = job.prompt_tokens();
         self.stats
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q < self.max_queue).then_some(q + 1)
+            .queued_tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t == 0 || t.saturating_add(tokens) <= self.max_queue_tokens)
+                    .then_some(t.saturating_add(tokens))
             })
             .map_err(|_| SubmitError::QueueFull)?;
+        let reserved = self.stats.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+            (q < self.max_queue).then_some(q + 1)
+        });
+        if reserved.is_err() {
+            self.stats.queued_tokens.fetch_sub(tokens, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull);
+        }
         self.queue.send(job).map_err(|_| {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            self.stats.queued_tokens.fetch_sub(tokens, Ordering::AcqRel);
             SubmitError::Stopped
         })
     }
@@ -213,9 +257,19 @@ impl Worker {
         }
     }
 
-    /// Publishes how many requests are in the batch.
+    /// Publishes the batch's size and memory.
     fn publish(&self) {
+        let sequences = self.running.iter().map(Job::unfinished).sum();
+        let bytes = self.running.iter().flat_map(|j| &j.sequences).map(Sequence::cache_bytes).sum();
+        self.stats.running_sequences.store(sequences, Ordering::Release);
+        self.stats.cache_bytes.store(bytes, Ordering::Release);
         self.stats.running.store(self.running.len(), Ordering::Release);
+    }
+
+    /// Takes a job off the queue's counts.
+    fn dequeued(&self, job: &Job) {
+        self.stats.queued_tokens.fetch_sub(job.prompt_tokens(), Ordering::AcqRel);
+        self.stats.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Moves waiting jobs into the batch while there is room.
@@ -229,7 +283,7 @@ impl Worker {
             }
             let Some(job) = self.held.take() else { return };
             if job.cancelled() {
-                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                self.dequeued(&job);
                 continue;
             }
             let active: usize = self.running.iter().map(Job::unfinished).sum();
@@ -237,7 +291,7 @@ impl Worker {
                 self.held = Some(job);
                 return;
             }
-            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            self.dequeued(&job);
             self.running.push(job);
         }
     }

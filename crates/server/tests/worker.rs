@@ -75,8 +75,12 @@ fn batched_requests_match_solo_generation() {
 #[test]
 fn dropped_receiver_cancels_and_full_queue_refuses() {
     let engine = engine();
-    let config =
-        WorkerConfig { max_batch: 1, max_queue: 1, step_delay: Some(Duration::from_millis(50)) };
+    let config = WorkerConfig {
+        max_batch: 1,
+        max_queue: 1,
+        step_delay: Some(Duration::from_millis(50)),
+        ..WorkerConfig::default()
+    };
     let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
     let ids = prompt(&engine, "hi");
     let job = |n| Job::new(vec![engine.new_sequence(&ids, &options(n)).unwrap()]);
@@ -128,4 +132,41 @@ fn stopped_choice_is_no_longer_stepped() {
     // The step in flight when it was stopped may still arrive, nothing after it.
     assert!(steps[0] <= 3 && !finished[0], "{steps:?}");
     assert!(finished[1] && steps[1] > 3, "{steps:?}");
+}
+
+#[test]
+fn queue_bounded_by_prompt_tokens() {
+    let engine = engine();
+    let ids = prompt(&engine, "hello there, how are you today?");
+    let len = ids.len();
+    let config = WorkerConfig {
+        max_batch: 1,
+        max_queue: 10,
+        // Room for two waiting prompts of this length, not three.
+        max_queue_tokens: 2 * len + len / 2,
+        step_delay: Some(Duration::from_millis(50)),
+    };
+    let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
+    let job = || Job::new(vec![engine.new_sequence(&ids, &options(40)).unwrap()]);
+    let (running, _running_rx) = job();
+    worker.submit(running).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker.stats().running() == 0 {
+        assert!(Instant::now() < deadline, "the first job never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (a, _a_rx) = job();
+    let (b, _b_rx) = job();
+    worker.submit(a).unwrap();
+    worker.submit(b).unwrap();
+    assert_eq!(worker.stats().queued_tokens(), 2 * len);
+    let (c, _c_rx) = job();
+    assert_eq!(worker.submit(c).unwrap_err(), SubmitError::QueueFull);
+    assert_eq!(worker.stats().queued(), 2, "a refused job is not counted");
+    // One long prompt may always wait in an empty queue: a fresh worker with a tiny bound.
+    let tight = WorkerConfig { max_queue_tokens: 1, ..WorkerConfig::default() };
+    let lone = WorkerHandle::spawn(engine.clone(), tight).unwrap();
+    let (long, mut long_rx) = job();
+    lone.submit(long).unwrap();
+    assert!(drain(&mut long_rx, 1)[0].1.is_some());
 }

@@ -1,0 +1,266 @@
+//! `GET /metrics` in the Prometheus text format (version 0.0.4), written by hand: a handful of
+//! counters, gauges and fixed-bucket histograms needs no client library.
+//!
+//! Counted here: requests by route and status (from [`crate::request_log::access_log`]), prompt
+//! and generated tokens, finish reasons, and the histograms of time to first token, time per
+//! output token and request latency (from [`crate::request_log::CompletionLog`]). The gauges
+//! (queue length, running requests and sequences, KV-cache bytes) are read from the worker's
+//! live counts when the page is rendered.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::worker::WorkerStats;
+
+/// Upper bounds (seconds) of the time-to-first-token and request-latency buckets.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0];
+/// Upper bounds (seconds) of the time-per-output-token buckets.
+const TOKEN_BUCKETS: [f64; 12] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2];
+
+/// A histogram with fixed buckets; observations are counted in microseconds.
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// One count per bound, then the `+Inf` bucket (not cumulative; summed when rendered).
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.bounds.iter().position(|&b| secs <= b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = self.bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// Everything `/metrics` reports that is counted as it happens.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `(route, status)` -> requests.
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// finish reason -> choices.
+    finishes: Mutex<BTreeMap<&'static str, u64>>,
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    ttft: Histogram,
+    per_token: Histogram,
+    latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Mutex::default(),
+            finishes: Mutex::default(),
+            prompt_tokens: AtomicU64::new(0),
+            generated_tokens: AtomicU64::new(0),
+            ttft: Histogram::new(&LATENCY_BUCKETS),
+            per_token: Histogram::new(&TOKEN_BUCKETS),
+            latency: Histogram::new(&LATENCY_BUCKETS),
+        }
+    }
+}
+
+/// What one finished (or abandoned) chat completion contributes.
+#[derive(Debug, Clone, Copy)]
+pub struct CompletionSample {
+    /// Prompt tokens (once per request, whatever `n`).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all choices.
+    pub completion_tokens: usize,
+    /// Request start to the first text.
+    pub ttft: Option<Duration>,
+    /// Request start to the end of the answer.
+    pub latency: Duration,
+}
+
+impl Metrics {
+    /// Counts one response. `route` is the matched route (never a raw path, so that unknown
+    /// paths cannot grow the label set).
+    pub fn request(&self, route: &str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry((route.to_string(), status)).or_default() += 1;
+    }
+
+    /// Counts one chat completion and each choice's finish reason.
+    pub fn completion(&self, sample: CompletionSample, finishes: &[&'static str]) {
+        self.prompt_tokens.fetch_add(sample.prompt_tokens as u64, Ordering::Relaxed);
+        self.generated_tokens.fetch_add(sample.completion_tokens as u64, Ordering::Relaxed);
+        if let Some(ttft) = sample.ttft {
+            self.ttft.observe(ttft);
+            // Time per output token after the first, over all choices of the request.
+            if sample.completion_tokens > 1 {
+                let decode = sample.latency.saturating_sub(ttft);
+                self.per_token.observe(decode / (sample.completion_tokens as u32 - 1));
+            }
+        }
+        self.latency.observe(sample.latency);
+        let mut map = self.finishes.lock().unwrap_or_else(|e| e.into_inner());
+        for f in finishes {
+            *map.entry(f).or_default() += 1;
+        }
+    }
+
+    /// The exposition text, with the worker's live gauges.
+    pub fn render(&self, worker: &WorkerStats, draining: bool) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        gauge(
+            "phi_serve_queue_length",
+            "Requests waiting for a place in the batch.",
+            worker.queued() as u64,
+        );
+        gauge(
+            "phi_serve_queued_prompt_tokens",
+            "Prompt tokens of the waiting requests.",
+            worker.queued_tokens() as u64,
+        );
+        gauge("phi_serve_running_requests", "Requests in the batch.", worker.running() as u64);
+        gauge(
+            "phi_serve_running_sequences",
+            "Sequences (choices) stepped together.",
+            worker.running_sequences() as u64,
+        );
+        gauge(
+            "phi_serve_kv_cache_bytes",
+            "Bytes held by the KV caches of the running sequences.",
+            worker.cache_bytes() as u64,
+        );
+        gauge(
+            "phi_serve_draining",
+            "1 after SIGTERM, while running requests finish.",
+            u64::from(draining),
+        );
+
+        let _ = writeln!(
+            out,
+            "# HELP phi_serve_requests_total HTTP responses by route and status.\n\
+             # TYPE phi_serve_requests_total counter"
+        );
+        for ((route, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "phi_serve_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP phi_serve_finish_reason_total Choices by how they ended.\n\
+             # TYPE phi_serve_finish_reason_total counter"
+        );
+        for (reason, n) in self.finishes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "phi_serve_finish_reason_total{{reason=\"{reason}\"}} {n}");
+        }
+        for (name, help, v) in [
+            (
+                "phi_serve_prompt_tokens_total",
+                "Prompt tokens of chat completions.",
+                &self.prompt_tokens,
+            ),
+            ("phi_serve_generated_tokens_total", "Tokens generated.", &self.generated_tokens),
+        ] {
+            let v = v.load(Ordering::Relaxed);
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        self.ttft.render(
+            &mut out,
+            "phi_serve_time_to_first_token_seconds",
+            "Request arrival to the first generated text.",
+        );
+        self.per_token.render(
+            &mut out,
+            "phi_serve_time_per_output_token_seconds",
+            "Mean time between generated tokens after the first, per request.",
+        );
+        self.latency.render(
+            &mut out,
+            "phi_serve_request_latency_seconds",
+            "Chat completion request arrival to its last byte.",
+        );
+        out
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&TOKEN_BUCKETS);
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(10));
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"3.2\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n") && out.contains("x_sum 10.0035\n"), "{out}");
+    }
+
+    #[test]
+    fn requests_and_completions_are_counted() {
+        let m = Metrics::default();
+        m.request("/v1/chat/completions", 200);
+        m.request("/v1/chat/completions", 200);
+        m.request("unmatched", 404);
+        let sample = CompletionSample {
+            prompt_tokens: 5,
+            completion_tokens: 11,
+            ttft: Some(Duration::from_millis(40)),
+            latency: Duration::from_millis(240),
+        };
+        m.completion(sample, &["stop", "length"]);
+        let text = m.render(&WorkerStats::default(), false);
+        assert!(text.contains(
+            "phi_serve_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2\n"
+        ));
+        assert!(text.contains("phi_serve_requests_total{route=\"unmatched\",status=\"404\"} 1\n"));
+        assert!(text.contains("phi_serve_prompt_tokens_total 5\n"));
+        assert!(text.contains("phi_serve_generated_tokens_total 11\n"));
+        assert!(text.contains("phi_serve_finish_reason_total{reason=\"length\"} 1\n"));
+        // 200 ms over 10 tokens: 20 ms per token, in the 25 ms bucket.
+        assert!(text.contains("phi_serve_time_per_output_token_seconds_bucket{le=\"0.01\"} 0\n"));
+        assert!(text.contains("phi_serve_time_per_output_token_seconds_bucket{le=\"0.025\"} 1\n"));
+        assert!(text.contains("phi_serve_queue_length 0\n"));
+        assert!(text.contains("phi_serve_draining 0\n"));
+    }
+}
