@@ -33,6 +33,9 @@ pub mod worker;
 
 use std::future::Future;
 
+use axum::serve::{ListenerExt, TapIo};
+use tokio::net::{TcpListener, TcpStream};
+
 pub use config::ServerConfig;
 pub use routes::router;
 pub use state::AppState;
@@ -44,7 +47,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(no_delay(listener), router(state)).with_graceful_shutdown(shutdown).await
 }
 
 /// Serves `gate` on `listener` (503 until the gate is opened with the real router) until
@@ -54,5 +57,16 @@ pub async fn serve_gated(
     gate: loading::LoadingGate,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, gate.router()).with_graceful_shutdown(shutdown).await
+    axum::serve(no_delay(listener), gate.router()).with_graceful_shutdown(shutdown).await
+}
+
+/// The listener with `TCP_NODELAY` on every connection: a stream writes one small event per
+/// token, and Nagle's algorithm would hold each behind the client's delayed ACK (up to 40 ms).
+fn no_delay(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
+    fn set(tcp: &mut TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    }
+    listener.tap_io(set as fn(&mut TcpStream))
 }
