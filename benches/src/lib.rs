@@ -1,6 +1,8 @@
 //! Shared helpers for the benchmarks: a Phi-3-shaped checkpoint with random weights (written once
 //! under `target/bench-models/<name>/`) and a multi-threaded memory read used as the roofline.
 
+pub mod sse;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
