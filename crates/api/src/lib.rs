@@ -29,4 +29,4 @@ pub use models::{ModelCard, ModelInfo, ModelList};
 pub use parse::parse_chat_request;
 pub use request::ChatRequest;
 pub use response::{AssistantMessage, ChatCompletion, Choice};
-pub use usage::Usage;
+pub use usage::{PromptTokensDetails, Usage};

@@ -6,6 +6,7 @@
 //! serving core's scheduler builds continuous batching.
 
 use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -17,6 +18,7 @@ use crate::detokenizer::StreamDecoder;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::SequenceCache;
 use crate::phi3::{BatchItem, Phi3};
+use crate::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixMatch};
 use crate::rope::LongRopePolicy;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopStrings;
@@ -36,6 +38,9 @@ pub struct LoadOptions {
     /// Prompt tokens a sequence feeds per step (chunked prefill), so one long prompt does not
     /// stall the other sequences of a batch; `None` for whole prompts.
     pub prefill_chunk: Option<usize>,
+    /// Bytes of finished sequences' keys and values kept for reuse by later prompts that start
+    /// the same way (see [`crate::prefix_cache`]); 0 turns reuse off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for LoadOptions {
@@ -46,6 +51,7 @@ impl Default for LoadOptions {
             system_role: SystemRolePolicy::Auto,
             long_rope: LongRopePolicy::Dynamic,
             prefill_chunk: Some(512),
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -61,6 +67,7 @@ pub struct Engine {
     padding_ids: Vec<u32>,
     files: CheckpointFiles,
     prefill_chunk: Option<usize>,
+    prefix_cache: Option<Mutex<PrefixCache>>,
 }
 
 /// Why a sequence ended.
@@ -134,6 +141,8 @@ pub struct Sequence {
     finish: Option<FinishReason>,
     prefill_chunk: Option<usize>,
     timings: Timings,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    cached_prompt_tokens: usize,
 }
 
 /// Wall-clock time spent on a sequence.
@@ -208,6 +217,11 @@ impl Sequence {
     /// Time spent so far.
     pub fn timings(&self) -> Timings {
         self.timings
+    }
+
+    /// Prompt tokens whose keys and values were reused from an earlier sequence, not computed.
+    pub fn cached_prompt_tokens(&self) -> usize {
+        self.cached_prompt_tokens
     }
 
     /// Bytes of KV cache this sequence holds.
@@ -295,6 +309,8 @@ impl Engine {
             padding_ids,
             files,
             prefill_chunk: opts.prefill_chunk.filter(|&n| n > 0),
+            prefix_cache: (opts.prefix_cache_bytes > 0)
+                .then(|| Mutex::new(PrefixCache::new(opts.prefix_cache_bytes))),
         })
     }
 
@@ -359,10 +375,16 @@ impl Engine {
         let max_new = opts.max_tokens.map_or(room, |m| m.min(room));
         let sampler = Sampler::new(opts.sampling.clone())?
             .with_suppressed_tokens(self.padding_ids.iter().copied());
+        let mut cache = self.model.new_cache();
+        let mut cached_prompt_tokens = 0;
+        if let Some(reused) = self.lookup_prefix(prompt)? {
+            cache.seed(&reused.layers, reused.factors)?;
+            cached_prompt_tokens = reused.len;
+        }
         Ok(Sequence {
             tokens: prompt.to_vec(),
             prompt_len: prompt.len(),
-            cache: self.model.new_cache(),
+            cache,
             sampler,
             stops: StopStrings::new(opts.stop.iter().cloned())?,
             decoder: self.tokenizer.stream_decoder(true)?,
@@ -373,7 +395,20 @@ impl Engine {
             finish: None,
             prefill_chunk: self.prefill_chunk,
             timings: Timings::default(),
+            cached_prompt_tokens,
         })
+    }
+
+    /// The longest reusable cached prefix of `prompt`, if reuse is on.
+    fn lookup_prefix(&self, prompt: &[u32]) -> Result<Option<PrefixMatch>> {
+        let Some(cache) = &self.prefix_cache else { return Ok(None) };
+        cache.lock().unwrap_or_else(|e| e.into_inner()).lookup(prompt)
+    }
+
+    /// How the prefix cache is used, if reuse is on.
+    pub fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        let cache = self.prefix_cache.as_ref()?;
+        Some(cache.lock().unwrap_or_else(|e| e.into_inner()).stats())
     }
 
     /// Advances every unfinished sequence by one batched forward pass: prompt chunks and decode
@@ -441,6 +476,11 @@ impl Engine {
             }
             if let Some(r) = reason {
                 emitted.push_str(&seq.finish(r, stopped_by_string)?);
+                // Its keys and values are not needed any more: later prompts may reuse them.
+                if let Some(cache) = &self.prefix_cache {
+                    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                    cache.insert(&seq.tokens, &mut seq.cache);
+                }
             }
             seq.text.push_str(&emitted);
             outputs[i] =

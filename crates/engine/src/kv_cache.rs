@@ -108,6 +108,48 @@ impl SequenceCache {
         Ok((l.k.narrow(1, 0, needed)?, l.v.narrow(1, 0, needed)?))
     }
 
+    /// Gives up the buffers (per layer `[n_kv_heads, capacity, head_dim]` keys and values, the
+    /// first [`len`](Self::len) positions valid) and the factor set, leaving the cache empty;
+    /// `None` when some layer holds nothing.
+    pub fn take_buffers(&mut self) -> Option<(Vec<(Tensor, Tensor)>, RopeFactors)> {
+        if self.layers.iter().any(Option::is_none) || self.len == 0 {
+            return None;
+        }
+        let factors = self.factors;
+        let layers = self.layers.iter_mut().map(|l| l.take().expect("checked above"));
+        let layers = layers.map(|l| (l.k, l.v)).collect();
+        self.clear(factors);
+        Some((layers, factors))
+    }
+
+    /// Fills an empty cache with reused keys and values: per layer `[n_kv_heads, len,
+    /// head_dim]` (any layout), rotated with `factors`. They are copied into buffers of this
+    /// cache's own, with room to grow, since appends write in place.
+    pub fn seed(&mut self, layers: &[(Tensor, Tensor)], factors: RopeFactors) -> Result<()> {
+        let Some((k0, _)) = layers.first() else { return Ok(()) };
+        if layers.len() != self.layers.len() {
+            return Err(crate::error::EngineError::InvalidRequest(format!(
+                "a reused prefix has {} layers, the model {}",
+                layers.len(),
+                self.layers.len()
+            )));
+        }
+        let (n_kv, len, hd) = k0.dims3()?;
+        let capacity = (2 * len).next_multiple_of(16);
+        for (slot, (k, v)) in self.layers.iter_mut().zip(layers) {
+            // Contiguous buffers, as `append` writes into them with `slice_set`.
+            let new_k = Tensor::zeros((n_kv, capacity, hd), k.dtype(), k.device())?;
+            let new_v = Tensor::zeros((n_kv, capacity, hd), v.dtype(), v.device())?;
+            new_k.slice_set(&k.contiguous()?, 1, 0)?;
+            new_v.slice_set(&v.contiguous()?, 1, 0)?;
+            *slot = Some(LayerCache { k: new_k, v: new_v });
+        }
+        self.len = len;
+        self.capacity = capacity;
+        self.factors = factors;
+        Ok(())
+    }
+
     /// Records that `n_new` tokens were appended to every layer.
     pub fn advance(&mut self, n_new: usize) {
         self.len += n_new;

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod phi3;
+pub mod prefix_cache;
 pub mod rope;
 pub mod sampling;
 pub mod stop;

@@ -12,6 +12,7 @@ use phi_engine::engine::{
     Completion, Engine, FinishReason, GenerateOptions, LoadOptions, Sequence, StepOutput,
 };
 use phi_engine::error::EngineError;
+use phi_engine::prefix_cache::MIN_REUSE_TOKENS;
 use phi_engine::sampling::SamplingParams;
 use serde_json::Value;
 
@@ -147,33 +148,154 @@ fn greedy_generation_matches_transformers_tokens_and_logprobs() {
             opts.sampling.logprobs = true;
             opts.sampling.top_logprobs = Some(5);
             let (c, _) = run(&engine, &case.prompt, &opts);
-            assert_eq!(token_ids(&c), case.generated, "{label}: tokens");
-            assert_eq!(c.finish_reason, FinishReason::Length, "{label}");
-            assert_eq!(c.prompt_tokens, case.prompt.len(), "{label}");
-            for (step, tok) in c.tokens.iter().enumerate() {
-                let want = case.logprobs[step];
-                assert!(
-                    (tok.logprob - want).abs() < LOGPROB_TOL,
-                    "{label} step {step}: logprob {} vs reference {want}",
-                    tok.logprob
-                );
-                assert_eq!(tok.top_logprobs.len(), 5, "{label} step {step}");
-                // Listed in descending order, the sampled (greedy) token first.
-                assert_eq!(tok.top_logprobs[0].0, tok.id, "{label} step {step}");
-                assert!(tok.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1), "{label}");
-                let got: HashMap<u32, f32> = tok.top_logprobs.iter().copied().collect();
-                for &(id, want) in &case.top[step] {
-                    let lp = got.get(&id).unwrap_or_else(|| {
-                        panic!("{label} step {step}: {id} not among {:?}", tok.top_logprobs)
-                    });
-                    assert!(
-                        (lp - want).abs() < LOGPROB_TOL,
-                        "{label} step {step}: top logprob of {id}: {lp} vs {want}"
-                    );
-                }
-            }
+            assert_matches_reference(&label, &c, &case);
         }
     }
+}
+
+/// Greedy options for `case` with its reference's five alternatives.
+fn reference_options(case: &Case) -> GenerateOptions {
+    let mut opts = greedy(case.generated.len());
+    opts.sampling.logprobs = true;
+    opts.sampling.top_logprobs = Some(5);
+    opts
+}
+
+/// `c` has the reference's tokens, logprobs and top-5 alternatives (within [`LOGPROB_TOL`]).
+fn assert_matches_reference(label: &str, c: &Completion, case: &Case) {
+    assert_eq!(token_ids(c), case.generated, "{label}: tokens");
+    assert_eq!(c.finish_reason, FinishReason::Length, "{label}");
+    assert_eq!(c.prompt_tokens, case.prompt.len(), "{label}");
+    for (step, tok) in c.tokens.iter().enumerate() {
+        let want = case.logprobs[step];
+        assert!(
+            (tok.logprob - want).abs() < LOGPROB_TOL,
+            "{label} step {step}: logprob {} vs reference {want}",
+            tok.logprob
+        );
+        assert_eq!(tok.top_logprobs.len(), 5, "{label} step {step}");
+        // Listed in descending order, the sampled (greedy) token first.
+        assert_eq!(tok.top_logprobs[0].0, tok.id, "{label} step {step}");
+        assert!(tok.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1), "{label}");
+        let got: HashMap<u32, f32> = tok.top_logprobs.iter().copied().collect();
+        for &(id, want) in &case.top[step] {
+            let lp = got.get(&id).unwrap_or_else(|| {
+                panic!("{label} step {step}: {id} not among {:?}", tok.top_logprobs)
+            });
+            assert!(
+                (lp - want).abs() < LOGPROB_TOL,
+                "{label} step {step}: top logprob of {id}: {lp} vs {want}"
+            );
+        }
+    }
+}
+
+fn with_prefix_cache(variant: &str, bytes: usize) -> Engine {
+    let opts = LoadOptions { prefix_cache_bytes: bytes, ..LoadOptions::default() };
+    Engine::load(&ModelSource::Local(model_dir(variant)), &opts).unwrap()
+}
+
+#[test]
+fn reused_prefixes_give_the_reference_continuations() {
+    for variant in VARIANTS {
+        let engine = with_prefix_cache(variant, 64 << 20);
+        let mut hits = 0;
+        for case in cases(variant).into_iter().filter(|c| c.prompt.len() > MIN_REUSE_TOKENS) {
+            let label = format!("{variant}/{} with a reused prefix", case.name);
+            let n = case.prompt.len();
+            // A shorter sequence that shares all but the prompt's last token: when it finishes,
+            // its keys and values are cached.
+            let (warm, _) = run(&engine, &case.prompt[..n - 1], &greedy(3));
+            assert_eq!(warm.finish_reason, FinishReason::Length);
+            for round in 0..2 {
+                let mut seq = engine.new_sequence(&case.prompt, &reference_options(&case)).unwrap();
+                // All but the last prompt token come from the cache (the first round from the
+                // warm-up, the second from the first round's own sequence).
+                assert_eq!(seq.cached_prompt_tokens(), n - 1, "{label} round {round}");
+                while !seq.is_finished() {
+                    engine.step(&mut [&mut seq]).unwrap();
+                }
+                let c = Completion {
+                    text: seq.text().to_string(),
+                    tokens: seq.generated().to_vec(),
+                    finish_reason: seq.finish_reason().unwrap(),
+                    prompt_tokens: seq.prompt_len(),
+                    timings: seq.timings(),
+                };
+                assert_matches_reference(&format!("{label} round {round}"), &c, &case);
+                hits += 1;
+            }
+        }
+        let stats = engine.prefix_cache_stats().unwrap();
+        assert_eq!(stats.hits, hits, "{variant}: {stats:?}");
+    }
+}
+
+#[test]
+fn reused_prefixes_match_fresh_computation_on_every_variant() {
+    // Every variant, GQA (medium) included, whose recorded prompts are too short to reuse: a
+    // longer conversation, reused against computed from scratch by an engine without the cache
+    // (whose continuations the test above checks against transformers).
+    for variant in VARIANTS {
+        let fresh = engine(variant);
+        let cached = with_prefix_cache(variant, 64 << 20);
+        let chat = case(
+            variant,
+            if cases(variant).iter().any(|c| c.name == "chat") { "chat" } else { "long" },
+        );
+        let short = case(variant, "short");
+        let first: Vec<u32> = chat.prompt.iter().chain(&short.prompt).copied().collect();
+        let second: Vec<u32> = first.iter().chain(&short.prompt).copied().collect();
+        let mut opts = greedy(6);
+        opts.sampling.logprobs = true;
+        run(&cached, &first, &opts);
+        let (want, _) = run(&fresh, &second, &opts);
+        let (got, _) = run(&cached, &second, &opts);
+        let label = format!("{variant}: {} prompt tokens", second.len());
+        assert_eq!(token_ids(&got), token_ids(&want), "{label}");
+        for (g, w) in got.tokens.iter().zip(&want.tokens) {
+            assert!(
+                (g.logprob - w.logprob).abs() < LOGPROB_TOL,
+                "{label}: {} vs {}",
+                g.logprob,
+                w.logprob
+            );
+        }
+        let stats = cached.prefix_cache_stats().unwrap();
+        assert_eq!(
+            (stats.hits, stats.reused_tokens),
+            (1, first.len() as u64),
+            "{label}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn prefix_cache_stays_within_its_budget() {
+    let variant = "phi3-mini-4k";
+    let case = case(variant, "chat");
+    // One finished sequence's buffers, measured on a roomy cache.
+    let roomy = with_prefix_cache(variant, 64 << 20);
+    run(&roomy, &case.prompt, &greedy(4));
+    let one = roomy.prefix_cache_stats().unwrap().bytes;
+    assert!(one > 0);
+
+    let tight = with_prefix_cache(variant, one + one / 2);
+    let mut other = case.prompt.clone();
+    other[0] = other[1]; // another conversation: shares no prefix
+    run(&tight, &case.prompt, &greedy(4));
+    run(&tight, &other, &greedy(4));
+    let stats = tight.prefix_cache_stats().unwrap();
+    assert_eq!(stats.entries, 1, "the older entry was evicted: {stats:?}");
+    assert!(stats.bytes <= one + one / 2, "{stats:?}");
+    // The survivor is the newer conversation.
+    assert_eq!(
+        tight.new_sequence(&other, &greedy(1)).unwrap().cached_prompt_tokens(),
+        other.len() - 1
+    );
+    assert_eq!(tight.new_sequence(&case.prompt, &greedy(1)).unwrap().cached_prompt_tokens(), 0);
+    // Off by default: nothing is kept.
+    assert!(engine(variant).prefix_cache_stats().is_none());
 }
 
 /// Steps all `seqs` together until every one has finished; returns each one's step outputs.

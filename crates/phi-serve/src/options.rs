@@ -38,6 +38,11 @@ pub struct ModelArgs {
     /// streams already running; 0 feeds whole prompts.
     #[arg(long, env = "PHI_SERVE_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Megabytes of finished conversations' keys and values kept so that a later prompt that
+    /// starts the same way (the same system prompt, the conversation so far) skips recomputing
+    /// them; 0 turns reuse off.
+    #[arg(long, env = "PHI_SERVE_PREFIX_CACHE_MB", default_value_t = 1024)]
+    pub prefix_cache_mb: usize,
 }
 
 /// `--dtype` values.
@@ -117,6 +122,7 @@ impl ModelArgs {
                 LongRopeArg::AlwaysLong => LongRopePolicy::AlwaysLong,
             },
             prefill_chunk: Some(self.prefill_chunk).filter(|&n| n > 0),
+            prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1 << 20),
         };
         let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
         Ok(Engine::load(&source, &opts)?)

@@ -529,3 +529,58 @@ fn grace_period_bounds_the_drain() {
     let text = String::from_utf8_lossy(&bytes);
     assert!(!text.contains("[DONE]"), "a 40 s stream cannot have completed: {text}");
 }
+
+#[test]
+fn prefix_reuse_serves_repeated_prompts_exactly() {
+    let system =
+        "You are a careful assistant for a weather service. Answer in one short sentence, \
+                  and never invent numbers you were not given.";
+    let ask = |s: &Server, question: &str, stream: bool| {
+        let mut body = json!({"messages": [{"role": "system", "content": system},
+                                           {"role": "user", "content": question}],
+                              "max_tokens": 12, "temperature": 0, "logprobs": true});
+        if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+            let chunks = parse_chunks(&s.post("/v1/chat/completions", &body).bytes().unwrap());
+            let usage = chunks.last().unwrap()["usage"].clone();
+            (content_of(&chunks, 0), usage)
+        } else {
+            let body: Value = s.post("/v1/chat/completions", &body).json().unwrap();
+            (
+                body["choices"][0]["message"]["content"].as_str().unwrap().to_string(),
+                body["usage"].clone(),
+            )
+        }
+    };
+    let questions = ["Will it rain in Paris?", "Is it windy in Oslo?", "Will it rain in Paris?"];
+    let plain = Server::start(&["--prefix-cache-mb", "0"]);
+    let expected: Vec<String> = questions.iter().map(|q| ask(&plain, q, false).0).collect();
+    drop(plain);
+
+    let s = Server::start(&[]);
+    let (first, usage) = ask(&s, questions[0], false);
+    assert_eq!(first, expected[0]);
+    assert!(usage.get("prompt_tokens_details").is_none(), "nothing to reuse yet: {usage}");
+    for (i, stream) in [(1, true), (2, false)] {
+        let (text, usage) = ask(&s, questions[i], stream);
+        assert_eq!(text, expected[i], "question {i} with a reused prefix");
+        let cached = usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+        let prompt = usage["prompt_tokens"].as_u64().unwrap();
+        // The system prompt at least; the whole repeated conversation but its last token.
+        assert!(cached >= 20 && cached < prompt, "question {i}: {usage}");
+        if i == 2 {
+            assert_eq!(cached, prompt - 1, "the same conversation again: {usage}");
+        }
+    }
+    // The Azure route reports no cache details (its SDK's usage has no such field).
+    let body = json!({"messages": [{"role": "system", "content": system},
+                                   {"role": "user", "content": questions[0]}], "max_tokens": 4});
+    let body: Value = s.post("/chat/completions", &body).json().unwrap();
+    assert!(body["usage"].get("prompt_tokens_details").is_none(), "{body}");
+
+    let page = s.get("/metrics").text().unwrap();
+    assert_eq!(sample(&page, "phi_serve_prefix_cache_hits_total"), 3.0, "{page}");
+    assert!(sample(&page, "phi_serve_prefix_cache_reused_tokens_total") >= 60.0);
+    assert!(sample(&page, "phi_serve_prefix_cache_bytes") > 0.0);
+}

@@ -87,6 +87,7 @@ async fn chat(
     .await
     .map_err(|_| ApiError::internal("preparing the prompt panicked"))?;
     let prepared = prepared?;
+    let cached_prompt_tokens = prepared.sequences.first().map_or(0, |s| s.cached_prompt_tokens());
     let (job, events) = Job::new(prepared.sequences);
     let filter =
         verdict.map(|(prompt, filter)| FilterContext { filter, prompt, stopper: job.stopper() });
@@ -97,6 +98,7 @@ async fn chat(
         model: state.config().model_name.clone(),
         n: req.n,
         prompt_tokens: prepared.prompt_tokens,
+        cached_prompt_tokens,
         logprobs: req.sampling.logprobs,
         include_usage: req.include_usage,
         flavor,
@@ -109,7 +111,8 @@ async fn chat(
     })?;
     let log =
         CompletionLog::start(id, flavor.path(), req.stream, started, meta.prompt_tokens, req.n)
-            .with_metrics(state.metrics().clone());
+            .with_metrics(state.metrics().clone())
+            .with_cached_tokens(cached_prompt_tokens);
     let mut res = if req.stream {
         sse_response(meta, events, log)
     } else {

@@ -1,8 +1,6 @@
 //! The non-streaming answer: wait for every choice to finish and build one JSON body.
 
-use phi_api::{
-    ApiError, AssistantMessage, ChatCompletion, Choice, ChoiceLogprobs, FinishReason, Usage,
-};
+use phi_api::{ApiError, AssistantMessage, ChatCompletion, Choice, ChoiceLogprobs, FinishReason};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::choice_state::ChoiceState;
@@ -71,6 +69,6 @@ pub async fn collect(
                     .map(|_| c.filter_results.unwrap_or_default()),
             })
             .collect(),
-        usage: Usage::new(meta.prompt_tokens, completion_tokens),
+        usage: meta.usage(completion_tokens),
     })
 }

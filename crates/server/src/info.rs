@@ -31,7 +31,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 /// `GET /metrics`: Prometheus text format (see [`crate::metrics`]). Needs no key, as scrapers
 /// usually have none; it tells load and latency, nothing of any request's content.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let body = state.metrics().render(state.worker().stats(), state.is_draining());
+    let prefix = state.engine().prefix_cache_stats();
+    let body = state.metrics().render(state.worker().stats(), state.is_draining(), prefix);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use phi_engine::prefix_cache::PrefixCacheStats;
+
 use crate::worker::WorkerStats;
 
 /// Upper bounds (seconds) of the time-to-first-token and request-latency buckets.
@@ -129,9 +131,31 @@ impl Metrics {
         }
     }
 
-    /// The exposition text, with the worker's live gauges.
-    pub fn render(&self, worker: &WorkerStats, draining: bool) -> String {
+    /// The exposition text, with the worker's live gauges and the engine's prefix cache.
+    pub fn render(
+        &self,
+        worker: &WorkerStats,
+        draining: bool,
+        prefix: Option<PrefixCacheStats>,
+    ) -> String {
         let mut out = String::new();
+        if let Some(p) = prefix {
+            for (name, help, kind, v) in [
+                ("hits_total", "Prompts that reused a cached prefix.", "counter", p.hits),
+                ("misses_total", "Prompts that found no prefix to reuse.", "counter", p.misses),
+                (
+                    "reused_tokens_total",
+                    "Prompt tokens reused instead of computed.",
+                    "counter",
+                    p.reused_tokens,
+                ),
+                ("entries", "Finished sequences held for reuse.", "gauge", p.entries as u64),
+                ("bytes", "Bytes of keys and values held for reuse.", "gauge", p.bytes as u64),
+            ] {
+                let name = format!("phi_serve_prefix_cache_{name}");
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            }
+        }
         let mut gauge = |name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         };
@@ -249,7 +273,10 @@ mod tests {
             latency: Duration::from_millis(240),
         };
         m.completion(sample, &["stop", "length"]);
-        let text = m.render(&WorkerStats::default(), false);
+        let prefix = PrefixCacheStats { hits: 3, reused_tokens: 120, ..Default::default() };
+        let text = m.render(&WorkerStats::default(), false, Some(prefix));
+        assert!(text.contains("phi_serve_prefix_cache_hits_total 3\n"));
+        assert!(text.contains("phi_serve_prefix_cache_reused_tokens_total 120\n"));
         assert!(text.contains(
             "phi_serve_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2\n"
         ));

@@ -1,5 +1,6 @@
 //! One structured log line per request (target `phi_server::access`, level `info`): request id,
-//! method, path, status and duration for every request, and for a chat completion also its token counts,
+//! method, path, status and duration for every request, and for a chat completion also its token
+//! counts (prompt tokens served by the prefix cache included),
 //! time to first token and how it ended. The line of a completion is written when the answer is
 //! complete (for a stream: after its last event, or when the client went away), so it is written
 //! by the answer's builder, and [`access_log`] writes the line of every other response.
@@ -57,6 +58,7 @@ pub struct CompletionLog {
     path: &'static str,
     stream: bool,
     prompt_tokens: usize,
+    cached_tokens: usize,
     first_text: Option<Duration>,
     /// Per choice: tokens so far and how it ended (`None` while it runs).
     choices: Vec<(usize, Option<FinishReason>)>,
@@ -85,6 +87,7 @@ impl CompletionLog {
             path,
             stream,
             prompt_tokens,
+            cached_tokens: 0,
             first_text: None,
             choices: vec![(0, None); n],
             span: tracing::Span::current(),
@@ -92,6 +95,12 @@ impl CompletionLog {
             failed: false,
             metrics: None,
         }
+    }
+
+    /// Notes how many prompt tokens the prefix cache served.
+    pub fn with_cached_tokens(mut self, cached_tokens: usize) -> Self {
+        self.cached_tokens = cached_tokens;
+        self
     }
 
     /// Counts the completion in `metrics` too.
@@ -167,6 +176,7 @@ impl Drop for CompletionLog {
             status = 200u16,
             stream = self.stream,
             prompt_tokens = self.prompt_tokens,
+            cached_tokens = self.cached_tokens,
             completion_tokens,
             finish_reason = finish.join(","),
             ttft_ms = self.first_text.map(millis),

@@ -24,6 +24,8 @@ pub struct ResponseMeta {
     pub n: usize,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
+    /// Prompt tokens reused from the prefix cache (of the first choice).
+    pub cached_prompt_tokens: usize,
     /// Whether log-probabilities were requested.
     pub logprobs: bool,
     /// `stream_options.include_usage`.
@@ -37,6 +39,13 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
+    /// The answer's `usage`: on the OpenAI route with `prompt_tokens_details.cached_tokens`
+    /// when the prefix cache served part of the prompt.
+    pub fn usage(&self, completion_tokens: usize) -> phi_api::Usage {
+        let cached = (self.flavor == Flavor::OpenAi).then_some(self.cached_prompt_tokens);
+        phi_api::Usage::new(self.prompt_tokens, completion_tokens).with_cached_tokens(cached)
+    }
+
     /// `prompt_filter_results`, when a filter is configured.
     pub fn prompt_filter_results(&self) -> Option<Vec<phi_api::PromptFilterResult>> {
         self.filter.as_ref().map(|f| {

@@ -169,7 +169,7 @@ impl SseState {
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.meta.prompt_tokens, self.choices.iter().map(|c| c.completion_tokens).sum())
+        self.meta.usage(self.choices.iter().map(|c| c.completion_tokens).sum())
     }
 
     fn fail(&mut self, message: String) {

@@ -25,6 +25,7 @@ fn meta() -> ResponseMeta {
         model: "m".into(),
         n: 1,
         prompt_tokens: 3,
+        cached_prompt_tokens: 0,
         logprobs: false,
         include_usage: false,
         flavor: Flavor::OpenAi,
