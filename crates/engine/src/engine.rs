@@ -219,6 +219,12 @@ impl Sequence {
         self.timings
     }
 
+    /// Most tokens this sequence's cache can hold: its prompt plus its most new tokens, rounded
+    /// up to 16 (what a scheduler reserves for it).
+    pub fn max_cache_tokens(&self) -> usize {
+        (self.prompt_len + self.max_new).next_multiple_of(16)
+    }
+
     /// Prompt tokens whose keys and values were reused from an earlier sequence, not computed.
     pub fn cached_prompt_tokens(&self) -> usize {
         self.cached_prompt_tokens
@@ -339,6 +345,16 @@ impl Engine {
         &self.files
     }
 
+    /// Bytes of keys and values one cached token takes (all layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = self.model.config();
+        c.num_hidden_layers
+            * 2
+            * c.num_key_value_heads
+            * c.head_dim
+            * self.model.dtype().size_in_bytes()
+    }
+
     /// Longest sequence (prompt plus completion) the model accepts.
     pub fn context_length(&self) -> usize {
         self.model.config().max_position_embeddings
@@ -376,6 +392,7 @@ impl Engine {
         let sampler = Sampler::new(opts.sampling.clone())?
             .with_suppressed_tokens(self.padding_ids.iter().copied());
         let mut cache = self.model.new_cache();
+        cache.set_limit(prompt.len() + max_new);
         let mut cached_prompt_tokens = 0;
         if let Some(reused) = self.lookup_prefix(prompt)? {
             cache.seed(&reused.layers, reused.factors)?;

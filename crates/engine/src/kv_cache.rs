@@ -22,6 +22,9 @@ pub struct SequenceCache {
     len: usize,
     /// Tokens the buffers can hold before they grow.
     capacity: usize,
+    /// Most tokens the buffers ever grow to (the sequence's prompt plus its most new tokens),
+    /// so a sequence never holds more memory than the scheduler reserved for it.
+    limit: usize,
     /// The LongRoPE factor set the cached keys were rotated with.
     factors: RopeFactors,
 }
@@ -33,8 +36,20 @@ impl SequenceCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
             capacity: 0,
+            limit: usize::MAX,
             factors: RopeFactors::Short,
         }
+    }
+
+    /// Caps the buffers at `limit` tokens (rounded up to 16): growth by doubling stops there.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.next_multiple_of(16);
+    }
+
+    /// The capacity to grow to for `needed` tokens: double, within the limit.
+    fn grown(&self, needed: usize) -> usize {
+        let doubled = needed.max(self.capacity * 2).next_multiple_of(16);
+        doubled.min(self.limit).max(needed)
     }
 
     /// Tokens whose keys and values are cached.
@@ -83,7 +98,7 @@ impl SequenceCache {
         let needed = self.len + n_new;
         if needed > self.capacity {
             // Double to keep appends amortised O(1); every layer grows to the same capacity.
-            self.capacity = needed.max(self.capacity * 2).next_multiple_of(16);
+            self.capacity = self.grown(needed);
         }
         let slot = &mut self.layers[layer];
         let must_grow = match slot {
@@ -135,7 +150,8 @@ impl SequenceCache {
             )));
         }
         let (n_kv, len, hd) = k0.dims3()?;
-        let capacity = (2 * len).next_multiple_of(16);
+        // Room for as many new tokens as were reused, within the limit.
+        let capacity = (2 * len).next_multiple_of(16).min(self.limit).max(len);
         for (slot, (k, v)) in self.layers.iter_mut().zip(layers) {
             // Contiguous buffers, as `append` writes into them with `slice_set`.
             let new_k = Tensor::zeros((n_kv, capacity, hd), k.dtype(), k.device())?;

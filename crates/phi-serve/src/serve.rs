@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use phi_engine::engine::Engine;
 use phi_server::content_filter::{BlocklistFilter, ContentFilter};
 use phi_server::http_filter::HttpFilter;
 use phi_server::loading::LoadingGate;
@@ -61,6 +62,12 @@ pub struct ServeArgs {
     /// --max-queue.
     #[arg(long, env = "PHI_SERVE_MAX_QUEUE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     max_queue_tokens: Option<u64>,
+    /// KV-cache tokens that running sequences may hold together. Each reserves its prompt
+    /// plus its max_tokens when it joins the batch, and waits until that fits; a request that
+    /// could never fit is answered 400. Default on CPU: 80% of the memory available once the
+    /// model is loaded, less --prefix-cache-mb; on CUDA: no bound.
+    #[arg(long, env = "PHI_SERVE_KV_CACHE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    kv_cache_tokens: Option<u64>,
     /// After SIGTERM or Ctrl-C: seconds that running and queued requests get to finish (new
     /// ones are answered 503 and /ready turns 503 meanwhile); then the process exits.
     #[arg(long, env = "PHI_SERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
@@ -188,6 +195,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .max_queue_tokens
                 .map_or(usize::MAX, |t| usize::try_from(t).unwrap_or(usize::MAX)),
             step_delay: args.step_delay_ms.map(Duration::from_millis),
+            // Set from the loaded model's size (kv_cache_budget).
+            kv_cache_tokens: usize::MAX,
         },
         content_filter: filter,
         cors_origins: cors_origins(&args.cors_origins)?,
@@ -200,6 +209,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let (host, port, model, load_delay) =
         (args.host, args.port, args.model, args.load_delay_ms.map(Duration::from_millis));
     let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let kv_tokens = args.kv_cache_tokens.map(|t| usize::try_from(t).unwrap_or(usize::MAX));
+    let prefix_bytes = model.prefix_cache_mb.saturating_mul(1 << 20);
+    let mut config = config;
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
@@ -233,6 +245,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tokio::select! {
             loaded = loading => {
                 let engine = Arc::new(loaded.context("loading the model panicked")??);
+                config.worker.kv_cache_tokens = kv_cache_budget(&engine, kv_tokens, prefix_bytes);
                 let state = AppState::new(engine, config).context("cannot start the engine worker")?;
                 let _ = serving.set(state.clone());
                 gate.open(phi_server::router(state));
@@ -260,6 +273,44 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // A load still running after a shutdown signal is abandoned, not waited for.
     runtime.shutdown_background();
     result
+}
+
+/// The KV-cache budget in tokens: `flag`, else on CPU 80% of the memory available now (the
+/// model loaded) less the prefix cache's budget; logged with what it holds.
+fn kv_cache_budget(engine: &Engine, flag: Option<usize>, prefix_bytes: usize) -> usize {
+    let per_token = engine.kv_bytes_per_token().max(1);
+    let tokens = match flag {
+        Some(t) => t,
+        None if engine.model().device().is_cuda() => {
+            tracing::info!("KV cache: no token budget on CUDA (set --kv-cache-tokens to bound it)");
+            return usize::MAX;
+        }
+        None => match available_memory() {
+            Some(bytes) => (bytes / 5 * 4).saturating_sub(prefix_bytes as u64) as usize / per_token,
+            None => {
+                tracing::warn!("cannot read the available memory: no KV-cache budget");
+                return usize::MAX;
+            }
+        },
+    };
+    let context = engine.context_length();
+    tracing::info!(
+        tokens,
+        gib = format!("{:.2}", (tokens * per_token) as f64 / (1u64 << 30) as f64),
+        bytes_per_token = per_token,
+        full_context_sequences = tokens / context.next_multiple_of(16),
+        context,
+        "KV cache budget"
+    );
+    tokens
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The `--cors-allow-origin` values, each checked to be `*` or `scheme://host[:port]`.

@@ -584,3 +584,34 @@ fn prefix_reuse_serves_repeated_prompts_exactly() {
     assert!(sample(&page, "phi_serve_prefix_cache_reused_tokens_total") >= 60.0);
     assert!(sample(&page, "phi_serve_prefix_cache_bytes") > 0.0);
 }
+
+#[test]
+fn kv_cache_budget_is_logged_reported_and_enforced() {
+    // Default: from the available memory, logged at start-up with what fits.
+    let s = Server::start_opts(Options {
+        env: &[("RUST_LOG", "phi_serve=info")],
+        capture_stderr: true,
+        ..Options::default()
+    });
+    let line = log_line(&s, &["KV cache budget"]);
+    for field in ["tokens=", "bytes_per_token=", "full_context_sequences=", "context=64"] {
+        assert!(line.contains(field), "{field} not in {line}");
+    }
+    drop(s);
+
+    // The tiny model's context is 64 tokens; 48 hold a short request, not a full-context one.
+    let s = Server::start(&["--kv-cache-tokens", "48"]);
+    let page = s.get("/metrics").text().unwrap();
+    assert_eq!(sample(&page, "phi_serve_kv_cache_budget_tokens"), 48.0);
+    assert_eq!(s.post("/v1/chat/completions", &chat("hi", 8)).status(), 200);
+    let err = expect_error(s.post("/v1/chat/completions", &chat("hi", 60)), 400);
+    assert_eq!(err["param"], "max_tokens", "{err}");
+    assert!(err["message"].as_str().unwrap().contains("at most 48"), "{err}");
+    // Each of these choices fits alone (4 prompt tokens + 30 reserve 48), not both at once.
+    assert_eq!(s.post("/v1/chat/completions", &chat("hi", 30)).status(), 200);
+    let mut two = chat("hi", 30);
+    two["n"] = json!(2);
+    assert_eq!(expect_error(s.post("/v1/chat/completions", &two), 400)["param"], "max_tokens");
+    let page = s.get("/metrics").text().unwrap();
+    assert_eq!(sample(&page, "phi_serve_kv_cache_reserved_tokens"), 0.0);
+}

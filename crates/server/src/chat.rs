@@ -108,6 +108,15 @@ async fn chat(
     state.worker().submit(job).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::too_many_requests(),
         SubmitError::Stopped => ApiError::unavailable("the engine worker has stopped"),
+        SubmitError::TooLarge { needed, budget } => ApiError::invalid_value(
+            "max_tokens",
+            format!(
+                "this request may grow to {needed} tokens of KV cache (its prompt plus max_tokens, \
+                 for each of its {} choices), but this server holds at most {budget}; ask for \
+                 fewer max_tokens or choices",
+                req.n
+            ),
+        ),
     })?;
     let log =
         CompletionLog::start(id, flavor.path(), req.stream, started, meta.prompt_tokens, req.n)

@@ -181,6 +181,18 @@ impl Metrics {
             worker.cache_bytes() as u64,
         );
         gauge(
+            "phi_serve_kv_cache_reserved_tokens",
+            "KV-cache tokens reserved by the running sequences (prompt plus most new tokens).",
+            worker.reserved_tokens() as u64,
+        );
+        if worker.budget_tokens() != usize::MAX {
+            gauge(
+                "phi_serve_kv_cache_budget_tokens",
+                "KV-cache tokens the running sequences may reserve together.",
+                worker.budget_tokens() as u64,
+            );
+        }
+        gauge(
             "phi_serve_draining",
             "1 after SIGTERM, while running requests finish.",
             u64::from(draining),

@@ -29,6 +29,11 @@ pub struct WorkerConfig {
     /// would pass it is refused with 429, except into an empty queue, so that one long prompt
     /// can always wait its turn.
     pub max_queue_tokens: usize,
+    /// KV-cache tokens the running sequences may hold together. Each sequence reserves its
+    /// prompt plus its most new tokens when it joins the batch (its cache never grows past
+    /// that), and a request waits until its reservation fits, so the cache cannot outgrow
+    /// memory; a request that could never fit is refused ([`SubmitError::TooLarge`]).
+    pub kv_cache_tokens: usize,
     /// Pause after every step. Only for tests, which need generation slow enough to observe
     /// queueing and disconnects on a tiny model.
     pub step_delay: Option<Duration>,
@@ -36,7 +41,13 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { max_batch: 8, max_queue: 64, max_queue_tokens: usize::MAX, step_delay: None }
+        WorkerConfig {
+            max_batch: 8,
+            max_queue: 64,
+            max_queue_tokens: usize::MAX,
+            kv_cache_tokens: usize::MAX,
+            step_delay: None,
+        }
     }
 }
 
@@ -112,6 +123,11 @@ impl Job {
     fn prompt_tokens(&self) -> usize {
         self.sequences.iter().map(Sequence::prompt_len).sum()
     }
+
+    /// KV-cache tokens its sequences may grow to (what it reserves in the batch).
+    fn cache_tokens(&self) -> usize {
+        self.sequences.iter().map(Sequence::max_cache_tokens).sum()
+    }
 }
 
 /// Why a job was not accepted.
@@ -121,6 +137,14 @@ pub enum SubmitError {
     QueueFull,
     /// The worker thread has stopped (answer 503).
     Stopped,
+    /// The request's sequences could grow to `needed` KV-cache tokens, more than the whole
+    /// budget of `budget` (answer 400: fewer `max_tokens` or choices would fit).
+    TooLarge {
+        /// Tokens the request reserves.
+        needed: usize,
+        /// The worker's whole budget.
+        budget: usize,
+    },
 }
 
 /// Live counts of the worker's load, for `/health`, `/metrics` and draining.
@@ -131,6 +155,8 @@ pub struct WorkerStats {
     running: AtomicUsize,
     running_sequences: AtomicUsize,
     cache_bytes: AtomicUsize,
+    reserved_tokens: AtomicUsize,
+    budget_tokens: AtomicUsize,
 }
 
 impl WorkerStats {
@@ -159,6 +185,16 @@ impl WorkerStats {
         self.cache_bytes.load(Ordering::Acquire)
     }
 
+    /// KV-cache tokens reserved by the running sequences.
+    pub fn reserved_tokens(&self) -> usize {
+        self.reserved_tokens.load(Ordering::Acquire)
+    }
+
+    /// The KV-cache budget in tokens (`usize::MAX` for none).
+    pub fn budget_tokens(&self) -> usize {
+        self.budget_tokens.load(Ordering::Acquire)
+    }
+
     /// Whether nothing runs or waits.
     pub fn is_idle(&self) -> bool {
         self.queued() == 0 && self.running() == 0
@@ -172,6 +208,7 @@ pub struct WorkerHandle {
     stats: Arc<WorkerStats>,
     max_queue: usize,
     max_queue_tokens: usize,
+    kv_cache_tokens: usize,
 }
 
 impl WorkerHandle {
@@ -183,15 +220,28 @@ impl WorkerHandle {
         let (queue, rx) = mpsc::channel();
         let stats = Arc::new(WorkerStats::default());
         let (max_queue, max_queue_tokens) = (config.max_queue, config.max_queue_tokens);
-        let worker =
-            Worker { engine, config, rx, running: Vec::new(), held: None, stats: stats.clone() };
+        let kv_cache_tokens = config.kv_cache_tokens;
+        stats.budget_tokens.store(kv_cache_tokens, Ordering::Release);
+        let worker = Worker {
+            engine,
+            config,
+            rx,
+            running: Vec::new(),
+            held: None,
+            stats: stats.clone(),
+            reserved: 0,
+        };
         std::thread::Builder::new().name("phi-engine-worker".into()).spawn(move || worker.run())?;
-        Ok(WorkerHandle { queue, stats, max_queue, max_queue_tokens })
+        Ok(WorkerHandle { queue, stats, max_queue, max_queue_tokens, kv_cache_tokens })
     }
 
     /// Queues a job without waiting: refused when `max_queue` requests, or `max_queue_tokens`
     /// prompt tokens with this one's, already wait.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let needed = job.cache_tokens();
+        if needed > self.kv_cache_tokens {
+            return Err(SubmitError::TooLarge { needed, budget: self.kv_cache_tokens });
+        }
         // Reserved before sending, so the worker never takes off more than was counted.
         let tokens = job.prompt_tokens();
         self.stats
@@ -229,6 +279,8 @@ struct Worker {
     /// A job taken off the queue that did not fit in the batch yet (still counted as queued).
     held: Option<Job>,
     stats: Arc<WorkerStats>,
+    /// KV-cache tokens reserved by the jobs in `running`.
+    reserved: usize,
 }
 
 impl Worker {
@@ -242,14 +294,13 @@ impl Worker {
                 }
             }
             self.admit();
-            // A job whose choices were all stopped (content filter) is done too.
-            self.running.retain(|job| job.unfinished() > 0 && !job.cancelled());
+            self.retire();
             self.publish();
             if self.running.is_empty() {
                 continue;
             }
             self.step();
-            self.running.retain(|job| job.unfinished() > 0 && !job.cancelled());
+            self.retire();
             self.publish();
             if let Some(delay) = self.config.step_delay {
                 std::thread::sleep(delay);
@@ -257,11 +308,26 @@ impl Worker {
         }
     }
 
+    /// Drops finished and cancelled jobs (a job whose choices were all stopped by the content
+    /// filter is done too), releasing their reservations.
+    fn retire(&mut self) {
+        let mut released = 0;
+        self.running.retain(|job| {
+            let keep = job.unfinished() > 0 && !job.cancelled();
+            if !keep {
+                released += job.cache_tokens();
+            }
+            keep
+        });
+        self.reserved -= released;
+    }
+
     /// Publishes the batch's size and memory.
     fn publish(&self) {
         let sequences = self.running.iter().map(Job::unfinished).sum();
         let bytes = self.running.iter().flat_map(|j| &j.sequences).map(Sequence::cache_bytes).sum();
         self.stats.running_sequences.store(sequences, Ordering::Release);
+        self.stats.reserved_tokens.store(self.reserved, Ordering::Release);
         self.stats.cache_bytes.store(bytes, Ordering::Release);
         self.stats.running.store(self.running.len(), Ordering::Release);
     }
@@ -287,11 +353,17 @@ impl Worker {
                 continue;
             }
             let active: usize = self.running.iter().map(Job::unfinished).sum();
-            if active > 0 && active + job.sequences.len() > self.config.max_batch {
+            let too_many = active > 0 && active + job.sequences.len() > self.config.max_batch;
+            // Submission refused jobs larger than the whole budget, so this one fits once the
+            // batch has emptied enough.
+            let reserve = job.cache_tokens();
+            let no_room = self.reserved + reserve > self.config.kv_cache_tokens;
+            if too_many || no_room {
                 self.held = Some(job);
                 return;
             }
             self.dequeued(&job);
+            self.reserved += reserve;
             self.running.push(job);
         }
     }
@@ -328,5 +400,6 @@ impl Worker {
         for job in self.running.drain(..) {
             let _ = job.events.send(WorkerEvent::Failed(message.clone()));
         }
+        self.reserved = 0;
     }
 }

@@ -145,6 +145,7 @@ fn queue_bounded_by_prompt_tokens() {
         // Room for two waiting prompts of this length, not three.
         max_queue_tokens: 2 * len + len / 2,
         step_delay: Some(Duration::from_millis(50)),
+        ..WorkerConfig::default()
     };
     let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
     let job = || Job::new(vec![engine.new_sequence(&ids, &options(40)).unwrap()]);
@@ -169,4 +170,49 @@ fn queue_bounded_by_prompt_tokens() {
     let (long, mut long_rx) = job();
     lone.submit(long).unwrap();
     assert!(drain(&mut long_rx, 1)[0].1.is_some());
+}
+
+#[test]
+fn kv_budget_makes_requests_wait_and_refuses_what_never_fits() {
+    let engine = engine();
+    let ids = prompt(&engine, "hi");
+    let seq = || engine.new_sequence(&ids, &options(20)).unwrap();
+    let one = seq().max_cache_tokens();
+    assert_eq!(one, (ids.len() + 20).next_multiple_of(16));
+    let budget = one + one / 2;
+    let config = WorkerConfig {
+        kv_cache_tokens: budget,
+        step_delay: Some(Duration::from_millis(20)),
+        ..WorkerConfig::default()
+    };
+    let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
+    assert_eq!(worker.stats().budget_tokens(), budget);
+
+    // Two choices of this size can never fit at once.
+    let (two, _two_rx) = Job::new(vec![seq(), seq()]);
+    assert_eq!(worker.submit(two).unwrap_err(), SubmitError::TooLarge { needed: 2 * one, budget });
+
+    // Two requests that fit one at a time: the second waits for the first's reservation,
+    // although the batch has room for eight sequences.
+    let (a, mut a_rx) = Job::new(vec![seq()]);
+    let (b, mut b_rx) = Job::new(vec![seq()]);
+    worker.submit(a).unwrap();
+    worker.submit(b).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(worker.stats().running() == 1 && worker.stats().reserved_tokens() == one) {
+        assert!(Instant::now() < deadline, "the first request never ran");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(worker.stats().queued(), 1, "the second waits for room in the cache");
+    let solo = engine.generate(&ids, &options(20), |_| true).unwrap();
+    for rx in [&mut a_rx, &mut b_rx] {
+        let out = drain(rx, 1);
+        assert_eq!(out[0].0, solo.text);
+        assert_eq!(out[0].1, Some(solo.finish_reason));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker.stats().reserved_tokens() != 0 {
+        assert!(Instant::now() < deadline, "reservations were not released");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
