@@ -225,6 +225,11 @@ impl Sequence {
         (self.prompt_len + self.max_new).next_multiple_of(16)
     }
 
+    /// Whether some of the prompt is still to be computed.
+    fn in_prompt(&self) -> bool {
+        self.cache.len() < self.prompt_len
+    }
+
     /// Prompt tokens whose keys and values were reused from an earlier sequence, not computed.
     pub fn cached_prompt_tokens(&self) -> usize {
         self.cached_prompt_tokens
@@ -428,31 +433,46 @@ impl Engine {
         Some(cache.lock().unwrap_or_else(|e| e.into_inner()).stats())
     }
 
-    /// Advances every unfinished sequence by one batched forward pass: prompt chunks and decode
-    /// tokens together. Returns one output per sequence, in order (finished ones get an empty one).
+    /// Advances the unfinished sequences by one batched forward pass: one decode token for every
+    /// sequence past its prompt, and prompt chunks, oldest sequence first, within the step's
+    /// token budget (the engine's prefill chunk, decode tokens included), so that prompts
+    /// arriving together never stall the running streams for more than one budget's worth of
+    /// work. A sequence whose prompt gets no share this step waits (its output is empty).
+    /// Returns one output per sequence, in order (finished ones get an empty one).
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<StepOutput>> {
         let mut outputs = vec![StepOutput::default(); seqs.len()];
-        let active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].is_finished()).collect();
-        if active.is_empty() {
-            return Ok(outputs);
-        }
+        let decoding = seqs.iter().filter(|s| !s.is_finished() && !s.in_prompt()).count();
+        let mut prompt_budget =
+            self.prefill_chunk.map_or(usize::MAX, |b| b.saturating_sub(decoding).max(1));
         let now = Instant::now();
-        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(active.len());
-        let mut idx = 0;
-        for seq in seqs.iter_mut() {
-            if !active.contains(&idx) {
-                idx += 1;
+        let mut active: Vec<usize> = Vec::with_capacity(seqs.len());
+        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(seqs.len());
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            if seq.is_finished() {
                 continue;
             }
-            idx += 1;
+            let chunk = if seq.in_prompt() {
+                let left = seq.prompt_len - seq.cache.len();
+                let take = left.min(seq.prefill_chunk.unwrap_or(usize::MAX)).min(prompt_budget);
+                if take == 0 {
+                    continue; // no share of this step's budget: it waits for the next
+                }
+                prompt_budget -= take;
+                Some(take)
+            } else {
+                None
+            };
             seq.timings.started.get_or_insert(now);
-            let in_prompt = seq.cache.len() < seq.prompt_len;
+            active.push(i);
             items.push(BatchItem {
                 tokens: &seq.tokens,
                 cache: &mut seq.cache,
-                max_new_tokens: if in_prompt { seq.prefill_chunk } else { None },
+                max_new_tokens: chunk,
                 all_logits: false,
             });
+        }
+        if active.is_empty() {
+            return Ok(outputs);
         }
         let out = self.model.forward(&mut items)?;
         drop(items);

@@ -769,3 +769,33 @@ fn load_failures_name_the_file_or_the_architecture() {
     let e = load_dir(&root().join("models/tiny/no-such-model")).unwrap_err().to_string();
     assert!(e.contains("config.json"), "{e}");
 }
+
+#[test]
+fn prompts_share_a_per_step_token_budget_oldest_first() {
+    let variant = "phi3-mini-4k";
+    let budget = 10;
+    let opts = LoadOptions { prefill_chunk: Some(budget), ..LoadOptions::default() };
+    let engine = Engine::load(&ModelSource::Local(model_dir(variant)), &opts).unwrap();
+    let prompt = case(variant, "short").prompt;
+    assert_eq!(prompt.len(), 8);
+    let mut seqs: Vec<Sequence> =
+        (0..3).map(|_| engine.new_sequence(&prompt, &greedy(4)).unwrap()).collect();
+    let sampled = |outs: &[StepOutput]| outs.iter().map(|o| o.token.is_some()).collect::<Vec<_>>();
+    let step = |seqs: &mut [Sequence]| {
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        engine.step(&mut refs).unwrap()
+    };
+    // Step 1: 10 prompt tokens: all 8 of the first (which samples), 2 of the second.
+    assert_eq!(sampled(&step(&mut seqs)), [true, false, false]);
+    // Step 2: one decode token, so 9 for prompts: the second's last 6, 3 of the third.
+    assert_eq!(sampled(&step(&mut seqs)), [true, true, false]);
+    // Step 3: two decode tokens, 8 left: the third's last 5.
+    assert_eq!(sampled(&step(&mut seqs)), [true, true, true]);
+    while seqs.iter().any(|s| !s.is_finished()) {
+        step(&mut seqs);
+    }
+    let solo = run(&engine, &prompt, &greedy(4)).0;
+    for s in &seqs {
+        assert_eq!(s.generated().iter().map(|t| t.id).collect::<Vec<_>>(), token_ids(&solo));
+    }
+}

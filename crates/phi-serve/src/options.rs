@@ -34,8 +34,9 @@ pub struct ModelArgs {
     /// long factors for every position (as vLLM does).
     #[arg(long, env = "PHI_SERVE_LONG_ROPE", value_enum, default_value = "dynamic")]
     pub long_rope: LongRopeArg,
-    /// Prompt tokens fed per engine step (chunked prefill), so a long prompt does not stall the
-    /// streams already running; 0 feeds whole prompts.
+    /// Tokens per engine step (chunked prefill): every running stream's next token, then chunks
+    /// of waiting prompts, oldest first, up to this many in all, so prompts that arrive (long
+    /// or many at once) do not stall the streams already running; 0 feeds whole prompts.
     #[arg(long, env = "PHI_SERVE_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: usize,
     /// Megabytes of finished conversations' keys and values kept so that a later prompt that

@@ -387,6 +387,14 @@ impl Worker {
         let message = match result {
             Ok(Ok(outputs)) => {
                 for ((j, choice), output) in owners.into_iter().zip(outputs) {
+                    // A prompt chunk (or a prompt still waiting for its share of the step's
+                    // budget) produced nothing to report.
+                    if output.token.is_none()
+                        && output.finish_reason.is_none()
+                        && output.text.is_empty()
+                    {
+                        continue;
+                    }
                     // A closed receiver is noticed (and the job dropped) before the next step.
                     let _ = self.running[j].events.send(WorkerEvent::Step { choice, output });
                 }
