@@ -111,13 +111,18 @@ fn log_line(s: &Server, needles: &[&str]) -> String {
     }
 }
 
-#[test]
-fn one_log_line_per_request() {
-    let s = Server::start_opts(Options {
-        env: &[("RUST_LOG", "phi_server::access=info")],
+/// A server whose log (at `filter`) the test reads.
+fn logging_server(filter: &str) -> Server {
+    Server::start_opts(Options {
+        env: &[("RUST_LOG", filter)],
         capture_stderr: true,
         ..Options::default()
-    });
+    })
+}
+
+#[test]
+fn one_log_line_per_request() {
+    let s = logging_server("phi_server::access=info");
     let res = s
         .client
         .post(s.url("/v1/chat/completions"))
@@ -588,11 +593,7 @@ fn prefix_reuse_serves_repeated_prompts_exactly() {
 #[test]
 fn kv_cache_budget_is_logged_reported_and_enforced() {
     // Default: from the available memory, logged at start-up with what fits.
-    let s = Server::start_opts(Options {
-        env: &[("RUST_LOG", "phi_serve=info")],
-        capture_stderr: true,
-        ..Options::default()
-    });
+    let s = logging_server("phi_serve=info");
     let line = log_line(&s, &["KV cache budget"]);
     for field in ["tokens=", "bytes_per_token=", "full_context_sequences=", "context=64"] {
         assert!(line.contains(field), "{field} not in {line}");

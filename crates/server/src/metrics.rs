@@ -156,47 +156,46 @@ impl Metrics {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
         }
-        let mut gauge = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        };
-        gauge(
-            "phi_serve_queue_length",
-            "Requests waiting for a place in the batch.",
-            worker.queued() as u64,
-        );
-        gauge(
-            "phi_serve_queued_prompt_tokens",
-            "Prompt tokens of the waiting requests.",
-            worker.queued_tokens() as u64,
-        );
-        gauge("phi_serve_running_requests", "Requests in the batch.", worker.running() as u64);
-        gauge(
-            "phi_serve_running_sequences",
-            "Sequences (choices) stepped together.",
-            worker.running_sequences() as u64,
-        );
-        gauge(
-            "phi_serve_kv_cache_bytes",
-            "Bytes held by the KV caches of the running sequences.",
-            worker.cache_bytes() as u64,
-        );
-        gauge(
-            "phi_serve_kv_cache_reserved_tokens",
-            "KV-cache tokens reserved by the running sequences (prompt plus most new tokens).",
-            worker.reserved_tokens() as u64,
-        );
-        if worker.budget_tokens() != usize::MAX {
-            gauge(
-                "phi_serve_kv_cache_budget_tokens",
+        let budget = Some(worker.budget_tokens()).filter(|&b| b != usize::MAX);
+        let gauges = [
+            ("queue_length", "Requests waiting for a place in the batch.", Some(worker.queued())),
+            (
+                "queued_prompt_tokens",
+                "Prompt tokens of the waiting requests.",
+                Some(worker.queued_tokens()),
+            ),
+            ("running_requests", "Requests in the batch.", Some(worker.running())),
+            (
+                "running_sequences",
+                "Sequences (choices) stepped together.",
+                Some(worker.running_sequences()),
+            ),
+            (
+                "kv_cache_bytes",
+                "Bytes held by the KV caches of the running sequences.",
+                Some(worker.cache_bytes()),
+            ),
+            (
+                "kv_cache_reserved_tokens",
+                "KV-cache tokens reserved by the running sequences (prompt plus most new tokens).",
+                Some(worker.reserved_tokens()),
+            ),
+            (
+                "kv_cache_budget_tokens",
                 "KV-cache tokens the running sequences may reserve together.",
-                worker.budget_tokens() as u64,
-            );
+                budget,
+            ),
+            (
+                "draining",
+                "1 after SIGTERM, while running requests finish.",
+                Some(usize::from(draining)),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let Some(value) = value else { continue };
+            let name = format!("phi_serve_{name}");
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
-        gauge(
-            "phi_serve_draining",
-            "1 after SIGTERM, while running requests finish.",
-            u64::from(draining),
-        );
 
         let _ = writeln!(
             out,
