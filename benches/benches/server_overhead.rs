@@ -75,6 +75,7 @@ fn through_worker(engine: &Engine, worker: &WorkerHandle) -> Result<StreamTiming
                 }
             }
             WorkerEvent::Failed(m) => bail!("engine failed: {m}"),
+            WorkerEvent::Expired => bail!("expired without a deadline"),
         }
     }
     Ok(clock.finish())

@@ -421,6 +421,22 @@ impl Engine {
         })
     }
 
+    /// Ends an unfinished sequence now, as if it had reached its most new tokens (a deadline
+    /// passed): flushes its pending text and returns the last output, `finish_reason: length`.
+    /// Its keys and values go to the prefix cache like any finished sequence's.
+    pub fn end_sequence(&self, seq: &mut Sequence) -> Result<StepOutput> {
+        if seq.is_finished() {
+            return Ok(StepOutput { finish_reason: seq.finish, ..StepOutput::default() });
+        }
+        let text = seq.finish(FinishReason::Length, false)?;
+        seq.text.push_str(&text);
+        if let Some(cache) = &self.prefix_cache {
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.insert(&seq.tokens, &mut seq.cache);
+        }
+        Ok(StepOutput { text, token: None, finish_reason: seq.finish })
+    }
+
     /// The longest reusable cached prefix of `prompt`, if reuse is on.
     fn lookup_prefix(&self, prompt: &[u32]) -> Result<Option<PrefixMatch>> {
         let Some(cache) = &self.prefix_cache else { return Ok(None) };

@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// model is loaded, less --prefix-cache-mb; on CUDA: no bound.
     #[arg(long, env = "PHI_SERVE_KV_CACHE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_tokens: Option<u64>,
+    /// Longest a chat request may take from its arrival: a request still waiting for a place
+    /// in the batch then is answered 503, a running one ends as if at max_tokens
+    /// (finish_reason `length`, its text so far kept). Default: no limit.
+    #[arg(long, env = "PHI_SERVE_REQUEST_TIMEOUT_SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout_secs: Option<u64>,
     /// After SIGTERM or Ctrl-C: seconds that running and queued requests get to finish (new
     /// ones are answered 503 and /ready turns 503 meanwhile); then the process exits.
     #[arg(long, env = "PHI_SERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
@@ -200,6 +205,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         content_filter: filter,
         cors_origins: cors_origins(&args.cors_origins)?,
+        request_timeout: args.request_timeout_secs.map(Duration::from_secs),
         ..ServerConfig::new("")
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -616,3 +616,73 @@ fn kv_cache_budget_is_logged_reported_and_enforced() {
     let page = s.get("/metrics").text().unwrap();
     assert_eq!(sample(&page, "phi_serve_kv_cache_reserved_tokens"), 0.0);
 }
+
+#[test]
+fn json_log_lines_for_log_shippers() {
+    let s = Server::start_opts(Options {
+        args: &["--log-format", "json"],
+        env: &[("RUST_LOG", "phi_server::access=info")],
+        capture_stderr: true,
+        ..Options::default()
+    });
+    let res = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .header("x-ms-client-request-id", "json-1")
+        .json(&chat("hi", 2))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let line = log_line(&s, &["json-1"]);
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["target"], "phi_server::access", "{v}");
+    let f = &v["fields"];
+    assert_eq!(f["request_id"], "json-1", "{v}");
+    assert_eq!(f["status"], 200, "{v}");
+    assert_eq!(f["path"], "/v1/chat/completions", "{v}");
+    assert!(f["completion_tokens"].as_u64().unwrap() >= 1, "{v}");
+    assert!(f["duration_ms"].as_f64().is_some(), "{v}");
+}
+
+#[test]
+fn request_deadline_ends_running_and_expires_waiting_requests() {
+    // Each step takes 1.5 s, longer than the 1 s deadline: the running request is cut after
+    // its first step, and one waiting behind it is past its deadline when the batch frees up.
+    let s = Server::start(&[
+        "--request-timeout-secs",
+        "1",
+        "--step-delay-ms",
+        "1500",
+        "--max-batch-size",
+        "1",
+    ]);
+    let mut long = chat("Tell me a story", 60);
+    long["stop"] = json!([]);
+    let base = s.base.clone();
+    let second = {
+        let body = streaming(long.clone());
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            let client = reqwest::blocking::Client::new();
+            let res = client.post(format!("{base}/v1/chat/completions")).json(&body).send();
+            String::from_utf8(res.unwrap().bytes().unwrap().to_vec()).unwrap()
+        })
+    };
+    let started = Instant::now();
+    let body: Value = s.post("/v1/chat/completions", &long).json().unwrap();
+    let took = started.elapsed();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "length", "{body}");
+    let tokens = body["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(tokens < 60, "ended by the deadline, not max_tokens: {body}");
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(10), "{took:?}");
+
+    // The waiting stream: its 200 headers went out at once, so the 503 comes as an error event.
+    let text = second.join().unwrap();
+    let events = sse_events(text.as_bytes());
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap_or(Value::Null);
+    assert_eq!(last["error"]["code"], "service_unavailable", "{text}");
+    assert_eq!(last["error"]["status"], 503, "{text}");
+    assert!(!text.contains("[DONE]"));
+}

@@ -89,6 +89,7 @@ async fn chat(
     let prepared = prepared?;
     let cached_prompt_tokens = prepared.sequences.first().map_or(0, |s| s.cached_prompt_tokens());
     let (job, events) = Job::new(prepared.sequences);
+    let job = job.with_deadline(state.config().request_timeout.map(|t| started + t));
     let filter =
         verdict.map(|(prompt, filter)| FilterContext { filter, prompt, stopper: job.stopper() });
 

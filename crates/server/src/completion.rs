@@ -38,6 +38,10 @@ pub async fn collect(
                 log.discard();
                 return Err(ApiError::internal(message));
             }
+            Some(WorkerEvent::Expired) => {
+                log.discard();
+                return Err(expired_error());
+            }
             None => {
                 log.discard();
                 return Err(ApiError::internal(
@@ -71,4 +75,12 @@ pub async fn collect(
             .collect(),
         usage: meta.usage(completion_tokens),
     })
+}
+
+/// The answer to a request whose deadline passed before it got a place in the batch: the
+/// server is overloaded (503, retried by the SDKs after `Retry-After`).
+pub fn expired_error() -> ApiError {
+    ApiError::unavailable(
+        "the server was too busy to start this request within --request-timeout-secs; retry later",
+    )
 }

@@ -25,6 +25,9 @@ pub struct ServerConfig {
     pub content_filter: Option<Arc<dyn ContentFilter>>,
     /// Origins whose browser pages may call the API (`*` for any); empty for none.
     pub cors_origins: Vec<String>,
+    /// How long a chat request may take from its arrival: past it, a waiting request is
+    /// answered 503 and a running one ends with `length`. `None` for no limit.
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl ServerConfig {
@@ -38,6 +41,7 @@ impl ServerConfig {
             worker: WorkerConfig::default(),
             content_filter: None,
             cors_origins: Vec::new(),
+            request_timeout: None,
         }
     }
 }

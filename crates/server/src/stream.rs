@@ -44,8 +44,11 @@ pub fn sse_response(
                 }
                 match s.events.recv().await {
                     Some(WorkerEvent::Step { choice, output }) => s.on_step(choice, &output).await,
-                    Some(WorkerEvent::Failed(message)) => s.fail(message),
-                    None => s.fail("the engine stopped before the answer was complete".into()),
+                    Some(WorkerEvent::Failed(message)) => s.fail(ApiError::internal(message)),
+                    Some(WorkerEvent::Expired) => s.fail(crate::completion::expired_error()),
+                    None => s.fail(ApiError::internal(
+                        "the engine stopped before the answer was complete",
+                    )),
                 }
             }
         });
@@ -172,10 +175,10 @@ impl SseState {
         self.meta.usage(self.choices.iter().map(|c| c.completion_tokens).sum())
     }
 
-    fn fail(&mut self, message: String) {
-        tracing::error!(error = %message, "stream ended by an engine failure");
+    fn fail(&mut self, error: ApiError) {
+        tracing::error!(code = error.code, error = %error.message, "stream ended without an answer");
         self.log.engine_failed();
-        self.out.push_back(Bytes::from(sse::event(&ApiError::internal(message).body())));
+        self.out.push_back(Bytes::from(sse::event(&error.body())));
         self.done = true;
     }
 }

@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use phi_engine::engine::{Engine, Sequence, StepOutput};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -63,6 +63,8 @@ pub enum WorkerEvent {
     },
     /// The engine failed; the request is over.
     Failed(String),
+    /// The request's deadline passed while it waited for a place in the batch; it never ran.
+    Expired,
 }
 
 /// A request for the worker: its sequences (one per choice) and where to send their outputs.
@@ -73,6 +75,9 @@ pub struct Job {
     /// Where outputs go; dropping the receiver cancels the job.
     pub events: UnboundedSender<WorkerEvent>,
     stopper: ChoiceStopper,
+    /// When the request must be over: still waiting then, it expires; still running, its
+    /// choices end with `length`.
+    deadline: Option<Instant>,
 }
 
 /// Stops single choices of a job (a choice blocked by the content filter): the worker no longer
@@ -99,7 +104,17 @@ impl Job {
     pub fn new(sequences: Vec<Sequence>) -> (Self, UnboundedReceiver<WorkerEvent>) {
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let stopper = ChoiceStopper((0..sequences.len()).map(|_| AtomicBool::new(false)).collect());
-        (Job { sequences, events, stopper }, rx)
+        (Job { sequences, events, stopper, deadline: None }, rx)
+    }
+
+    /// Sets the request's deadline.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
     }
 
     /// The handle that stops single choices of this job.
@@ -294,6 +309,7 @@ impl Worker {
                 }
             }
             self.admit();
+            self.end_expired();
             self.retire();
             self.publish();
             if self.running.is_empty() {
@@ -304,6 +320,28 @@ impl Worker {
             self.publish();
             if let Some(delay) = self.config.step_delay {
                 std::thread::sleep(delay);
+            }
+        }
+    }
+
+    /// Ends the choices of running jobs whose deadline has passed (`length`, the text so far
+    /// flushed), so they leave the batch now.
+    fn end_expired(&mut self) {
+        let now = Instant::now();
+        for job in self.running.iter_mut().filter(|j| j.expired(now)) {
+            for (choice, seq) in job.sequences.iter_mut().enumerate() {
+                if seq.is_finished() || job.stopper.is_stopped(choice) {
+                    continue;
+                }
+                match self.engine.end_sequence(seq) {
+                    Ok(output) => {
+                        let _ = job.events.send(WorkerEvent::Step { choice, output });
+                    }
+                    Err(e) => {
+                        job.stopper.stop(choice);
+                        let _ = job.events.send(WorkerEvent::Failed(e.to_string()));
+                    }
+                }
             }
         }
     }
@@ -350,6 +388,11 @@ impl Worker {
             let Some(job) = self.held.take() else { return };
             if job.cancelled() {
                 self.dequeued(&job);
+                continue;
+            }
+            if job.expired(Instant::now()) {
+                self.dequeued(&job);
+                let _ = job.events.send(WorkerEvent::Expired);
                 continue;
             }
             let active: usize = self.running.iter().map(Job::unfinished).sum();

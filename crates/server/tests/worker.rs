@@ -43,6 +43,7 @@ fn drain(rx: &mut UnboundedReceiver<WorkerEvent>, n: usize) -> Vec<(String, Opti
                 }
             }
             WorkerEvent::Failed(m) => panic!("engine failed: {m}"),
+            WorkerEvent::Expired => panic!("no deadline was set"),
         }
     }
     out
