@@ -226,7 +226,7 @@ impl Sequence {
     }
 
     /// Whether some of the prompt is still to be computed.
-    fn in_prompt(&self) -> bool {
+    pub fn in_prompt(&self) -> bool {
         self.cache.len() < self.prompt_len
     }
 
@@ -435,6 +435,25 @@ impl Engine {
             cache.insert(&seq.tokens, &mut seq.cache);
         }
         Ok(StepOutput { text, token: None, finish_reason: seq.finish })
+    }
+
+    /// Gives `to`, a sequence that has not started, the keys and values of all but the last
+    /// token of `from`'s prompt, when both have the same prompt and `from` has computed it
+    /// (the other choices of an `n > 1` request): `to` then computes just that last token,
+    /// for logits of its own. Returns whether it did.
+    pub fn share_prompt(&self, from: &Sequence, to: &mut Sequence) -> Result<bool> {
+        let shared = from.prompt_len - 1;
+        let ready = from.cache.len() >= from.prompt_len
+            && to.cache.is_empty()
+            && shared >= 1
+            && to.tokens[..to.prompt_len] == from.tokens[..from.prompt_len];
+        if !ready {
+            return Ok(false);
+        }
+        let Some(views) = from.cache.prefix_views(shared)? else { return Ok(false) };
+        to.cache.seed(&views, from.cache.factors())?;
+        to.cached_prompt_tokens = shared;
+        Ok(true)
     }
 
     /// The longest reusable cached prefix of `prompt`, if reuse is on.

@@ -137,6 +137,20 @@ impl SequenceCache {
         Some((layers, factors))
     }
 
+    /// Views of the first `len` cached tokens' keys and values per layer (`[n_kv_heads, len,
+    /// head_dim]`), to [`seed`](Self::seed) another cache with; `None` when fewer are cached.
+    pub fn prefix_views(&self, len: usize) -> Result<Option<Vec<(Tensor, Tensor)>>> {
+        if len > self.len || self.layers.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let views = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|l| Ok((l.k.narrow(1, 0, len)?, l.v.narrow(1, 0, len)?)));
+        Ok(Some(views.collect::<Result<Vec<_>>>()?))
+    }
+
     /// Fills an empty cache with reused keys and values: per layer `[n_kv_heads, len,
     /// head_dim]` (any layout), rotated with `factors`. They are copied into buffers of this
     /// cache's own, with room to grow, since appends write in place.

@@ -197,6 +197,10 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
 
+        let shared = worker.shared_prompt_tokens();
+        let name = "phi_serve_shared_prompt_tokens_total";
+        let help = "Prompt tokens that choices of n > 1 requests took from their first choice.";
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {shared}");
         let _ = writeln!(
             out,
             "# HELP phi_serve_requests_total HTTP responses by route and status.\n\

@@ -172,6 +172,7 @@ pub struct WorkerStats {
     cache_bytes: AtomicUsize,
     reserved_tokens: AtomicUsize,
     budget_tokens: AtomicUsize,
+    shared_prompt_tokens: AtomicUsize,
 }
 
 impl WorkerStats {
@@ -208,6 +209,12 @@ impl WorkerStats {
     /// The KV-cache budget in tokens (`usize::MAX` for none).
     pub fn budget_tokens(&self) -> usize {
         self.budget_tokens.load(Ordering::Acquire)
+    }
+
+    /// Prompt tokens that choices of `n > 1` requests took from their first choice instead of
+    /// computing them (a running total).
+    pub fn shared_prompt_tokens(&self) -> usize {
+        self.shared_prompt_tokens.load(Ordering::Acquire)
     }
 
     /// Whether nothing runs or waits.
@@ -324,6 +331,29 @@ impl Worker {
         }
     }
 
+    /// Gives the waiting choices of `n > 1` requests whose first choice has just computed the
+    /// prompt its keys and values, so each computes only the prompt's last token itself.
+    fn share_prompts(&mut self) {
+        for job in self.running.iter_mut().filter(|j| j.sequences.len() > 1) {
+            let (first, others) = job.sequences.split_at_mut(1);
+            if first[0].in_prompt() {
+                continue;
+            }
+            for other in others.iter_mut().filter(|s| s.in_prompt() && !s.is_finished()) {
+                match self.engine.share_prompt(&first[0], other) {
+                    Ok(true) => {
+                        let n = other.cached_prompt_tokens();
+                        self.stats.shared_prompt_tokens.fetch_add(n, Ordering::AcqRel);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not share a prompt between choices")
+                    }
+                }
+            }
+        }
+    }
+
     /// Ends the choices of running jobs whose deadline has passed (`length`, the text so far
     /// flushed), so they leave the batch now.
     fn end_expired(&mut self) {
@@ -417,8 +447,12 @@ impl Worker {
         let mut seqs: Vec<&mut Sequence> = Vec::new();
         for (j, job) in self.running.iter_mut().enumerate() {
             let stopper = &job.stopper;
+            // The other choices of an `n > 1` request wait while the first computes the prompt
+            // they share (see `share_prompts`), unless they already hold a reused prefix.
+            let first_in_prompt = job.sequences.first().is_some_and(|s| s.in_prompt());
             for (c, seq) in job.sequences.iter_mut().enumerate() {
-                if !seq.is_finished() && !stopper.is_stopped(c) {
+                let waits = c > 0 && first_in_prompt && seq.cached_prompt_tokens() == 0;
+                if !seq.is_finished() && !stopper.is_stopped(c) && !waits {
                     owners.push((j, c));
                     seqs.push(seq);
                 }
@@ -441,6 +475,7 @@ impl Worker {
                     // A closed receiver is noticed (and the job dropped) before the next step.
                     let _ = self.running[j].events.send(WorkerEvent::Step { choice, output });
                 }
+                self.share_prompts();
                 return;
             }
             Ok(Err(e)) => format!("the engine failed: {e}"),

@@ -217,3 +217,30 @@ fn kv_budget_makes_requests_wait_and_refuses_what_never_fits() {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+#[test]
+fn choices_of_one_request_compute_their_prompt_once() {
+    let engine = engine();
+    let worker = WorkerHandle::spawn(engine.clone(), WorkerConfig::default()).unwrap();
+    let ids = prompt(&engine, "several choices share this prompt, computed only once");
+    let (job, mut rx) =
+        Job::new((0..3).map(|_| engine.new_sequence(&ids, &options(12)).unwrap()).collect());
+    worker.submit(job).unwrap();
+    let solo = engine.generate(&ids, &options(12), |_| true).unwrap();
+    for (text, finish) in drain(&mut rx, 3) {
+        assert_eq!(text, solo.text);
+        assert_eq!(finish, Some(solo.finish_reason));
+    }
+    assert_eq!(worker.stats().shared_prompt_tokens(), 2 * (ids.len() - 1), "two choices shared");
+
+    // What the worker does, step by step: the others wait, then get all but the last token.
+    let mut seqs: Vec<_> =
+        (0..2).map(|_| engine.new_sequence(&ids, &options(3)).unwrap()).collect();
+    let (first, others) = seqs.split_at_mut(1);
+    assert!(!engine.share_prompt(&first[0], &mut others[0]).unwrap(), "nothing computed yet");
+    engine.step(&mut [&mut first[0]]).unwrap();
+    assert!(engine.share_prompt(&first[0], &mut others[0]).unwrap());
+    assert_eq!(others[0].cached_prompt_tokens(), ids.len() - 1);
+    let out = engine.step(&mut [&mut others[0]]).unwrap();
+    assert_eq!(out[0].token.as_ref().map(|t| t.id), first[0].generated().first().map(|t| t.id));
+}
