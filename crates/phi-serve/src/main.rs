@@ -1,10 +1,11 @@
 //! `phi-serve`: the command line of the Phi-3 inference server.
 
+mod config_file;
 mod generate;
 mod options;
 mod serve;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Self-hosted inference server for Microsoft's Phi-3 family of small language models.
 #[derive(Debug, Parser)]
@@ -55,7 +56,14 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let args = match config_file::with_config_file(&Cli::command(), std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),

@@ -11,6 +11,11 @@ use phi_engine::rope::LongRopePolicy;
 /// The model to load and how.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
+    /// A TOML file of settings: its keys are this command's long flags (`max-batch-size = 16`,
+    /// lists for repeatable ones). The command line, then the PHI_SERVE_* variables, take
+    /// precedence over it.
+    #[arg(long, env = "PHI_SERVE_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// A local model folder or a Hugging Face repository id. `models/tiny/phi3-mini-4k` is a
     /// bundled tiny random-weight model for offline demos.
     #[arg(long, env = "PHI_SERVE_MODEL", default_value = "microsoft/Phi-3-mini-4k-instruct")]

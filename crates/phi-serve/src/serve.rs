@@ -43,19 +43,19 @@ pub struct ServeArgs {
     #[arg(long = "api-key", value_name = "KEY")]
     api_keys: Vec<String>,
     /// A file of accepted API keys, one per line (blank lines and `#` comments ignored).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PHI_SERVE_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// Serve without API keys on a non-loopback address.
-    #[arg(long)]
+    #[arg(long, env = "PHI_SERVE_ALLOW_UNAUTHENTICATED")]
     allow_unauthenticated: bool,
     /// Model name reported by /info and /v1/models (default: the last part of --model).
-    #[arg(long)]
+    #[arg(long, env = "PHI_SERVE_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
     /// Most sequences generated together in one batch (a request with `n` choices counts n).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..), env = "PHI_SERVE_MAX_BATCH_SIZE")]
     max_batch_size: u64,
     /// Most requests waiting for a place in the batch; more are answered 429.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..), env = "PHI_SERVE_MAX_QUEUE")]
     max_queue: u64,
     /// Most prompt tokens (over all waiting requests' choices) in the queue; a request that
     /// would pass it is answered 429, except into an empty queue. Default: no bound beyond
@@ -78,7 +78,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PHI_SERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
     /// Largest request body in bytes; larger ones are answered 413.
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 4 << 20, env = "PHI_SERVE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
     /// Content filter for prompts and answers: `none`, `blocklist` (needs
     /// --content-filter-file) or `http` (needs --content-filter-url). A blocked prompt is
@@ -99,14 +99,23 @@ pub struct ServeArgs {
     content_filter_url: Option<String>,
     /// Severity at which `--content-filter http` blocks a category the service did not decide.
     #[arg(long, value_name = "SEVERITY", default_value = "medium",
-          value_parser = ["low", "medium", "high"])]
+          value_parser = ["low", "medium", "high"], env = "PHI_SERVE_CONTENT_FILTER_THRESHOLD")]
     content_filter_threshold: String,
     /// A header sent to the moderation service, `Name: value` (repeatable), e.g.
     /// `Ocp-Apim-Subscription-Key: KEY`.
-    #[arg(long = "content-filter-header", value_name = "HEADER")]
+    #[arg(
+        long = "content-filter-header",
+        value_name = "HEADER",
+        env = "PHI_SERVE_CONTENT_FILTER_HEADERS"
+    )]
     content_filter_headers: Vec<String>,
     /// How long one check of the moderation service may take.
-    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 5000,
+        env = "PHI_SERVE_CONTENT_FILTER_TIMEOUT_MS"
+    )]
     content_filter_timeout_ms: u64,
     /// An origin whose browser pages may call the API, e.g. `https://app.example.com`, or `*`
     /// for any (repeatable; none by default, so browsers get no cross-origin access).

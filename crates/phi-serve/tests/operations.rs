@@ -686,3 +686,61 @@ fn request_deadline_ends_running_and_expires_waiting_requests() {
     assert_eq!(last["error"]["status"], 503, "{text}");
     assert!(!text.contains("[DONE]"));
 }
+
+#[test]
+fn config_file_with_flags_and_environment_above_it() {
+    let dir = std::env::temp_dir().join(format!("phi-serve-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("phi-serve.toml");
+    std::fs::write(
+        &file,
+        "served-model-name = \"from-file\"\nmax_batch_size = 2\n\
+         cors-allow-origin = [\"https://file.example\"]\nallow-unauthenticated = false\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let origin_allowed = |s: &Server, origin: &str| {
+        let res = s.client.get(s.url("/v1/models")).header("origin", origin).send().unwrap();
+        res.headers().get("access-control-allow-origin").is_some()
+    };
+
+    let s = Server::start(&["--config", path]);
+    let info: Value = s.get("/info").json().unwrap();
+    assert_eq!(info["model_name"], "from-file");
+    assert!(origin_allowed(&s, "https://file.example"));
+    drop(s);
+
+    // The command line beats the file, and so does the environment.
+    let s = Server::start_with_env(
+        &["--config", path, "--served-model-name", "from-flag"],
+        &[("PHI_SERVE_CORS_ALLOW_ORIGINS", "https://env.example")],
+    );
+    let info: Value = s.get("/info").json().unwrap();
+    assert_eq!(info["model_name"], "from-flag");
+    assert!(origin_allowed(&s, "https://env.example"));
+    assert!(!origin_allowed(&s, "https://file.example"));
+    drop(s);
+
+    // The environment can name the file too.
+    let s = Server::start_with_env(&[], &[("PHI_SERVE_CONFIG", path)]);
+    assert_eq!(s.get("/info").json::<Value>().unwrap()["model_name"], "from-file");
+    drop(s);
+
+    // A wrong setting fails at start-up, naming it.
+    for (content, message) in [
+        ("max-batch-sise = 2\n", "unknown setting `max-batch-sise`"),
+        ("max-queue = \"many\"\n", "--max-queue"),
+        ("allow-unauthenticated = \"yes\"\n", "`allow-unauthenticated` is a switch"),
+    ] {
+        std::fs::write(&file, content).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_phi-serve"))
+            .args(["serve", "--model", MODEL, "--port", "0", "--config", path])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{content}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{content}: {stderr}");
+        assert!(out.stdout.is_empty(), "{content}: it listened");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

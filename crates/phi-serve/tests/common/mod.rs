@@ -54,8 +54,11 @@ impl Server {
     pub fn start_opts(o: Options) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_phi-serve"));
         cmd.args(["serve", "--model", MODEL, "--port", "0"]).args(o.args);
-        for var in ["PHI_SERVE_API_KEYS", "PHI_SERVE_HOST", "PHI_SERVE_PORT", "PHI_SERVE_DEVICE"] {
-            cmd.env_remove(var);
+        // Every flag reads a PHI_SERVE_* variable: none may leak in from the developer's shell.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("PHI_SERVE_") {
+                cmd.env_remove(var);
+            }
         }
         // The per-request log lines would drown the test output.
         cmd.env("RUST_LOG", "warn");
