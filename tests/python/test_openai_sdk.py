@@ -233,3 +233,25 @@ def test_content_filter(filtered_server):
     assert text == (choice.message.content or "")
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     c.close()
+
+
+def test_repeated_conversation_reports_cached_prompt_tokens(client):
+    """The second turn of a conversation reuses the first's keys and values (prefix cache),
+    and the SDK reads that as usage.prompt_tokens_details.cached_tokens, with the same answer
+    to the same question."""
+    system = {
+        "role": "system",
+        "content": "You answer questions about trains in one short sentence, politely.",
+    }
+    question = {"role": "user", "content": "When does the last train to Lyon leave?"}
+    first = client.chat.completions.create(
+        model=MODEL_NAME, messages=[system, question], max_tokens=6, temperature=0
+    )
+    details = first.usage.prompt_tokens_details
+    assert details is None or not details.cached_tokens
+    again = client.chat.completions.create(
+        model=MODEL_NAME, messages=[system, question], max_tokens=6, temperature=0
+    )
+    assert again.choices[0].message.content == first.choices[0].message.content
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == again.usage.prompt_tokens - 1
