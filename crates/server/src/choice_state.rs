@@ -51,10 +51,9 @@ impl ChoiceState {
             self.apply(engine, output, logprobs, keep_text);
             return output.text.clone();
         };
-        let entries = self.logprobs.len();
         self.apply(engine, output, logprobs, true);
+        // A new entry's token's text ends where the text now ends.
         self.logprob_ends.resize(self.logprobs.len(), self.text.len());
-        debug_assert!(entries <= self.logprobs.len());
         // A step that added no text leaves the verdict as it was.
         if !output.text.is_empty() || self.filter_results.is_none() {
             let (verdict, judged) = match ctx.filter.check(&self.text, TextKind::Completion).await {
