@@ -3,6 +3,7 @@
 //! finish_reason}], usage?}`.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::content_filter::{ContentFilterResults, PromptFilterResult};
 use crate::finish_reason::FinishReason;
@@ -15,7 +16,7 @@ use crate::usage::Usage;
 /// `id` and `created`, every choice carries a `delta` object (the openai SDK requires it, and the
 /// azure sample loop reads `choices[0].delta`), and `usage` is either absent, `null` (with
 /// `stream_options.include_usage`, on every chunk but the last) or the counts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChatCompletionChunk {
     /// Same as every other chunk of the response.
     pub id: String,
@@ -32,6 +33,7 @@ pub struct ChatCompletionChunk {
     /// The choices this chunk advances (empty only in the include_usage chunk).
     pub choices: Vec<ChunkChoice>,
     /// Absent (`None`), `null` (`Some(None)`) or the counts.
+    #[schema(value_type = Option<Usage>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
 }
@@ -42,7 +44,7 @@ impl ChatCompletionChunk {
 }
 
 /// One choice's part of a chunk.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChunkChoice {
     /// Which choice.
     pub index: usize,
@@ -59,7 +61,7 @@ pub struct ChunkChoice {
 }
 
 /// The `delta` object.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default, ToSchema)]
 pub struct Delta {
     /// `assistant` in the first chunk of each choice.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -3,10 +3,22 @@
 //! on the prompt (`prompt_filter_results`) and on each choice (`content_filter_results`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// How severe a category's match is. Ordered: `Safe < Low < Medium < High`.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
@@ -22,7 +34,7 @@ pub enum Severity {
 }
 
 /// One category's result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, ToSchema)]
 pub struct CategoryResult {
     /// Whether this category blocked the text.
     pub filtered: bool,
@@ -34,7 +46,7 @@ pub struct CategoryResult {
 ///
 /// Exists as one wire type so the prompt's annotation, each choice's annotation and the
 /// `innererror` of a blocked prompt share one shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, ToSchema)]
 pub struct ContentFilterResults {
     /// Hate and fairness.
     pub hate: CategoryResult,
@@ -57,7 +69,7 @@ impl ContentFilterResults {
 }
 
 /// One entry of `prompt_filter_results`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct PromptFilterResult {
     /// Always 0: the whole conversation is one prompt.
     pub prompt_index: usize,

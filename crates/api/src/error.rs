@@ -7,6 +7,7 @@
 //! 5xx, because both SDKs retry 5xx answers.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// A failed request: what went wrong, which parameter is at fault, and the HTTP status.
 ///
@@ -31,14 +32,14 @@ pub struct ApiError {
 /// The JSON body of an error response.
 ///
 /// Exists as a separate serializable type so the wire shape is written down in one place.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// The error object both SDKs look for.
     pub error: ErrorObject,
 }
 
 /// The object inside [`ErrorBody`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ErrorObject {
     /// Machine-readable code.
     pub code: &'static str,
@@ -52,6 +53,7 @@ pub struct ErrorObject {
     /// The HTTP status again, as Azure OpenAI's error bodies carry it.
     pub status: u16,
     /// Azure OpenAI's `innererror`, only when there is one.
+    #[schema(value_type = Option<Object>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub innererror: Option<serde_json::Value>,
 }

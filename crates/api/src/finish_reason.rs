@@ -1,12 +1,13 @@
 //! Why a choice ended, spelled as both SDKs expect.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// The `finish_reason` of a choice.
 ///
 /// Exists as its own wire type (rather than reusing the engine's) because the API knows reasons
 /// the engine never produces (`content_filter`, `tool_calls`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// A stop token or stop string ended the choice.

@@ -15,6 +15,7 @@ pub mod messages;
 pub mod models;
 pub mod parse;
 pub mod request;
+pub mod request_schema;
 pub mod response;
 pub mod sse;
 pub mod usage;

@@ -3,12 +3,13 @@
 //! "refusal": null}`.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// The `logprobs` object of a choice (or of one streamed chunk's choice).
 ///
 /// Exists because the openai SDK's strict mode requires `token`, `logprob` and `top_logprobs`
 /// on every entry, and the azure SDK hands the raw dict to callers.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default, ToSchema)]
 pub struct ChoiceLogprobs {
     /// One entry per generated token (in a chunk: the tokens of that chunk's delta).
     pub content: Vec<TokenLogprob>,
@@ -17,7 +18,7 @@ pub struct ChoiceLogprobs {
 }
 
 /// One generated token with its log-probability and the most likely alternatives.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct TokenLogprob {
     /// The token's text.
     pub token: String,
@@ -30,7 +31,7 @@ pub struct TokenLogprob {
 }
 
 /// One alternative at a position.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct TopLogprob {
     /// The token's text.
     pub token: String,

@@ -2,12 +2,13 @@
 //! (openai `models.list()`).
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// The body of `GET /info`.
 ///
 /// Exists for `ChatCompletionsClient.get_model_info()` and `load_client()`, which only accepts
 /// `model_type` values such as `chat_completion`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ModelInfo {
     /// The served model's name.
     pub model_name: String,
@@ -21,7 +22,7 @@ pub struct ModelInfo {
 ///
 /// Exists because the openai SDK's strict mode requires `object` and `data`, and every field of
 /// each entry.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ModelList {
     /// Always `list`.
     pub object: &'static str,
@@ -30,7 +31,7 @@ pub struct ModelList {
 }
 
 /// One entry of [`ModelList`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ModelCard {
     /// The name clients put in `model`.
     pub id: String,

@@ -3,6 +3,7 @@
 //! tool_calls}, finish_reason, logprobs}], usage}`.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::content_filter::{ContentFilterResults, PromptFilterResult};
 use crate::finish_reason::FinishReason;
@@ -12,7 +13,7 @@ use crate::usage::Usage;
 /// The body of a 200 answer to a non-streaming request.
 ///
 /// Exists so that every field the openai SDK's strict mode requires is there by construction.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ChatCompletion {
     /// `chatcmpl-...`, unique per request.
     pub id: String,
@@ -37,7 +38,7 @@ impl ChatCompletion {
 }
 
 /// One generated answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Choice {
     /// Position in `choices`.
     pub index: usize,
@@ -53,13 +54,14 @@ pub struct Choice {
 }
 
 /// The assistant's message in a [`Choice`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
     /// The generated text.
     pub content: String,
     /// Always `null`: this server does not call tools.
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tool_calls: Option<Vec<serde_json::Value>>,
 }
 

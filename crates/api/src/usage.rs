@@ -1,12 +1,13 @@
 //! Token counts of a request, as both SDKs read them.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// The `usage` object.
 ///
 /// Exists because callers read `usage.total_tokens` directly (a missing `usage` breaks typical
 /// azure sample code, CONTRACT.md A5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Usage {
     /// Tokens in the rendered prompt (counted once, whatever `n` is).
     pub prompt_tokens: usize,
@@ -21,7 +22,7 @@ pub struct Usage {
 }
 
 /// `usage.prompt_tokens_details`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens whose keys and values were reused rather than computed.
     pub cached_tokens: usize,

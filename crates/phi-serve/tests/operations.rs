@@ -613,8 +613,22 @@ fn kv_cache_budget_is_logged_reported_and_enforced() {
     let mut two = chat("hi", 30);
     two["n"] = json!(2);
     assert_eq!(expect_error(s.post("/v1/chat/completions", &two), 400)["param"], "max_tokens");
-    let page = s.get("/metrics").text().unwrap();
-    assert_eq!(sample(&page, "phi_serve_kv_cache_reserved_tokens"), 0.0);
+    // The worker gives a finished request's reservation back on its next turn, just after the
+    // answer went out.
+    settles_to(&s, "phi_serve_kv_cache_reserved_tokens", 0.0);
+}
+
+/// Waits (up to 10 s) for the gauge `name` to read `want`.
+fn settles_to(s: &Server, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = s.get("/metrics").text().unwrap();
+        if sample(&page, name) == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached {want}:\n{page}");
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

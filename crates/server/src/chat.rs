@@ -31,6 +31,19 @@ use crate::stream::sse_response;
 use crate::worker::{Job, SubmitError};
 
 /// Handler of the Azure route.
+#[utoipa::path(post, path = "/chat/completions", tag = "azure", operation_id = "azure_chat_completions",
+    params(crate::openapi::ApiVersion, crate::openapi::ExtraParametersHeader),
+    request_body(content = phi_api::request_schema::ChatCompletionsRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The answer: JSON, or server-sent events when `stream` is true \
+            (each `data:` line a `ChatCompletionChunk`, then `data: [DONE]`).",
+            content(
+                (phi_api::ChatCompletion = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        crate::openapi::ChatErrors,
+    ),
+    security((), ("api_key" = []), ("bearer" = [])))]
 pub async fn azure_chat(
     State(state): State<AppState>,
     id: Option<Extension<RequestId>>,
@@ -41,6 +54,19 @@ pub async fn azure_chat(
 }
 
 /// Handler of the OpenAI route.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", operation_id = "openai_chat_completions",
+    params(crate::openapi::ExtraParametersHeader),
+    request_body(content = phi_api::request_schema::ChatCompletionsRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The answer: JSON, or server-sent events when `stream` is true \
+            (each `data:` line a `ChatCompletionChunk`, then `data: [DONE]`).",
+            content(
+                (phi_api::ChatCompletion = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        crate::openapi::ChatErrors,
+    ),
+    security((), ("api_key" = []), ("bearer" = [])))]
 pub async fn openai_chat(
     State(state): State<AppState>,
     id: Option<Extension<RequestId>>,

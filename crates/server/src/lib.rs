@@ -21,6 +21,7 @@ pub mod ids;
 pub mod info;
 pub mod loading;
 pub mod metrics;
+pub mod openapi;
 pub mod prepare;
 pub mod request_id;
 pub mod request_log;

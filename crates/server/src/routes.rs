@@ -14,13 +14,14 @@ use crate::auth::require_api_key;
 use crate::chat::{azure_chat, openai_chat};
 use crate::fallback::{method_not_allowed, not_found, panic_response};
 use crate::info::{health, info, metrics, models, ready};
+use crate::openapi::openapi_json;
 use crate::request_id::request_id;
 use crate::request_log::access_log;
 use crate::state::AppState;
 
 /// Builds the router.
 ///
-/// `/health`, `/ready` and `/metrics` need no key; every other route does when keys are
+/// `/health`, `/ready`, `/metrics` and `/openapi.json` need no key; every other route does when keys are
 /// configured. Query strings
 /// (the azure SDK's `api-version`) are ignored. Unknown routes, wrong methods, oversized bodies
 /// and panics all answer in the JSON error shape, every response carries `x-request-id` and gets
@@ -39,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

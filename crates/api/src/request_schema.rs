@@ -1,0 +1,295 @@
+//! The chat-completions request body as the OpenAPI description states it.
+//!
+//! Requests are not parsed through these types: [`crate::parse_chat_request`] reads the body
+//! parameter by parameter so that every error names the parameter at fault, and it accepts more
+//! spellings than a schema can say (numbers as strings, explicit `null`s). These types exist so
+//! that `GET /openapi.json` describes what a client may send, with the ranges the parser
+//! enforces; a test holds their property names to [`crate::parse::KNOWN_PARAMETERS`].
+
+use serde::Deserialize;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
+
+/// The body of `POST /chat/completions` and `POST /v1/chat/completions`.
+///
+/// Parameters this text-only server cannot honour (`tools`, `response_format` other than
+/// `text`, `logit_bias`, audio) are a 422 when they ask for something and are accepted when they
+/// ask for nothing. Keys outside this list follow the `extra-parameters` header (Azure):
+/// `error` (the default, 400), `drop` or `pass-through`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatCompletionsRequest {
+    /// The conversation so far, oldest first.
+    #[schema(min_items = 1)]
+    pub messages: Vec<RequestMessage>,
+    /// Informational: the server serves one model whatever is named here.
+    pub model: Option<String>,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: the smallest set of tokens whose probabilities add up to this.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    /// Penalises tokens that have appeared at all.
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub presence_penalty: Option<f64>,
+    /// Penalises tokens by how often they have appeared.
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub frequency_penalty: Option<f64>,
+    /// Most tokens to generate per choice; by default as many as the context allows.
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<u64>,
+    /// OpenAI's name for `max_tokens`; wins when both are given.
+    #[schema(minimum = 1)]
+    pub max_completion_tokens: Option<u64>,
+    /// Up to four strings that end a choice (not included in the answer).
+    pub stop: Option<Stop>,
+    /// Answer as server-sent events (`data: {chunk}` lines, then `data: [DONE]`).
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Makes sampling repeatable: the same seed and request give the same answer.
+    pub seed: Option<i64>,
+    /// How many choices to generate (at most [`crate::request::MAX_CHOICES`]; a test holds the
+    /// two equal).
+    #[schema(minimum = 1, maximum = 16)]
+    pub n: Option<u64>,
+    /// Return the log-probability of each generated token.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: also the most likely alternatives at each position.
+    #[schema(minimum = 0, maximum = 20)]
+    pub top_logprobs: Option<u64>,
+    /// Only `text` is supported (as a string or `{"type": "text"}`).
+    pub response_format: Option<ResponseFormat>,
+    /// Tool definitions: only an empty list is accepted (no tool calling).
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `none` or `auto` (there are no tools to call).
+    pub tool_choice: Option<String>,
+    /// Only `true`/`false` is accepted and ignored (no tool calling).
+    pub parallel_tool_calls: Option<bool>,
+    /// Only an empty object is accepted.
+    #[schema(value_type = Option<Object>)]
+    pub logit_bias: Option<serde_json::Value>,
+    /// Only `["text"]` is accepted.
+    pub modalities: Option<Vec<Modality>>,
+    /// The end user, for the operator's logs.
+    pub user: Option<String>,
+    /// Accepted and ignored.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+    /// Accepted and ignored (nothing is stored).
+    pub store: Option<bool>,
+    /// Accepted and ignored.
+    pub service_tier: Option<String>,
+    /// Deprecated OpenAI tool definitions: only an empty list is accepted.
+    pub functions: Option<Vec<serde_json::Value>>,
+    /// Deprecated OpenAI `tool_choice`: `none` or `auto`.
+    pub function_call: Option<String>,
+    /// Not supported (422).
+    #[schema(value_type = Option<Object>)]
+    pub audio: Option<serde_json::Value>,
+    /// Not supported (422).
+    #[schema(value_type = Option<Object>)]
+    pub prediction: Option<serde_json::Value>,
+    /// Not supported (422).
+    #[schema(value_type = Option<Object>)]
+    pub web_search_options: Option<serde_json::Value>,
+    /// Accepted and ignored.
+    pub reasoning_effort: Option<String>,
+    /// Accepted and ignored.
+    pub verbosity: Option<String>,
+    /// Accepted and ignored: prefix reuse is automatic.
+    pub prompt_cache_key: Option<String>,
+    /// Accepted and ignored.
+    pub safety_identifier: Option<String>,
+}
+
+/// One message of the conversation: instructions, a user turn or an earlier answer. `tool`
+/// and `function` messages are a 422 (no tool calling); other keys of a message are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum RequestMessage {
+    /// `system` or `developer`.
+    Instructions(InstructionsMessage),
+    /// `user`.
+    User(UserMessage),
+    /// `assistant`.
+    Assistant(AssistantTurn),
+}
+
+/// Instructions: translated into the first user turn for templates without a system role.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct InstructionsMessage {
+    /// `developer` is OpenAI's newer name for `system`.
+    pub role: InstructionsRole,
+    /// The text, or text parts (joined with newlines).
+    pub content: MessageContent,
+}
+
+/// The roles of an [`InstructionsMessage`].
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InstructionsRole {
+    /// Instructions.
+    System,
+    /// The same, by OpenAI's newer name.
+    Developer,
+}
+
+/// What the person asks.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UserMessage {
+    /// Always `user`.
+    pub role: UserRole,
+    /// The text, or text parts (joined with newlines).
+    pub content: MessageContent,
+}
+
+/// The role of a [`UserMessage`].
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UserRole {
+    /// The person asking.
+    User,
+}
+
+/// An earlier answer (its content may be absent when it only called tools).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AssistantTurn {
+    /// Always `assistant`.
+    pub role: AssistantRole,
+    /// The text, or text parts (joined with newlines).
+    pub content: Option<MessageContent>,
+}
+
+/// The role of an [`AssistantTurn`].
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AssistantRole {
+    /// An earlier answer.
+    Assistant,
+}
+
+/// Message content: a string, or an array of text parts.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Text parts; image and audio parts are a 422 (the model reads text only).
+    Parts(Vec<TextPart>),
+}
+
+/// One text part of a message.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TextPart {
+    /// Always `text`.
+    #[serde(rename = "type")]
+    pub kind: TextPartType,
+    /// The text.
+    pub text: String,
+}
+
+/// The type of a text part.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TextPartType {
+    /// Text.
+    Text,
+}
+
+/// `stop`: one non-empty string or up to four (its schema is written out below, as the derive
+/// cannot bound an untagged variant).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Up to four stop strings.
+    Many(Vec<String>),
+}
+
+impl PartialSchema for Stop {
+    fn schema() -> RefOr<Schema> {
+        let string = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1));
+        OneOfBuilder::new()
+            .item(string())
+            .item(ArrayBuilder::new().items(string()).max_items(Some(4)))
+            .into()
+    }
+}
+
+impl ToSchema for Stop {}
+
+/// `stream_options`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send one more chunk at the end with `usage` (and `"usage": null` on the others).
+    pub include_usage: Option<bool>,
+}
+
+/// `response_format`: `"text"`, or an object whose `type` is `text` (`json_object` and
+/// `json_schema` are a 422).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ResponseFormat {
+    /// `"text"`.
+    Name(ResponseFormatType),
+    /// `{"type": "text"}`.
+    Object {
+        /// The format.
+        #[serde(rename = "type")]
+        kind: ResponseFormatType,
+    },
+}
+
+/// The response formats the API names.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormatType {
+    /// Free text (the only one supported).
+    Text,
+    /// JSON mode (422).
+    JsonObject,
+    /// Structured output (422).
+    JsonSchema,
+}
+
+/// An output modality.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Modality {
+    /// Text (the only one supported).
+    Text,
+    /// Audio (422).
+    Audio,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::KNOWN_PARAMETERS;
+    use crate::request::MAX_CHOICES;
+
+    fn properties() -> Vec<String> {
+        let schema = serde_json::to_value(ChatCompletionsRequest::schema()).unwrap();
+        schema["properties"].as_object().unwrap().keys().cloned().collect()
+    }
+
+    #[test]
+    fn schema_names_exactly_the_known_parameters() {
+        let mut documented = properties();
+        documented.sort();
+        let mut known: Vec<String> = KNOWN_PARAMETERS.iter().map(|s| s.to_string()).collect();
+        known.sort();
+        assert_eq!(documented, known);
+    }
+
+    #[test]
+    fn messages_are_required_and_the_rest_optional() {
+        let schema = serde_json::to_value(ChatCompletionsRequest::schema()).unwrap();
+        assert_eq!(schema["required"], serde_json::json!(["messages"]));
+        assert_eq!(schema["properties"]["n"]["maximum"], serde_json::json!(MAX_CHOICES));
+    }
+}
