@@ -2,6 +2,7 @@
 
 mod config_file;
 mod generate;
+mod memory;
 mod options;
 mod serve;
 

@@ -21,6 +21,7 @@ use phi_server::http_filter::HttpFilter;
 use phi_server::loading::LoadingGate;
 use phi_server::{AppState, ServerConfig, WorkerConfig};
 
+use crate::memory::available_memory;
 use crate::options::ModelArgs;
 
 /// Environment variable with comma-separated API keys.
@@ -64,8 +65,9 @@ pub struct ServeArgs {
     max_queue_tokens: Option<u64>,
     /// KV-cache tokens that running sequences may hold together. Each reserves its prompt
     /// plus its max_tokens when it joins the batch, and waits until that fits; a request that
-    /// could never fit is answered 400. Default on CPU: 80% of the memory available once the
-    /// model is loaded, less --prefix-cache-mb; on CUDA: no bound.
+    /// could never fit is answered 400. Default on CPU: 80% of the memory available (within the
+    /// cgroup's memory limit, in a container) once the model is loaded, less --prefix-cache-mb;
+    /// on CUDA: no bound.
     #[arg(long, env = "PHI_SERVE_KV_CACHE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_tokens: Option<u64>,
     /// Longest a chat request may take from its arrival: a request still waiting for a place
@@ -318,14 +320,6 @@ fn kv_cache_budget(engine: &Engine, flag: Option<usize>, prefix_bytes: usize) ->
         "KV cache budget"
     );
     tokens
-}
-
-/// `MemAvailable` of `/proc/meminfo`, in bytes.
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// The `--cors-allow-origin` values, each checked to be `*` or `scheme://host[:port]`.
