@@ -10,6 +10,7 @@ for a longer run) to explore further.
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx2 as httpx
@@ -73,7 +74,9 @@ def _fuzz(url: str, *extra: str) -> None:
         "--no-color",
         *extra,
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # schemathesis keeps a cache in its working folder: not in the repository.
+    with tempfile.TemporaryDirectory() as cwd:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)}\n{output[-12000:]}"
     # Every operation was tested, all of its schema readable (schemathesis leaves out the
