@@ -360,6 +360,16 @@ impl Engine {
             * self.model.dtype().size_in_bytes()
     }
 
+    /// Free and total bytes of the model's GPU; `None` on the CPU (or when the driver cannot
+    /// tell).
+    pub fn device_memory(&self) -> Option<(usize, usize)> {
+        match self.model.device() {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok(),
+            _ => None,
+        }
+    }
+
     /// Longest sequence (prompt plus completion) the model accepts.
     pub fn context_length(&self) -> usize {
         self.model.config().max_position_embeddings

@@ -279,10 +279,17 @@ impl Phi3 {
             &self.device,
         )?;
 
+        // Every layer uses the same masks: build them (on the host) and upload them once per
+        // forward pass, not once per layer.
+        let masks = spans
+            .iter()
+            .map(|(span, _)| if self.uses_flash_attn() { Ok(None) } else { self.mask_for(span) })
+            .collect::<Result<Vec<Option<Tensor>>>>()?;
+
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
             let h = layer.input_norm.forward(&x)?;
-            let attn = self.attention(li, layer, &h, &cos, &sin, items, &spans)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, items, &spans, &masks)?;
             x = (residual + attn)?;
             let residual = x.clone();
             let h = layer.post_attention_norm.forward(&x)?;
@@ -329,6 +336,7 @@ impl Phi3 {
         sin: &Tensor,
         items: &mut [BatchItem<'_>],
         spans: &[(Range<usize>, RopeFactors)],
+        masks: &[Option<Tensor>],
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (hd, nq, nkv) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -344,35 +352,34 @@ impl Phi3 {
 
         let mut outputs = Vec::with_capacity(items.len());
         let mut offset = 0usize;
-        for (item, (span, _)) in items.iter_mut().zip(spans) {
+        for ((item, (span, _)), mask) in items.iter_mut().zip(spans).zip(masks) {
             let l = span.len();
-            let q_i = q.narrow(0, offset, l)?.transpose(0, 1)?; // [nq, l, hd]
+            let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
+            let q_i = q_rows.transpose(0, 1)?; // [nq, l, hd]
             let k_i = k.narrow(0, offset, l)?.transpose(0, 1)?.contiguous()?; // [nkv, l, hd]
             let v_i = v.narrow(0, offset, l)?.transpose(0, 1)?.contiguous()?;
             offset += l;
             let (k_all, v_all) = item.cache.append(layer_idx, &k_i, &v_i)?; // [nkv, end, hd]
 
-            // Keys outside every query's window are skipped outright.
-            let first_key = match cfg.sliding_window {
-                Some(w) => (span.start + 1).saturating_sub(w),
-                None => 0,
-            };
-            let n_keys = span.end - first_key;
+            let (first_key, n_keys) = self.key_range(span);
             let k_all = k_all.narrow(1, first_key, n_keys)?;
             let v_all = v_all.narrow(1, first_key, n_keys)?;
+
+            #[cfg(feature = "flash-attn")]
+            if self.uses_flash_attn() {
+                outputs.push(self.flash_attention(&q_rows, &k_all, &v_all, scale as f32)?);
+                continue;
+            }
 
             // Query head j uses kv head j / group: fold the group into the query rows.
             let q_g = q_i.contiguous()?.reshape((nkv, group * l, hd))?;
             let scores = (q_g.matmul(&k_all.transpose(1, 2)?)? * scale)?; // [nkv, g*l, keys]
-            let scores = if l > 1 || cfg.sliding_window.is_some_and(|w| n_keys > w) {
-                let mask = self.mask(span, first_key, cfg.sliding_window)?;
-                scores.reshape((nkv, group, l, n_keys))?.broadcast_add(&mask)?.reshape((
-                    nkv,
-                    group * l,
-                    n_keys,
-                ))?
-            } else {
-                scores
+            let scores = match mask {
+                Some(mask) => scores
+                    .reshape((nkv, group, l, n_keys))?
+                    .broadcast_add(mask)?
+                    .reshape((nkv, group * l, n_keys))?,
+                None => scores,
             };
             let probs = if scores.dtype() == DType::F32 {
                 candle_nn::ops::softmax_last_dim(&scores)?
@@ -390,6 +397,53 @@ impl Phi3 {
             Tensor::cat(&outputs, 0)?
         };
         Ok(layer.o_proj.forward(&out)?)
+    }
+
+    /// Whether attention runs in the FlashAttention-2 kernel (built with `flash-attn`, on CUDA,
+    /// in bf16 or f16; float32 keeps the eager path the reference uses).
+    fn uses_flash_attn(&self) -> bool {
+        cfg!(feature = "flash-attn")
+            && self.device.is_cuda()
+            && matches!(self.dtype, DType::BF16 | DType::F16)
+    }
+
+    /// FlashAttention-2 of one sequence: `q` `[l, nq, hd]` (its rows of the batch), `k`, `v`
+    /// `[nkv, n_keys, hd]` (views of its cache, the last key the last query's own). The kernel
+    /// aligns the causal diagonal bottom-right, so query `i` sees keys up to `n_keys - l + i`,
+    /// and grouped-query heads are handled natively. Returns `[l, nq * hd]`.
+    #[cfg(feature = "flash-attn")]
+    fn flash_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+        let (l, nq, hd) = q.dims3()?;
+        // `[1, seq, heads, hd]` views: the kernel takes strides, only the last dim must be dense.
+        let q = q.unsqueeze(0)?;
+        let k = k.transpose(0, 1)?.unsqueeze(0)?;
+        let v = v.transpose(0, 1)?.unsqueeze(0)?;
+        // The reference's window of `w` keys includes the query's own: `w - 1` to its left.
+        let left = self.cfg.sliding_window.map(|w| w.saturating_sub(1));
+        let out = candle_flash_attn::flash_attn_windowed(&q, &k, &v, scale, left, Some(0))?;
+        Ok(out.reshape((l, nq * hd))?)
+    }
+
+    /// The keys the queries at `span` attend to: `(first, count)`. Keys outside every query's
+    /// window are skipped outright.
+    fn key_range(&self, span: &Range<usize>) -> (usize, usize) {
+        let first_key = match self.cfg.sliding_window {
+            Some(w) => (span.start + 1).saturating_sub(w),
+            None => 0,
+        };
+        (first_key, span.end - first_key)
+    }
+
+    /// The additive mask of the queries at `span`, or `None` when every query sees every key
+    /// of [`Self::key_range`] (a single query within its window).
+    fn mask_for(&self, span: &Range<usize>) -> Result<Option<Tensor>> {
+        let window = self.cfg.sliding_window;
+        let (first_key, n_keys) = self.key_range(span);
+        if span.len() > 1 || window.is_some_and(|w| n_keys > w) {
+            Ok(Some(self.mask(span, first_key, window)?))
+        } else {
+            Ok(None)
+        }
     }
 
     /// Additive mask `[l, n_keys]` for queries at `span` over keys starting at `first_key`:

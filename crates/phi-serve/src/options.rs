@@ -85,9 +85,13 @@ pub enum LongRopeArg {
 fn parse_device(spec: Option<&str>) -> Result<Device> {
     match spec {
         None => {
+            // candle's `cuda_is_available()` only says the build has CUDA: ask for the GPU
+            // itself, and fall back to the CPU where there is none (no device visible, e.g.
+            // CUDA_VISIBLE_DEVICES empty, or a driver without GPUs).
             #[cfg(feature = "cuda")]
-            if candle_core::utils::cuda_is_available() {
-                return Ok(Device::new_cuda(0)?);
+            match Device::new_cuda(0) {
+                Ok(device) => return Ok(device),
+                Err(e) => tracing::warn!("no usable CUDA device ({e}): running on the CPU"),
             }
             Ok(Device::Cpu)
         }

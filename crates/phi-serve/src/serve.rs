@@ -66,8 +66,8 @@ pub struct ServeArgs {
     /// KV-cache tokens that running sequences may hold together. Each reserves its prompt
     /// plus its max_tokens when it joins the batch, and waits until that fits; a request that
     /// could never fit is answered 400. Default on CPU: 80% of the memory available (within the
-    /// cgroup's memory limit, in a container) once the model is loaded, less --prefix-cache-mb;
-    /// on CUDA: no bound.
+    /// cgroup's memory limit, in a container) once the model is loaded; on CUDA: 90% of the GPU
+    /// memory free then; less --prefix-cache-mb either way.
     #[arg(long, env = "PHI_SERVE_KV_CACHE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_tokens: Option<u64>,
     /// Longest a chat request may take from its arrival: a request still waiting for a place
@@ -293,15 +293,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 /// The KV-cache budget in tokens: `flag`, else on CPU 80% of the memory available now (the
-/// model loaded) less the prefix cache's budget; logged with what it holds.
+/// model loaded), on CUDA 90% of the GPU's free memory (the rest is left to activations), less
+/// the prefix cache's budget either way; logged with what it holds.
 fn kv_cache_budget(engine: &Engine, flag: Option<usize>, prefix_bytes: usize) -> usize {
     let per_token = engine.kv_bytes_per_token().max(1);
     let tokens = match flag {
         Some(t) => t,
-        None if engine.model().device().is_cuda() => {
-            tracing::info!("KV cache: no token budget on CUDA (set --kv-cache-tokens to bound it)");
-            return usize::MAX;
-        }
+        None if engine.model().device().is_cuda() => match engine.device_memory() {
+            Some((free, _)) => (free / 10 * 9).saturating_sub(prefix_bytes) / per_token,
+            None => {
+                tracing::warn!("cannot read the GPU's free memory: no KV-cache budget");
+                return usize::MAX;
+            }
+        },
         None => match available_memory() {
             Some(bytes) => (bytes / 5 * 4).saturating_sub(prefix_bytes as u64) as usize / per_token,
             None => {
