@@ -65,6 +65,20 @@ impl BenchModelSpec {
         }
     }
 
+    /// Phi-3-mini-4k-instruct's own shape (3.8B parameters, 7.6 GB in bf16): hidden 3072,
+    /// intermediate 8192, 32 layers, 32 heads; for GPU benchmarks (`benches/gpu.sh`).
+    pub fn phi3_mini() -> Self {
+        Self {
+            name: "phi3-mini-random".into(),
+            hidden_size: 3072,
+            intermediate_size: 8192,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 32,
+            ..Self::phi3_438m()
+        }
+    }
+
     /// A few-million-parameter model with the same layout, for a quick smoke run of the benches
     /// (`cargo test --benches`).
     pub fn tiny() -> Self {
@@ -226,7 +240,11 @@ fn write_checkpoint(spec: &BenchModelSpec, dir: &Path) -> Result<()> {
     let config = serde_json::to_string_pretty(&spec.config_json())?;
     std::fs::write(dir.join("config.json"), config + "\n")?;
 
-    let tokenizer_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny/phi3-mini-4k");
+    // PHI_BENCH_TOKENIZER_DIR: where a binary built elsewhere finds the tokenizer files.
+    let tokenizer_dir = std::env::var_os("PHI_BENCH_TOKENIZER_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny/phi3-mini-4k"),
+        PathBuf::from,
+    );
     for f in SIDE_FILES {
         std::fs::copy(tokenizer_dir.join(f), dir.join(f))
             .with_context(|| format!("copying {f} from {}", tokenizer_dir.display()))?;

@@ -1,0 +1,237 @@
+//! The forward pass on a CUDA GPU against the CPU and the transformers reference, for every tiny
+//! checkpoint variant (`models/tiny`, reference outputs in `tests/reference`):
+//! - float32 on `cuda:0` reproduces the reference's greedy continuations (KV cache, one token
+//!   per step), one at a time and all together in one ragged batch, and its logits stay within
+//!   a small tolerance of the CPU's;
+//! - bf16 on `cuda:0` (the GPU default) tracks the reference as closely as bf16 on the CPU does,
+//!   and its greedy continuations equal the CPU bf16 ones up to the first step where the CPU's
+//!   top-2 margin is within bf16 rounding (past that, either choice is right).
+//!
+//! Only built with `--features cuda`: `cargo test -p phi-engine --features cuda --test
+//! cuda_parity`. Without a usable GPU every test passes after printing `SKIPPED: no CUDA device`
+//! (written straight to stderr, so it shows without `--nocapture`). A binary built with CUDA
+//! links the driver's `libcuda.so.1`: where there is none the test binary does not start.
+#![cfg(feature = "cuda")]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use phi_engine::checkpoint::ModelSource;
+use phi_engine::phi3::{BatchItem, Phi3};
+use serde_json::Value;
+
+const VARIANTS: &[&str] = &["phi3-mini-4k", "phi3-medium-4k", "phi3-mini-128k", "phi4-mini"];
+/// GPU float32 against the float32 reference (and the CPU): cuBLAS sums in another order.
+const F32_TOL: f32 = 1e-3;
+
+/// Written with `write!` on the stderr handle: libtest captures `print!`/`eprint!` of passing
+/// tests, not direct writes, so the line shows in every `cargo test` log.
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// `cuda:0`, or `None` after saying the test was skipped. (candle's `cuda_is_available()` only
+/// says the build has CUDA: opening the device is the test.)
+fn gpu(test: &str) -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            say(&format!("{test}: SKIPPED: no CUDA device (cuda:0: {e})"));
+            None
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn load(variant: &str, dtype: DType, device: &Device) -> Phi3 {
+    let dir = root().join("models/tiny").join(variant);
+    let files = ModelSource::parse(dir.to_str().unwrap(), None).unwrap().resolve().unwrap();
+    Phi3::from_checkpoint(&files, dtype, device).unwrap()
+}
+
+fn reference(variant: &str) -> Value {
+    let path = root().join("crates/engine/tests/reference").join(variant).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Largest minus second-largest logit.
+fn margin(row: &[f32]) -> f32 {
+    let mut sorted = row.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted[0] - sorted[1]
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn rows(logits: &Tensor) -> Vec<Vec<f32>> {
+    logits.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// Greedy decoding with the KV cache, one token per step: the tokens and each step's logits.
+fn greedy(model: &Phi3, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut tokens = prompt.to_vec();
+    let mut cache = model.new_cache();
+    let mut steps = Vec::new();
+    for _ in 0..n {
+        let out = model
+            .forward(&mut [BatchItem {
+                tokens: &tokens,
+                cache: &mut cache,
+                max_new_tokens: None,
+                all_logits: false,
+            }])
+            .unwrap();
+        let row = rows(&out.logits).remove(0);
+        tokens.push(argmax(&row));
+        steps.push(row);
+    }
+    (tokens[prompt.len()..].to_vec(), steps)
+}
+
+/// Logits of every position of `input`, in one pass from an empty cache.
+fn all_logits(model: &Phi3, input: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    let out = model
+        .forward(&mut [BatchItem {
+            tokens: input,
+            cache: &mut cache,
+            max_new_tokens: None,
+            all_logits: true,
+        }])
+        .unwrap();
+    rows(&out.logits)
+}
+
+#[test]
+fn f32_on_cuda_matches_the_reference_and_the_cpu() {
+    let Some(dev) = gpu("f32_on_cuda_matches_the_reference_and_the_cpu") else { return };
+    for variant in VARIANTS {
+        let gpu_model = load(variant, DType::F32, &dev);
+        let cpu_model = load(variant, DType::F32, &Device::Cpu);
+        for case in reference(variant)["greedy_cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let prompt = ids(&case["prompt_ids"]);
+            let want = ids(&case["generated_ids"]);
+            let (got, gpu_steps) = greedy(&gpu_model, &prompt, want.len());
+            assert_eq!(got, want, "{variant}/{name}: cuda f32 greedy tokens differ");
+            // Teacher-forced logits of the whole continuation, GPU against CPU.
+            let full: Vec<u32> = prompt.iter().chain(&want).copied().collect();
+            let (g, c) = (all_logits(&gpu_model, &full), all_logits(&cpu_model, &full));
+            for (p, (g, c)) in g.iter().zip(&c).enumerate() {
+                let d = max_abs_diff(g, c);
+                assert!(d < F32_TOL, "{variant}/{name} position {p}: cuda vs cpu f32 |diff| {d}");
+            }
+            // The cached decode's logits agree with the one-pass ones.
+            for (step, row) in gpu_steps.iter().enumerate() {
+                let d = max_abs_diff(row, &g[prompt.len() - 1 + step]);
+                assert!(d < F32_TOL, "{variant}/{name} step {step}: cached vs full |diff| {d}");
+            }
+        }
+    }
+    say("f32_on_cuda_matches_the_reference_and_the_cpu: ran on cuda:0");
+}
+
+/// Every greedy case decoded together, in one ragged batch per step, on the GPU.
+#[test]
+fn ragged_batch_on_cuda_matches_the_reference() {
+    let Some(dev) = gpu("ragged_batch_on_cuda_matches_the_reference") else { return };
+    for variant in VARIANTS {
+        let model = load(variant, DType::F32, &dev);
+        let json = reference(variant);
+        let cases = json["greedy_cases"].as_array().unwrap();
+        let mut seqs: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+        let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["generated_ids"])).collect();
+        let prompt_lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
+        loop {
+            let active: Vec<usize> = (0..seqs.len())
+                .filter(|&i| seqs[i].len() < prompt_lens[i] + wants[i].len())
+                .collect();
+            if active.is_empty() {
+                break;
+            }
+            let mut items: Vec<BatchItem> = Vec::new();
+            for (i, (tokens, cache)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
+                if active.contains(&i) {
+                    // Prompts in chunks of 3, so prefill chunks and decode steps share a batch.
+                    items.push(BatchItem {
+                        tokens,
+                        cache,
+                        max_new_tokens: Some(3),
+                        all_logits: false,
+                    });
+                }
+            }
+            let out = model.forward(&mut items).unwrap();
+            drop(items);
+            let logits = rows(&out.logits);
+            for ((row, &i), pos) in out.rows.iter().zip(&active).zip(&out.positions) {
+                if pos.end == seqs[i].len() {
+                    seqs[i].push(argmax(&logits[row.end - 1]));
+                }
+            }
+        }
+        for (i, case) in cases.iter().enumerate() {
+            let got = &seqs[i][prompt_lens[i]..];
+            assert_eq!(got, &wants[i][..], "{variant}/{}: cuda ragged batch", case["name"]);
+        }
+    }
+    say("ragged_batch_on_cuda_matches_the_reference: ran on cuda:0");
+}
+
+#[test]
+fn bf16_on_cuda_tracks_the_cpu() {
+    let Some(dev) = gpu("bf16_on_cuda_tracks_the_cpu") else { return };
+    for variant in VARIANTS {
+        let gpu_model = load(variant, DType::BF16, &dev);
+        let cpu_model = load(variant, DType::BF16, &Device::Cpu);
+        for case in reference(variant)["greedy_cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let prompt = ids(&case["prompt_ids"]);
+            let n = ids(&case["generated_ids"]).len();
+            let (cpu_tokens, cpu_steps) = greedy(&cpu_model, &prompt, n);
+            let (gpu_tokens, gpu_steps) = greedy(&gpu_model, &prompt, n);
+            for step in 0..n {
+                let scale = cpu_steps[step].iter().fold(0f32, |m, x| m.max(x.abs()));
+                // bf16 keeps 8 significant bits, and GPU and CPU round at different places.
+                let tol = 0.05 * scale;
+                let d = max_abs_diff(&gpu_steps[step], &cpu_steps[step]);
+                assert!(d < tol, "{variant}/{name} step {step}: cuda vs cpu bf16 |diff| {d}");
+                if gpu_tokens[step] != cpu_tokens[step] {
+                    assert!(
+                        margin(&cpu_steps[step]) <= 2.0 * tol,
+                        "{variant}/{name} step {step}: cuda bf16 chose {} where the cpu chose {} \
+                         by a margin of {}",
+                        gpu_tokens[step],
+                        cpu_tokens[step],
+                        margin(&cpu_steps[step])
+                    );
+                    // A near tie went the other way: the continuations legitimately part here.
+                    break;
+                }
+            }
+        }
+    }
+    say("bf16_on_cuda_tracks_the_cpu: ran on cuda:0");
+}
