@@ -758,3 +758,120 @@ fn config_file_with_flags_and_environment_above_it() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The `ENV` settings, `ENTRYPOINT`, `HEALTHCHECK` path and `STOPSIGNAL` of a Dockerfile under
+/// `docker/`, read from the file itself so that this test follows the image.
+struct ImageConfig {
+    env: Vec<(String, String)>,
+    entrypoint: Vec<String>,
+    health_path: String,
+    stop_signal: String,
+}
+
+fn image_config(dockerfile: &str) -> ImageConfig {
+    let path = format!("{}/../../docker/{dockerfile}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Join continuation lines into one instruction each, without comments.
+    let mut instructions: Vec<String> = Vec::new();
+    let mut continued = false;
+    for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let body = line.strip_suffix('\\').unwrap_or(line).trim();
+        if continued {
+            let last = instructions.last_mut().unwrap();
+            last.push(' ');
+            last.push_str(body);
+        } else {
+            instructions.push(body.to_string());
+        }
+        continued = line.ends_with('\\');
+    }
+    // The runtime stage: everything after the last FROM.
+    let start = instructions.iter().rposition(|i| i.starts_with("FROM ")).unwrap();
+    let stage = &instructions[start..];
+    let find = |name: &str| {
+        stage
+            .iter()
+            .filter_map(|i| i.strip_prefix(name))
+            .map(|rest| rest.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    let env = find("ENV ")
+        .iter()
+        .flat_map(|e| e.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("ENV {kv} is not KEY=VALUE"));
+            (k.to_string(), v.trim_matches('"').to_string())
+        })
+        .collect();
+    let entrypoint: Vec<String> = serde_json::from_str(&find("ENTRYPOINT ")[0]).unwrap();
+    let health = find("HEALTHCHECK ").pop().expect("a HEALTHCHECK");
+    let url = health.split_whitespace().find(|w| w.starts_with("http://")).unwrap();
+    let health_path = format!("/{}", url.splitn(4, '/').nth(3).unwrap());
+    let stop_signal = find("STOPSIGNAL ").pop().unwrap_or_else(|| "SIGTERM".into());
+    ImageConfig { env, entrypoint, health_path, stop_signal }
+}
+
+/// Both images' configuration, run outside a container (Docker cannot run here): with the
+/// image's environment and entrypoint the server refuses to listen on all interfaces without a
+/// key, serves once `PHI_SERVE_API_KEYS` is given (the documented `docker run -e`), answers the
+/// HEALTHCHECK's URL without a key, and drains and exits 0 on the STOPSIGNAL.
+#[test]
+fn the_images_environment_and_entrypoint_work_outside_a_container() {
+    for dockerfile in ["Dockerfile", "Dockerfile.cuda"] {
+        let image = image_config(dockerfile);
+        assert_eq!(image.entrypoint, ["phi-serve", "serve"], "{dockerfile}");
+        assert_eq!(image.stop_signal, "SIGTERM", "{dockerfile}");
+        let host = image.env.iter().find(|(k, _)| k == "PHI_SERVE_HOST");
+        assert_eq!(host.map(|(_, v)| v.as_str()), Some("0.0.0.0"), "{dockerfile}");
+        let hf_home = std::env::temp_dir().join(format!("phi-serve-image-{}", std::process::id()));
+        let mut env: Vec<(String, String)> = image
+            .env
+            .iter()
+            .map(|(k, v)| match k.as_str() {
+                "HF_HOME" => (k.clone(), hf_home.display().to_string()),
+                _ => (k.clone(), v.clone()),
+            })
+            .collect();
+        // The CUDA image asks for the GPU: a build without CUDA says so and stops (it never
+        // falls back to the CPU); the rest of its configuration is tested on the CPU.
+        if let Some(i) = env.iter().position(|(k, _)| k == "PHI_SERVE_DEVICE") {
+            let (_, device) = env.remove(i);
+            assert_eq!(device, "cuda", "{dockerfile}");
+            if !cfg!(feature = "cuda") {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_phi-serve"))
+                    .args(["serve", "--model", MODEL, "--port", "0", "--api-key", "k"])
+                    .env("PHI_SERVE_DEVICE", &device)
+                    .output()
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success() && stderr.contains("built without CUDA"), "{stderr}");
+            }
+        }
+
+        // No key: refused, with the reason.
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_phi-serve"));
+        cmd.args(&image.entrypoint[1..]).args(["--model", MODEL, "--port", "0"]);
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("PHI_SERVE_") {
+                cmd.env_remove(var);
+            }
+        }
+        let out = cmd.envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+        assert!(!out.status.success(), "{dockerfile}: served without a key");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("without an API key"), "{dockerfile}: {stderr}");
+
+        // With a key, as `docker run -e PHI_SERVE_API_KEYS=...` gives it.
+        env.push(("PHI_SERVE_API_KEYS".into(), "image-key".into()));
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut s = Server::start_with_env(&[], &pairs);
+        assert!(s.base.starts_with("http://0.0.0.0:"), "{dockerfile}: listens on {}", s.base);
+        let port = s.base.rsplit(':').next().unwrap().to_string();
+        let probe = format!("http://127.0.0.1:{port}{}", image.health_path);
+        assert_eq!(s.client.get(&probe).send().unwrap().status(), 200, "{dockerfile}");
+        assert_eq!(s.get("/v1/models").status(), 401, "{dockerfile}: keys not applied");
+        sigterm(&s);
+        assert!(wait_exit(&mut s, Duration::from_secs(30)).success(), "{dockerfile}");
+        let _ = std::fs::remove_dir_all(&hf_home);
+    }
+}
