@@ -3,6 +3,10 @@
 //! stream ends with `data: [DONE]\n\n`.
 
 use serde::Serialize;
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
 /// The last event of every stream.
 pub const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -16,6 +20,38 @@ pub fn event<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
+/// One event of a streamed answer, as OpenAPI 3.1 describes the items of `text/event-stream`:
+/// its `data` is a [`crate::ChatCompletionChunk`] as JSON, or `[DONE]` at the end.
+///
+/// Exists so that `/openapi.json` states what a stream carries and the schemathesis test checks
+/// every event of every streamed answer against the chunk's schema. Its schema is written out
+/// because JSON Schema's `contentSchema` has no derive attribute.
+pub struct ChatCompletionEvent;
+
+impl PartialSchema for ChatCompletionEvent {
+    fn schema() -> RefOr<Schema> {
+        let mut chunk_schema = Extensions::default();
+        chunk_schema.insert(
+            "contentSchema".to_string(),
+            serde_json::json!({"$ref": "#/components/schemas/ChatCompletionChunk"}),
+        );
+        let chunk = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .extensions(Some(chunk_schema));
+        let done = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["[DONE]"]));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("`data: {chunk}` events, then `data: [DONE]`."))
+            .property("data", AnyOfBuilder::new().item(done).item(chunk))
+            .required("data")
+            .property("event", ObjectBuilder::new().schema_type(Type::String))
+            .into()
+    }
+}
+
+impl ToSchema for ChatCompletionEvent {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -24,5 +60,14 @@ mod tests {
     fn one_line_lf_only() {
         let e = event(&serde_json::json!({"a": "x\ny\r\n"}));
         assert_eq!(e, b"data: {\"a\":\"x\\ny\\r\\n\"}\n\n".to_vec());
+    }
+
+    #[test]
+    fn event_schema_points_at_the_chunk() {
+        let schema = serde_json::to_value(ChatCompletionEvent::schema()).unwrap();
+        let data = &schema["properties"]["data"]["anyOf"];
+        assert_eq!(data[0]["enum"], serde_json::json!(["[DONE]"]));
+        assert_eq!(data[1]["contentMediaType"], "application/json");
+        assert_eq!(data[1]["contentSchema"]["$ref"], "#/components/schemas/ChatCompletionChunk");
     }
 }

@@ -39,7 +39,7 @@ use crate::worker::{Job, SubmitError};
             (each `data:` line a `ChatCompletionChunk`, then `data: [DONE]`).",
             content(
                 (phi_api::ChatCompletion = "application/json"),
-                (String = "text/event-stream"),
+                (phi_api::sse::ChatCompletionEvent = "text/event-stream"),
             )),
         crate::openapi::ChatErrors,
     ),
@@ -62,7 +62,7 @@ pub async fn azure_chat(
             (each `data:` line a `ChatCompletionChunk`, then `data: [DONE]`).",
             content(
                 (phi_api::ChatCompletion = "application/json"),
-                (String = "text/event-stream"),
+                (phi_api::sse::ChatCompletionEvent = "text/event-stream"),
             )),
         crate::openapi::ChatErrors,
     ),

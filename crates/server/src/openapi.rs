@@ -15,6 +15,7 @@ use phi_api::request_schema::{
     MessageContent, Modality, RequestMessage, ResponseFormat, ResponseFormatType, Stop,
     StreamOptions, TextPart, TextPartType, UserMessage, UserRole,
 };
+use phi_api::sse::ChatCompletionEvent;
 use phi_api::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
     Delta, FinishReason, ModelCard, ModelInfo, ModelList, PromptTokensDetails, TokenLogprob,
@@ -56,7 +57,7 @@ use crate::info::{Health, Status};
         Usage, PromptTokensDetails, ChoiceLogprobs, TokenLogprob, TopLogprob, FinishReason,
         ContentFilterResults, CategoryResult, Severity, PromptFilterResult,
         ModelInfo, ModelList, ModelCard, ErrorBody, ErrorObject, Health, Status,
-        ExtraParametersValue,
+        ExtraParametersValue, ChatCompletionEvent,
     )),
     modifiers(&SecuritySchemes),
     tags(
