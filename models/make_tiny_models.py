@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Generate tiny random-weight Phi-3 checkpoints and Hugging Face reference outputs.
 
-Usage (from anywhere):  python models/make_tiny_models.py
+Usage (from anywhere):  python models/make_tiny_models.py [--only NAME[,NAME...]]
+  (--only: just those variants and/or "tokenizer", e.g. --only phi3-mini-4k-q; default: all)
 Dependencies: models/requirements.txt (exact torch / transformers versions).
 
 Deterministic (fixed seeds, one CPU thread) and rerunnable: every output below is deleted and
@@ -52,6 +53,17 @@ reference.json schema (one per variant)
      "description": str}
   ]
 }
+phi3-mini-4k-q (the quantization test model) adds:
+  logits_cases[i]["all_top_logits"]: [[[id, logit], ...5], ...len(input_ids)]  top-5 RAW logits at
+                                   EVERY position (positions only selects the full rows stored)
+  logits_cases[i]["all_logsumexp"]: [float, ...len(input_ids)]  (logprob = logit - logsumexp)
+  "margin_stats": {rows, logits_case_rows, greedy_step_rows, median_margin, p05_margin, min_margin,
+                   rows_margin_below_1, median_max_prob, p05_max_prob, argmax_is_successor,
+                   argmax_is_current_token, distinct_argmax, max_abs_logit, logit_std}
+                 over all positions of the logits cases + every greedy step (top1 - top2 raw logit)
+  "quant_simulation": {format: {argmax_agreement, flips, row_max_abs_diff_median,
+                       row_max_abs_diff_max, mean_kl}} for q8_0, q8_0+act, q4_0, q4_0+act and a
+                       deliberately wrong Q4_0 dequantizer; "quant_simulation_how": how
 
 tokenizer/tokenize.json: {"transformers_version", "tokenizers_version", "tokenizers": {dir_name: source},
   "entries": [{"tokenizer", "text", "ids", "decoded", "decoded_skip_special", "source"}]}
@@ -251,6 +263,44 @@ VARIANTS = [
         # repeats it); larger layer outputs and a larger final norm keep the continuation varied
         init=dict(o_gain=5.0, down_gain=5.0, final_norm_scale=1.0),
     ),
+    # For quantized inference (GGUF Q8_0 / Q4_0 / K-quants): every weight row is a multiple of 256
+    # long. Phi-3-mini-4k-instruct's layout (real rope/window settings, real tokenizer), small
+    # widths, tied embeddings (16 MB instead of 32). Weights come from init_successor (see there):
+    # a random model whose next-token distributions are peaked far beyond quantization noise.
+    dict(
+        name="phi3-mini-4k-q",
+        tokenizer="phi-3-mini-4k-instruct",
+        dtype=torch.bfloat16,
+        seed=5001,
+        config=dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            original_max_position_embeddings=4096,
+            sliding_window=2047,
+            tie_word_embeddings=True,
+        ),
+        max_shard_size=None,
+        longrope=False,
+        legacy_config=False,
+        cases="quant",
+        init_fn="successor",
+        init=dict(
+            embed_std=0.17,  # embedding entries ~N(0, 0.17^2): logits of std ~3, max ~30
+            alpha=0.8,  # layer-0 o_proj = alpha * R + noise (the successor map)
+            qk=2.0,  # layer-0 q_proj = k_proj = qk * I + noise: each position attends to itself
+            qkv_noise=0.3,  # std = gain / sqrt(fan_in) added to layer-0 q/k/v
+            o_noise=0.3,
+            gate_up_gain=1.2,  # both layers' MLPs and layer 1's attention: plain random
+            down_gain=1.0,
+            qkv_gain=1.6,
+            o_gain=1.0,
+        ),
+        margin_target=0.25,  # min top1-top2 margin over the greedy steps (pick_seed)
+    ),
 ]
 
 # Weight-init scales (std of a normal unless said otherwise). Chosen so the output distribution
@@ -323,6 +373,94 @@ def init_weights(model: Phi3ForCausalLM, seed: int, overrides: dict | None = Non
         p.copy_(w)
 
 
+# (variant name, seed) -> the successor cycle that init_successor drew: token order[k] -> order[k+1]
+SUCCESSOR: dict = {}
+
+
+@torch.no_grad()
+def init_successor(model: Phi3ForCausalLM, seed: int, init: dict) -> torch.Tensor:
+    """Weights for phi3-mini-4k-q: random, plus one planted "successor" circuit, so that the
+    next-token distributions are peaked far beyond quantization noise without repeating a token.
+
+    Why: with i.i.d. random weights the logits over the vocabulary are Gaussian, and the gap
+    between the two largest of 32064 Gaussians is small relative to their spread (median ~0.15
+    std), whatever the init scale; Q8_0 noise then flips the argmax at several % of positions
+    (measured at this shape with init_weights and phi4-mini's gains: 90% agreement), so "Q8_0
+    agrees on >= 99% of steps" would fail for a correct engine. Tied embeddings add a second
+    problem: the residual stream carries the current token's own embedding, whose logit wins
+    unless the layers drown it (with init_weights' default gains: 99% agreement, but the argmax
+    is the current token at ~90% of positions and greedy repeats one token).
+
+    What: a random orthogonal R = Q B Q^T (Q from the QR of a Gaussian; B rotates 128 planes by
+    2*pi*m_j/32011, m_j random in 1..32010, so R^32011 = I exactly) and one random cycle through
+    all 32011 real token ids (`order`): embedding(order[k]) = R^k c0 (c0 ~ N(0, embed_std^2)), so
+    R maps each token's embedding exactly onto its successor's (the embedding rows are still
+    pseudo-random: pairwise correlations like independent Gaussian vectors). Layer 0's attention
+    is q = k = qk*x, v = x (+ random noise of std qkv_noise/sqrt(256)): every position attends
+    (almost only) to itself; its o_proj = alpha*R + noise, so layer 0 adds alpha*R*norm(x) ~
+    the successor's embedding to the residual stream, and its logit stands out. Everything else
+    (layer-0 MLP, layer 1 attention over the whole context and MLP) is plain random, so the
+    logits also depend on the context, and where layer 1 outweighs the circuit the argmax is
+    another token. alpha sets the balance; measured on the 533 recorded rows (seed 5001, simulated
+    Q8_0 / Q4_0 with Q8_0 activations, see quant_simulation): alpha 0.7: successor is the argmax
+    at 97.0% of rows, median top1-top2 margin 5.7, Q8_0 99.6% / Q4_0 96.4% agreement; 0.8:
+    99.4%, 7.4, 100% / 99.6% (seeds 5002, 5003: 98.9-99.4%, 6.1-7.3, 99.8-100% / 97.4-99.3%);
+    1.0: 100%, 10.4, 100% / 100% (the context never changes the argmax). Padding rows
+    32011..32063 are N(0, pad_row_std^2), never the argmax. Returns `order`."""
+    g = torch.Generator().manual_seed(seed)
+    init = {**INIT, **init}
+    cfg = model.config
+    H, n = cfg.hidden_size, REAL_VOCAB
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=g, dtype=torch.float32) * std
+
+    a = torch.randn(H, H, generator=g, dtype=torch.float64)
+    Q, r = torch.linalg.qr(a)
+    Q = Q * torch.sign(torch.diagonal(r))[None, :]
+    m = torch.randint(1, n, (H // 2,), generator=g, dtype=torch.int64)
+    order = torch.randperm(n, generator=g)
+    c0 = torch.randn(H // 2, 2, generator=g, dtype=torch.float64) * init["embed_std"]
+    k = torch.arange(n, dtype=torch.int64)
+    ang = (2 * math.pi / n) * ((k[:, None] * m[None, :]) % n).double()  # [n, H/2], exact mod n
+    cs, sn = torch.cos(ang), torch.sin(ang)
+    z = torch.stack([c0[:, 0] * cs - c0[:, 1] * sn, c0[:, 0] * sn + c0[:, 1] * cs], dim=-1).reshape(n, H)
+    theta = (2 * math.pi / n) * m.double()
+    B = torch.zeros(H, H, dtype=torch.float64)
+    idx = torch.arange(0, H, 2)
+    B[idx, idx], B[idx, idx + 1] = torch.cos(theta), -torch.sin(theta)
+    B[idx + 1, idx], B[idx + 1, idx + 1] = torch.sin(theta), torch.cos(theta)
+    R = Q @ B @ Q.T
+    cyc = z @ Q.T  # row k = R^k (Q c0)
+    emb = torch.empty(cfg.vocab_size, H, dtype=torch.float64)
+    emb[order] = cyc
+    nxt = torch.roll(order, -1)
+    closure = float((emb[order] @ R.T - emb[nxt]).abs().max())
+    assert closure < 1e-9, closure  # R e(order[k]) == e(order[k+1]) for every k, the last included
+    emb = emb.float()
+    emb[n:] = normal((cfg.vocab_size - n, H), init["pad_row_std"])
+    eye = torch.eye(H)
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        shape = tuple(p.shape)
+        kind = name.split(".")[-2]
+        if name == "model.embed_tokens.weight":
+            w = emb
+        elif name.endswith("layernorm.weight") or name == "model.norm.weight":
+            w = init["norm_lo"] + (init["norm_hi"] - init["norm_lo"]) * torch.rand(shape, generator=g)
+        elif name.startswith("model.layers.0.self_attn.qkv_proj"):
+            w = normal(shape, init["qkv_noise"] / math.sqrt(shape[1]))
+            w[:H] += init["qk"] * eye
+            w[H : 2 * H] += init["qk"] * eye
+            w[2 * H :] += eye
+        elif name.startswith("model.layers.0.self_attn.o_proj"):
+            w = normal(shape, init["o_noise"] / math.sqrt(shape[1])) + init["alpha"] * R.float()
+        elif kind in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            w = normal(shape, init[kind.replace("_proj", "_gain")] / math.sqrt(shape[1]))
+        else:
+            raise SystemExit(f"unexpected parameter {name}")
+        p.copy_(w)
+    return order
+
 # ----------------------------------------------------------------------------------------------
 # Prompts (token ids are made with the July-2024 tokenizer; all variants share the vocabulary)
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +470,29 @@ PROSE = (
     "twelve steps, while the fog rolled over the harbour and the gulls argued about fish. "
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
     "Über den Wolken muss die Freiheit wohl grenzenlos sein. 東京は雨です。 3.14159 + 2 = 5.14159!"
+)
+
+
+# phi3-mini-4k-q prompts (>= 400 tokens)
+LONG_PROSE = (
+    "Chapter One. The night train from Lisbon to Madrid left eleven minutes late, which the conductor "
+    "blamed on a goat. Maria counted her coins twice: forty-two euros, a bus ticket, and a photograph of "
+    "her grandmother standing beside a blue bicycle in 1968.\n"
+    "Recipe: whisk 3 eggs with 250 ml of milk, add a pinch of salt, then fold in 120 g of flour until "
+    "smooth. Rest for 30 minutes before frying.\n"
+    "import numpy as np\n"
+    "def normalize(x, eps=1e-6):\n    return (x - x.mean()) / (x.std() + eps)\n"
+    "Le marché ouvre à sept heures; les pêcheurs arrivent avec des caisses de sardines et de maquereaux. "
+    "Москва — столица России. 北京的秋天很美丽。 Der Zug fährt um 14:35 Uhr ab Gleis 9.\n"
+    "Q: What is the capital of Australia? A: Canberra, not Sydney, although many people guess wrong.\n"
+    "The committee approved the budget (vote: 7-2), postponed the bridge repairs until spring, and asked "
+    "the mayor to publish all invoices online by 1 March 2025.\n"
+    "SELECT name, COUNT(*) FROM orders WHERE status = 'shipped' GROUP BY name ORDER BY 2 DESC LIMIT 10;\n"
+    "She laughed, closed the notebook, and walked out into the rain without an umbrella. Somewhere a "
+    "radio played an old song about harbours, and the baker on the corner was already pulling the first "
+    "loaves out of the oven, golden and cracked on top.\n"
+    "fn main() { let v: Vec<u32> = (1..=10).map(|x| x * x).collect(); println!(\"{:?}\", v); }\n"
+    "Weather: 18°C, light wind from the north-west, 40% chance of showers after 16:00."
 )
 
 
@@ -365,9 +526,41 @@ def flat_ids(res) -> list[int]:
     return list(res)
 
 
+def quant_cases(tok):
+    """phi3-mini-4k-q: prompts of 8, 40 and 300 tokens and a chat prompt; every position of the
+    logits cases goes into reference.json (top-5 + logsumexp), only `positions` into the
+    safetensors file (full float32 rows)."""
+    ids = tok.encode(LONG_PROSE, add_special_tokens=False)
+    assert len(ids) >= 400, len(ids)
+    chat = chat_prompt_ids(
+        tok,
+        "Summarise the following in two sentences, then suggest a title: the night train left late, "
+        "Maria counted her coins, and the committee postponed the bridge repairs until spring.",
+        system="You are a careful assistant. Answer briefly and in plain English.")
+    long_pos = [0, 1, 2, 63, 64, 127, 128, 200, 255, 256, 298, 299]
+    logits_cases = [
+        dict(name="short", ids=ids[:8], positions=[0, 3, 7], description="8 tokens"),
+        dict(name="medium", ids=ids[8:48], positions=[0, 13, 26, 39], description="40 tokens"),
+        dict(name="long", ids=ids[48:348], positions=long_pos,
+             description="300 tokens (prose, code, SQL, several scripts)"),
+        dict(name="chat", ids=chat, positions=[0, len(chat) // 2, len(chat) - 2, len(chat) - 1],
+             description="system + user prompt from the tokenizer's chat template (template D), "
+                         "ending with <|assistant|>\n"),
+    ]
+    greedy_cases = [
+        dict(name="short", ids=ids[100:108], N=32, description="8-token prompt, 32 new tokens"),
+        dict(name="medium", ids=ids[200:240], N=32, description="40-token prompt, 32 new tokens"),
+        dict(name="long", ids=ids[60:360], N=32, description="300-token prompt, 32 new tokens"),
+        dict(name="chat", ids=chat, N=32, description="the chat prompt of logits case 'chat', 32 new tokens"),
+    ]
+    return logits_cases, greedy_cases
+
+
 def cases_for(v, tok):
     """(logits_cases, greedy_cases) as lists of dicts with name/ids/positions/N/description."""
     cfg = v["config"]
+    if v.get("cases") == "quant":
+        return quant_cases(tok)
     if not v["longrope"]:
         sw = cfg["sliding_window"]
         long_ids = prompt_ids(tok, 30, offset=3)
@@ -495,6 +688,76 @@ def naive_cache_divergence(model, ids: list[int], gen: list[int]):
     return first, maxd
 
 
+# ---- phi3-mini-4k-q: quantization simulation (ggml's reference quantizers, dequantized to f32)
+
+
+def q8_0_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q8_0_ref + dequantize: blocks of 32 along the last dim, d = amax/127 (stored
+    f16), q = round(x/d)."""
+    shape = x.shape
+    b = x.reshape(-1, shape[-1] // 32, 32).float()
+    d = b.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(b / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(b))
+    return (q * d.half().float()).reshape(shape)
+
+
+def q4_0_roundtrip(x: torch.Tensor, swap_halves: bool = False) -> torch.Tensor:
+    """quantize_row_q4_0_ref + dequantize: d = (signed value of largest |x|) / -8 (stored f16),
+    q = min(15, trunc(x/d + 8.5)), x' = (q - 8) d. swap_halves: a deliberately wrong dequantizer
+    that puts the high nibbles (elements 16..31) first."""
+    shape = x.shape
+    b = x.reshape(-1, shape[-1] // 32, 32).float()
+    mx = torch.gather(b, -1, b.abs().argmax(-1, keepdim=True))
+    d = mx / -8
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    q = torch.clamp(torch.floor(b * inv + 8.5), 0, 15)
+    out = (q - 8) * d.half().float()
+    if swap_halves:
+        out = out.reshape(*out.shape[:-1], 2, 16).flip(-2).reshape(out.shape)
+    return out.reshape(shape)
+
+
+@torch.no_grad()
+def quant_simulation(ref, seqs: list[tuple[list[int], int]]) -> dict:
+    """Argmax agreement of quantized copies of `ref` with `ref` on the last `k` rows of each
+    (ids, k): every 2-D weight (token embedding = tied output matrix, qkv, o, gate_up, down)
+    round-tripped through Q8_0 / Q4_0; "+act" also round-trips every matmul input through Q8_0,
+    as ggml's CPU vec_dot for these types does. Norm weights stay f32 (as in GGUF)."""
+    import copy
+
+    def rows(model):
+        return torch.cat([full_logits(model, ids)[-k:] for ids, k in seqs])
+
+    base = rows(ref)
+    am = base.argmax(-1)
+    lp = torch.log_softmax(base, -1)
+    out = {}
+    for label, fn, act in [("q8_0", q8_0_roundtrip, False), ("q8_0+act", q8_0_roundtrip, True),
+                           ("q4_0", q4_0_roundtrip, False), ("q4_0+act", q4_0_roundtrip, True),
+                           ("q4_0 nibble halves swapped (a bug)", lambda w: q4_0_roundtrip(w, True), True)]:
+        mq = copy.deepcopy(ref)
+        hooks = []
+        for _, p in mq.named_parameters():
+            if p.dim() == 2:
+                p.copy_(fn(p.data))
+        if act:
+            for mod in mq.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    hooks.append(mod.register_forward_pre_hook(lambda _m, a: (q8_0_roundtrip(a[0]),)))
+        got = rows(mq)
+        for h in hooks:
+            h.remove()
+        diff = (got - base).abs().amax(-1)
+        kl = (lp.exp() * (lp - torch.log_softmax(got, -1))).sum(-1)
+        out[label] = dict(argmax_agreement=round(float((got.argmax(-1) == am).double().mean()), 4),
+                          flips=int((got.argmax(-1) != am).sum()),
+                          row_max_abs_diff_median=round(float(diff.median()), 4),
+                          row_max_abs_diff_max=round(float(diff.max()), 4),
+                          mean_kl=round(float(kl.mean()), 6))
+        del mq
+    return out
+
+
 def diverse(gen: list[int]) -> bool:
     """Varied continuation: >= N/2 distinct ids, none more than 3 times, no run of 3 equal ids,
     only real (non-padding) ids, no EOS ids."""
@@ -514,7 +777,10 @@ def build_model(v, seed: int, storage: bool = True):
     model = Phi3ForCausalLM(config)
     if config.tie_word_embeddings:
         model.tie_weights()
-    init_weights(model, seed, v.get("init"))
+    if v.get("init_fn") == "successor":
+        SUCCESSOR[(v["name"], seed)] = init_successor(model, seed, v["init"])
+    else:
+        init_weights(model, seed, v.get("init"))
     if storage:
         model = model.to(v["dtype"])
     else:
@@ -542,7 +808,7 @@ def pick_seed(v, tok):
                 break
         del m32
         print(f"  {v['name']}: seed {seed} diverse={ok} min_margin={mm:.4f}")
-        if ok and mm >= MIN_MARGIN_TARGET:
+        if ok and mm >= v.get("margin_target", MIN_MARGIN_TARGET):
             return seed
         if ok and mm >= MIN_MARGIN_REQUIRED and (best is None or mm > best[1]):
             best = (seed, mm)
@@ -626,6 +892,56 @@ def rope_summary(model) -> dict:
         attention_factor=float(rot_emb.attention_scaling),
         tie_word_embeddings=bool(cfg.tie_word_embeddings),
     )
+
+
+@torch.no_grad()
+def quant_variant_stats(v, seed, ref, logits_cases, gc_json, notes) -> dict:
+    """phi3-mini-4k-q: margin statistics over every recorded row (all positions of the logits
+    cases + every greedy step) and the quantization simulation; checks the targets."""
+    order = SUCCESSOR[(v["name"], seed)]
+    succ = torch.empty(REAL_VOCAB, dtype=torch.int64)
+    succ[order] = torch.roll(order, -1)
+    seqs = [(lc["ids"], len(lc["ids"])) for lc in logits_cases]
+    seqs += [(gc["prompt_ids"] + gc["generated_ids"][:-1], len(gc["generated_ids"])) for gc in gc_json]
+    rows = torch.cat([full_logits(ref, ids)[-k:] for ids, k in seqs])
+    cur = torch.tensor([t for ids, k in seqs for t in ids[-k:]])
+    top2 = torch.topk(rows, 2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    pmax = torch.softmax(rows, -1).amax(-1)
+    am = rows.argmax(-1)
+    n_tf = sum(len(lc["ids"]) for lc in logits_cases)
+    stats = dict(
+        rows=int(rows.shape[0]), logits_case_rows=n_tf, greedy_step_rows=int(rows.shape[0]) - n_tf,
+        median_margin=round(float(margin.median()), 4), p05_margin=round(float(margin.quantile(0.05)), 4),
+        min_margin=round(float(margin.min()), 4), rows_margin_below_1=int((margin < 1).sum()),
+        median_max_prob=round(float(pmax.median()), 4), p05_max_prob=round(float(pmax.quantile(0.05)), 4),
+        argmax_is_successor=round(float((am == succ[cur]).double().mean()), 4),
+        argmax_is_current_token=round(float((am == cur).double().mean()), 4),
+        distinct_argmax=int(am.unique().numel()),
+        max_abs_logit=round(float(rows.abs().max()), 3), logit_std=round(float(rows.std()), 3),
+    )
+    qsim = quant_simulation(ref, seqs)
+    for k in ("q8_0", "q8_0+act"):
+        assert qsim[k]["argmax_agreement"] >= 0.995, (k, qsim[k])
+    assert stats["median_margin"] >= 2.0 and stats["argmax_is_current_token"] < 0.05, stats
+    print(f"  margin stats {stats}")
+    for k, q in qsim.items():
+        print(f"  simulated {k}: {q}")
+    notes.append("weights: init_successor (make_tiny_models.py): embeddings on one cycle of a random rotation R "
+                 "(R maps every token's embedding onto its successor's), layer-0 attention attends to "
+                 "the current position and its o_proj is alpha*R + noise; the rest is random. "
+                 f"alpha {v['init']['alpha']}; see margin_stats.argmax_is_successor")
+    notes.append("all prompts are shorter than sliding_window (2047): the window never masks anything here")
+    return {
+        "margin_stats": stats,
+        "quant_simulation": qsim,
+        "quant_simulation_how": (
+            "Python round trip of every 2-D weight (tied embedding/output, qkv, o, gate_up, down) through "
+            "ggml's reference quantizers (quantize_row_q8_0_ref / quantize_row_q4_0_ref, f16 block scales), "
+            "float32 eager forward; '+act' also round-trips every matmul input through Q8_0. Rows: the "
+            "same as margin_stats (all logits-case positions, then each greedy case's steps teacher-forced)."
+        ),
+    }
 
 
 def make_variant(v, tok_files: dict, tok):
@@ -720,7 +1036,14 @@ def make_variant(v, tok_files: dict, tok):
         tensors[f"logits.{lc['name']}"] = lg[lc["positions"]].contiguous()
         lc_json.append(dict(name=lc["name"], input_ids=lc["ids"], positions=lc["positions"],
                             rope_factors=lc.get("rope"), description=lc["description"]))
-        if not v["longrope"] and lc["name"] == "long":
+        if v.get("cases") == "quant":
+            # every position: top-5 raw logits and logsumexp (argmax/margin/logprob statistics
+            # over all rows without storing 32064 floats per row)
+            tv, ti = torch.topk(lg, 5, dim=-1)
+            lc_json[-1]["all_top_logits"] = [[[int(a), float(b)] for a, b in zip(i_, v_)]
+                                             for i_, v_ in zip(ti.tolist(), tv.tolist())]
+            lc_json[-1]["all_logsumexp"] = [float(x) for x in torch.logsumexp(lg, -1).tolist()]
+        if not v["longrope"] and lc["name"] == "long" and v.get("cases") != "quant":
             # prove the window matters: the same forward without a window differs after position sw-1
             sw = ref.config.sliding_window
             ref.config.sliding_window = None
@@ -769,6 +1092,9 @@ def make_variant(v, tok_files: dict, tok):
         notes.append("sliding window (eager mask): query at position p attends keys p-sliding_window+1 .. p "
                      "(sliding_window keys including itself); the DynamicCache keeps the last "
                      "sliding_window-1 keys.")
+    extra = {}
+    if v.get("cases") == "quant":
+        extra = quant_variant_stats(v, seed, ref, logits_cases, gc_json, notes)
     summary = rope_summary(ref)
     reference = {
         "transformers_version": transformers.__version__,
@@ -782,6 +1108,7 @@ def make_variant(v, tok_files: dict, tok):
         "notes": notes,
         "logits_cases": lc_json,
         "greedy_cases": gc_json,
+        **extra,
     }
     write_json(ref_dir / "reference.json", reference)
     print(f"  {summary}")
@@ -969,6 +1296,18 @@ def make_tokenizer_refs(tok_sources: dict, other: dict):
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Generate the tiny checkpoints and reference outputs.")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: " + ", ".join([x["name"] for x in VARIANTS] + ["tokenizer"])
+                         + " (default: everything). Outputs not named are left as they are.")
+    args = ap.parse_args()
+    names = [x["name"] for x in VARIANTS] + ["tokenizer"]
+    only = names if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        ap.error(f"unknown --only entries {unknown}; choose from {names}")
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     tok_sources, other = load_sources()
@@ -984,8 +1323,10 @@ def main():
             assert type(toks[name]).__name__ == "TokenizersBackend"
     results = []
     for v in VARIANTS:
-        results.append(make_variant(v, tok_sources[v["tokenizer"]], toks[v["tokenizer"]]))
-    make_tokenizer_refs(tok_sources, other)
+        if v["name"] in only:
+            results.append(make_variant(v, tok_sources[v["tokenizer"]], toks[v["tokenizer"]]))
+    if "tokenizer" in only:
+        make_tokenizer_refs(tok_sources, other)
     print("== summary")
     for r in results:
         print(f"  {r['name']}: seed {r['seed']} min_margin {r['min_margin']:.4f}")
