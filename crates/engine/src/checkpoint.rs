@@ -24,8 +24,12 @@ pub struct CheckpointFiles {
     pub tokenizer: PathBuf,
     /// `tokenizer_config.json`, when the checkpoint has one (chat template, special tokens).
     pub tokenizer_config: Option<PathBuf>,
-    /// Every safetensors shard, in the order of the index (or the single file).
+    /// Every safetensors shard, in the order of the index (or the single file); empty for a
+    /// GGUF model.
     pub weights: Vec<PathBuf>,
+    /// A GGUF file that holds the whole model (hyper-parameters, tokenizer, chat template and
+    /// tensors); `config` and `tokenizer` then name the same file.
+    pub gguf: Option<PathBuf>,
 }
 
 /// How a model is named on the command line.
@@ -40,19 +44,50 @@ pub enum ModelSource {
         /// Branch, tag or commit; `main` when not given.
         revision: String,
     },
+    /// A local GGUF file.
+    GgufFile(PathBuf),
+    /// One GGUF file of a hub repository, named `owner/name/file.gguf`, e.g.
+    /// `microsoft/Phi-3-mini-4k-instruct-gguf/Phi-3-mini-4k-instruct-q4.gguf`.
+    HubGguf {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit; `main` when not given.
+        revision: String,
+        /// The file's path inside the repository.
+        file: String,
+    },
 }
 
 impl ModelSource {
-    /// An existing path is a local folder; anything else of the form `owner/name` is a hub id.
+    /// An existing path is a local folder or `.gguf` file; anything else of the form
+    /// `owner/name` is a hub id, and `owner/name/file.gguf` one GGUF file of a hub repository.
     pub fn parse(name: &str, revision: Option<&str>) -> Result<Self> {
         let path = Path::new(name);
+        let is_gguf = |p: &str| p.to_ascii_lowercase().ends_with(".gguf");
         if path.exists() {
+            if path.is_file() && is_gguf(name) {
+                return Ok(Self::GgufFile(path.to_path_buf()));
+            }
             if !path.is_dir() {
                 return Err(EngineError::InvalidRequest(format!(
-                    "{name}: a model is a folder with config.json and safetensors, not a file"
+                    "{name}: a model is a folder with config.json and safetensors, or a .gguf \
+                     file"
                 )));
             }
             return Ok(Self::Local(path.to_path_buf()));
+        }
+        let parts: Vec<&str> = name.split('/').collect();
+        if parts.len() >= 3
+            && is_gguf(name)
+            && !name.starts_with('.')
+            && !name.starts_with('/')
+            && parts.iter().all(|p| !p.is_empty() && *p != "..")
+        {
+            return Ok(Self::HubGguf {
+                repo: format!("{}/{}", parts[0], parts[1]),
+                revision: revision.unwrap_or("main").to_string(),
+                file: parts[2..].join("/"),
+            });
         }
         let looks_like_repo = name.split('/').count() == 2
             && !name.starts_with('.')
@@ -81,7 +116,31 @@ impl ModelSource {
                 let fetcher = HubFetcher::new(repo, revision)?;
                 resolve_with(&format!("{repo}@{revision}"), |f| fetcher.get(f))
             }
+            Self::GgufFile(path) => Ok(gguf_files(path.display().to_string(), path.clone())),
+            Self::HubGguf { repo, revision, file } => {
+                let fetcher = HubFetcher::new(repo, revision)?;
+                let origin = format!("{repo}@{revision}");
+                let path = fetcher.get(file)?.ok_or_else(|| EngineError::MissingFile {
+                    location: origin.clone(),
+                    file: file.clone(),
+                    hint: "the GGUF file named after the repository".into(),
+                })?;
+                Ok(gguf_files(format!("{origin}/{file}"), path))
+            }
         }
+    }
+}
+
+/// The files of a model that is one GGUF file.
+fn gguf_files(origin: String, path: PathBuf) -> CheckpointFiles {
+    CheckpointFiles {
+        origin,
+        config: path.clone(),
+        generation_config: None,
+        tokenizer: path.clone(),
+        tokenizer_config: None,
+        weights: Vec::new(),
+        gguf: Some(path),
     }
 }
 
@@ -127,6 +186,7 @@ fn resolve_with(
         tokenizer,
         tokenizer_config,
         weights,
+        gguf: None,
     })
 }
 

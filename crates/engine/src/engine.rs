@@ -16,9 +16,11 @@ use crate::checkpoint::{CheckpointFiles, ModelSource};
 use crate::config::GenerationConfig;
 use crate::detokenizer::StreamDecoder;
 use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
 use crate::kv_cache::SequenceCache;
 use crate::phi3::{BatchItem, Phi3};
 use crate::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixMatch};
+use crate::quantize::QuantScheme;
 use crate::rope::LongRopePolicy;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::StopStrings;
@@ -41,6 +43,9 @@ pub struct LoadOptions {
     /// Bytes of finished sequences' keys and values kept for reuse by later prompts that start
     /// the same way (see [`crate::prefix_cache`]); 0 turns reuse off.
     pub prefix_cache_bytes: usize,
+    /// Quantize a safetensors checkpoint's matrices to this GGUF block format as they load
+    /// (`--quantize q8_0`, ...); `None` keeps them dense.
+    pub quantize: Option<QuantScheme>,
 }
 
 impl Default for LoadOptions {
@@ -52,6 +57,7 @@ impl Default for LoadOptions {
             long_rope: LongRopePolicy::Dynamic,
             prefill_chunk: Some(512),
             prefix_cache_bytes: 0,
+            quantize: None,
         }
     }
 }
@@ -272,10 +278,32 @@ impl Engine {
 
     /// Loads a model from resolved files.
     pub fn from_files(files: CheckpointFiles, opts: &LoadOptions) -> Result<Self> {
-        let tokenizer =
-            PhiTokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
+        let (tokenizer, mut model) = match &files.gguf {
+            Some(path) => {
+                if opts.quantize.is_some() {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "{}: a GGUF file loads in the formats it stores; --quantize applies to \
+                         safetensors checkpoints",
+                        path.display()
+                    )));
+                }
+                let file = GgufFile::open(path)?;
+                let tokenizer = file.vocab()?.to_tokenizer()?;
+                (tokenizer, Phi3::from_gguf(&file, opts.dtype, &opts.device)?)
+            }
+            None => {
+                let tokenizer =
+                    PhiTokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
+                let model = Phi3::from_checkpoint_quantized(
+                    &files,
+                    opts.dtype,
+                    &opts.device,
+                    opts.quantize,
+                )?;
+                (tokenizer, model)
+            }
+        };
         let template = ChatTemplate::from_tokenizer(&tokenizer, opts.system_role)?;
-        let mut model = Phi3::from_checkpoint(&files, opts.dtype, &opts.device)?;
         model.set_long_rope_policy(opts.long_rope);
         let cfg = model.config();
 
@@ -309,6 +337,7 @@ impl Engine {
             origin = %files.origin,
             params = cfg.num_parameters(),
             dtype = ?opts.dtype,
+            quantization = model.quantization().map(crate::quantize::dtype_name).unwrap_or("none"),
             system_role = template.resolved_system_role().as_str(),
             "model loaded"
         );

@@ -13,15 +13,18 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::Linear;
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::CheckpointFiles;
 use crate::config::Phi3Config;
 use crate::error::{EngineError, Result};
+use crate::gguf::{GgufFile, GgufWeights};
 use crate::kv_cache::SequenceCache;
+use crate::projection::{Embedding, Projection};
+use crate::quantize::{QuantScheme, QuantizingWeights};
 use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
-use crate::weights::WeightStore;
+use crate::weights::{ModelWeights, WeightStore};
 
 /// RMSNorm with the reference's rounding: normalise in float32, cast back, then scale.
 #[derive(Debug, Clone)]
@@ -45,11 +48,11 @@ impl RmsNorm {
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_norm: RmsNorm,
-    qkv_proj: Linear,
-    o_proj: Linear,
+    qkv_proj: Projection,
+    o_proj: Projection,
     post_attention_norm: RmsNorm,
-    gate_up_proj: Linear,
-    down_proj: Linear,
+    gate_up_proj: Projection,
+    down_proj: Projection,
 }
 
 /// One sequence's part of a batched forward pass.
@@ -80,10 +83,10 @@ pub struct ForwardOutput {
 #[derive(Debug, Clone)]
 pub struct Phi3 {
     cfg: Phi3Config,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Projection,
     rotary: Rotary,
     rope_policy: LongRopePolicy,
     dtype: DType,
@@ -94,7 +97,7 @@ impl Phi3 {
     /// Builds the model from a checkpoint's tensors, checking each one's shape against `cfg`.
     pub fn load(
         cfg: &Phi3Config,
-        weights: &WeightStore,
+        weights: &dyn ModelWeights,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -102,12 +105,12 @@ impl Phi3 {
         let hd = cfg.head_dim;
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: weights.get(name, &[h])?, eps: cfg.rms_norm_eps })
+            Ok(RmsNorm { weight: weights.tensor(name, &[h])?, eps: cfg.rms_norm_eps })
         };
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::new(weights.get(name, &[out, inp])?, None))
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Projection> {
+            weights.projection(name, [out, inp])
         };
-        let embed_tokens = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed_tokens = weights.embedding("model.embed_tokens.weight", [cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -129,7 +132,10 @@ impl Phi3 {
             });
         }
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.clone(), None)
+            match &embed_tokens {
+                Embedding::Dense(t) => Projection::dense(t.clone()),
+                Embedding::Quantized(q) => Projection::quantized(q.clone())?,
+            }
         } else {
             linear("lm_head.weight", cfg.vocab_size, h)?
         };
@@ -145,8 +151,10 @@ impl Phi3 {
             device: device.clone(),
         };
         let used = model.tensor_names();
-        let unused: Vec<&str> = weights
-            .names()
+        let names = weights.names();
+        let unused: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
             .filter(|n| !used.iter().any(|u| u == n) && !n.ends_with("rotary_emb.inv_freq"))
             .collect();
         if !unused.is_empty() {
@@ -165,9 +173,53 @@ impl Phi3 {
 
     /// Loads config and weights of a resolved checkpoint.
     pub fn from_checkpoint(files: &CheckpointFiles, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_checkpoint_quantized(files, dtype, device, None)
+    }
+
+    /// Loads a resolved checkpoint, quantizing its matrices to `quantize` as they load when
+    /// given (the norms stay dense; see [`crate::quantize`]). A GGUF file loads as stored.
+    pub fn from_checkpoint_quantized(
+        files: &CheckpointFiles,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<QuantScheme>,
+    ) -> Result<Self> {
+        if let Some(path) = &files.gguf {
+            return Self::from_gguf(&GgufFile::open(path)?, dtype, device);
+        }
         let cfg = Phi3Config::from_file(&files.config)?;
         let weights = WeightStore::open(&files.weights, dtype, device)?;
-        Self::load(&cfg, &weights, dtype, device)
+        match quantize {
+            None => Self::load(&cfg, &weights, dtype, device),
+            Some(scheme) => {
+                let q = QuantizingWeights::new(&weights, scheme, &cfg, device);
+                Self::load(&cfg, &q, dtype, device)
+            }
+        }
+    }
+
+    /// Loads a `phi3` GGUF file: hyper-parameters from its metadata, matrices in their stored
+    /// block formats, float tensors converted to `dtype`.
+    pub fn from_gguf(file: &GgufFile, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = file.config()?;
+        Self::load(&cfg, &GgufWeights::new(file, dtype, device), dtype, device)
+    }
+
+    /// The block format of the quantized matrices (the most common one), or `None` when the
+    /// model runs dense.
+    pub fn quantization(&self) -> Option<GgmlDType> {
+        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
+        for l in &self.layers {
+            for p in [&l.qkv_proj, &l.o_proj, &l.gate_up_proj, &l.down_proj] {
+                if let Some(d) = p.quantized_dtype() {
+                    match counts.iter_mut().find(|(x, _)| *x == d) {
+                        Some((_, n)) => *n += 1,
+                        None => counts.push((d, 1)),
+                    }
+                }
+            }
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
     }
 
     fn tensor_names(&self) -> Vec<String> {
@@ -272,7 +324,7 @@ impl Phi3 {
 
         let n_tokens = flat_ids.len();
         let ids = Tensor::from_vec(flat_ids, n_tokens, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.lookup(&ids, self.dtype)?;
         let (cos, sin) = self.rotary.cos_sin(
             spans.iter().flat_map(|(r, f)| r.clone().map(move |p| (p, *f))),
             self.dtype,
@@ -396,7 +448,7 @@ impl Phi3 {
         } else {
             Tensor::cat(&outputs, 0)?
         };
-        Ok(layer.o_proj.forward(&out)?)
+        layer.o_proj.forward(&out)
     }
 
     /// Whether attention runs in the FlashAttention-2 kernel (built with `flash-attn`, on CUDA,

@@ -8,6 +8,22 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 
 use crate::error::{EngineError, Result};
+use crate::projection::{Embedding, Projection};
+
+/// Where the model's tensors come from, by Hugging Face name: a safetensors checkpoint
+/// ([`WeightStore`]), one quantized as it loads ([`crate::quantize::QuantizingWeights`]) or a
+/// GGUF file ([`crate::gguf::GgufWeights`]).
+pub trait ModelWeights {
+    /// A dense tensor (norm weights) of exactly `shape`, in the model's dtype and device.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// A weight matrix `[out, in]` used as a projection.
+    fn projection(&self, name: &str, shape: [usize; 2]) -> Result<Projection>;
+    /// The token embedding table `[vocab, hidden]`.
+    fn embedding(&self, name: &str, shape: [usize; 2]) -> Result<Embedding>;
+    /// Every tensor name the source holds (Hugging Face names where a mapping exists), so the
+    /// loader can refuse a file of another architecture.
+    fn names(&self) -> Vec<String>;
+}
 
 /// One memory-mapped shard.
 struct Shard {
@@ -55,6 +71,11 @@ impl WeightStore {
         Ok(Self { shards, routing, dtype, device: device.clone() })
     }
 
+    /// The dtype [`Self::get`] converts to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Whether the checkpoint holds a tensor of that name.
     pub fn contains(&self, name: &str) -> bool {
         self.routing.contains_key(name)
@@ -67,6 +88,17 @@ impl WeightStore {
 
     /// Loads `name`, checks it has exactly `shape` and converts it to the store's dtype and device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype, &self.device)
+    }
+
+    /// Like [`Self::get`], converted to `dtype` on `device` instead.
+    pub fn get_as(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let &idx = self.routing.get(name).ok_or_else(|| EngineError::Weights {
             location: self.all_files(),
             message: format!("tensor `{name}` (shape {shape:?}) is missing"),
@@ -108,13 +140,25 @@ impl WeightStore {
             Tensor::from_raw_buffer(view.data(), src_dtype, shape, &Device::Cpu).map_err(|e| {
                 EngineError::Weights { location: location.clone(), message: e.to_string() }
             })?;
-        let t = if src_dtype == self.dtype { t } else { t.to_dtype(self.dtype)? };
-        Ok(t.to_device(&self.device)?)
+        let t = if src_dtype == dtype { t } else { t.to_dtype(dtype)? };
+        Ok(t.to_device(device)?)
+    }
+}
+
+impl ModelWeights for WeightStore {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get(name, shape)
     }
 
-    /// Tensor names that the model did not ask for (reported as a warning: a checkpoint with
-    /// extra tensors is usually a different architecture).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.routing.keys().map(String::as_str)
+    fn projection(&self, name: &str, shape: [usize; 2]) -> Result<Projection> {
+        Ok(Projection::dense(self.get(name, &shape)?))
+    }
+
+    fn embedding(&self, name: &str, shape: [usize; 2]) -> Result<Embedding> {
+        Ok(Embedding::Dense(self.get(name, &shape)?))
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.routing.keys().cloned().collect()
     }
 }

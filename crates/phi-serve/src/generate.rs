@@ -14,7 +14,7 @@ use crate::options::ModelArgs;
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// The user message.
     #[arg(long)]
     prompt: String,

@@ -4,6 +4,7 @@ mod config_file;
 mod generate;
 mod memory;
 mod options;
+mod quantize;
 mod serve;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -37,6 +38,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the Azure AI Model Inference and OpenAI chat-completions APIs over HTTP.
     Serve(serve::ServeArgs),
+    /// Write a GGUF file (llama.cpp's format) from a safetensors checkpoint, quantized.
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Without `RUST_LOG`: warnings of every crate, and phi-serve's own start-up and per-request
@@ -66,9 +69,19 @@ fn main() -> std::process::ExitCode {
     };
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
+    let threads = match &cli.command {
+        Command::Generate(args) => args.model.apply_threads(),
+        Command::Serve(args) => args.model.apply_threads(),
+        Command::Quantize(_) => Ok(()),
+    };
+    if let Err(e) = threads {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use phi_engine::chat_template::SystemRolePolicy;
 use phi_engine::checkpoint::ModelSource;
 use phi_engine::engine::{Engine, LoadOptions};
+use phi_engine::quantize::QuantScheme;
 use phi_engine::rope::LongRopePolicy;
 
 /// The model to load and how.
@@ -16,8 +17,9 @@ pub struct ModelArgs {
     /// precedence over it.
     #[arg(long, env = "PHI_SERVE_CONFIG", value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
-    /// A local model folder or a Hugging Face repository id. `models/tiny/phi3-mini-4k` is a
-    /// bundled tiny random-weight model for offline demos.
+    /// A local model folder or `.gguf` file, a Hugging Face repository id, or one GGUF file of
+    /// a repository as `owner/name/file.gguf`. `models/tiny/phi3-mini-4k` is a bundled tiny
+    /// random-weight model for offline demos.
     #[arg(long, env = "PHI_SERVE_MODEL", default_value = "microsoft/Phi-3-mini-4k-instruct")]
     pub model: String,
     /// Branch, tag or commit of a hub repository.
@@ -49,6 +51,20 @@ pub struct ModelArgs {
     /// them; 0 turns reuse off.
     #[arg(long, env = "PHI_SERVE_PREFIX_CACHE_MB", default_value_t = 1024)]
     pub prefix_cache_mb: usize,
+    /// Quantize a safetensors checkpoint's matrices as they load: q8_0, q6_k, q5_k_m, q5_k,
+    /// q5_1, q5_0, q4_k_m, q4_k, q4_1, q4_0, q3_k, q2_k (llama.cpp's formats and mixes; norms
+    /// stay float). GGUF files run in the formats they store.
+    #[arg(long, env = "PHI_SERVE_QUANTIZE", value_parser = parse_scheme)]
+    pub quantize: Option<QuantScheme>,
+    /// Worker threads of the CPU kernels; by default one per physical core (hyper-threads
+    /// share a core's execution units and only add contention to memory-bound decode).
+    #[arg(long, env = "PHI_SERVE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+/// `--quantize` / `--type` values.
+pub fn parse_scheme(s: &str) -> std::result::Result<QuantScheme, String> {
+    QuantScheme::parse(s).map_err(|e| e.to_string())
 }
 
 /// `--dtype` values.
@@ -111,6 +127,19 @@ fn parse_device(spec: Option<&str>) -> Result<Device> {
 }
 
 impl ModelArgs {
+    /// Sizes the CPU kernels' thread pool. Must run before any thread is started: the kernels'
+    /// pools read `RAYON_NUM_THREADS` once, when they first start.
+    pub fn apply_threads(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads must be at least 1");
+            }
+            // SAFETY (edition 2021 `set_var`): called from `main` before any other thread exists.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        Ok(())
+    }
+
     /// Resolves and loads the model, logging where it came from.
     pub fn load(&self) -> Result<Engine> {
         let device = parse_device(self.device.as_deref())?;
@@ -133,6 +162,7 @@ impl ModelArgs {
             },
             prefill_chunk: Some(self.prefill_chunk).filter(|&n| n > 0),
             prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1 << 20),
+            quantize: self.quantize,
         };
         let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
         Ok(Engine::load(&source, &opts)?)

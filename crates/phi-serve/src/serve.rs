@@ -31,7 +31,7 @@ const KEYS_ENV: &str = "PHI_SERVE_API_KEYS";
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Address to listen on. Anything but loopback requires an API key (or
     /// --allow-unauthenticated).
     #[arg(long, env = "PHI_SERVE_HOST", default_value = "127.0.0.1")]

@@ -1,0 +1,161 @@
+//! Quantized inference against the float32 transformers reference, on the tiny checkpoint whose
+//! rows fit every block format (`models/tiny/phi3-mini-4k-q`, made by
+//! `models/make_tiny_models.py` with peaked next-token distributions, so that agreement of the
+//! argmax measures the formats rather than ties).
+//!
+//! For each format the test feeds the reference's inputs (teacher forcing) and compares every
+//! recorded position with `Phi3ForCausalLM`'s float32 logits: how often the argmax agrees, and
+//! the mean per-token KL divergence KL(reference || quantized) — the figure llama.cpp's
+//! `perplexity --kl-divergence` reports. It prints the table; it requires Q8_0 to agree on at
+//! least 99% of the positions, every format to stay within a KL bound about three times what
+//! it measures here, and more bits never to be worse than fewer.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use phi_engine::checkpoint::ModelSource;
+use phi_engine::gguf::GgufFile;
+use phi_engine::phi3::{BatchItem, Phi3};
+use phi_engine::quantize::{quantize_checkpoint, QuantScheme};
+use serde_json::Value;
+
+const VARIANT: &str = "phi3-mini-4k-q";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+struct Case {
+    input: Vec<u32>,
+    /// Positions whose full logits row was recorded, and those rows.
+    positions: Vec<usize>,
+    want: Vec<Vec<f32>>,
+    /// The reference's top token at every position of `input`.
+    top: Vec<usize>,
+}
+
+fn cases() -> Vec<Case> {
+    let dir = root().join("crates/engine/tests/reference").join(VARIANT);
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let logits =
+        candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu).unwrap();
+    json["logits_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let name = c["name"].as_str().unwrap();
+            let ids = |v: &Value| -> Vec<u64> {
+                v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+            };
+            let want = logits[&format!("logits.{name}")].to_dtype(DType::F32).unwrap();
+            Case {
+                input: ids(&c["input_ids"]).into_iter().map(|x| x as u32).collect(),
+                positions: ids(&c["positions"]).into_iter().map(|x| x as usize).collect(),
+                want: want.to_vec2::<f32>().unwrap(),
+                top: c["all_top_logits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|row| row[0][0].as_u64().unwrap() as usize)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
+}
+
+/// What one format measured.
+struct Measured {
+    /// Fraction of all positions whose argmax is the reference's.
+    agree: f64,
+    /// Positions compared for `agree`.
+    positions: usize,
+    /// Mean KL(reference || model) over the rows recorded in full.
+    kl: f64,
+    /// Rows recorded in full.
+    rows: usize,
+}
+
+fn compare(model: &Phi3, cases: &[Case]) -> Measured {
+    let (mut agree, mut positions, mut kl, mut rows) = (0usize, 0usize, 0f64, 0usize);
+    for case in cases {
+        let mut cache = model.new_cache();
+        let item = BatchItem {
+            tokens: &case.input,
+            cache: &mut cache,
+            max_new_tokens: None,
+            all_logits: true,
+        };
+        let got = model.forward(&mut [item]).unwrap().logits.to_vec2::<f32>().unwrap();
+        assert_eq!(got.len(), case.top.len());
+        for (row, &top) in got.iter().zip(&case.top) {
+            agree += usize::from(argmax(row) == top);
+            positions += 1;
+        }
+        for (want, &p) in case.want.iter().zip(&case.positions) {
+            let (lp, lq) = (log_softmax(want), log_softmax(&got[p]));
+            kl += lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+            rows += 1;
+        }
+    }
+    Measured { agree: agree as f64 / positions as f64, positions, kl: kl / rows as f64, rows }
+}
+
+#[test]
+fn quantized_formats_against_the_float32_reference() {
+    let cases = cases();
+    let dir = root().join("models/tiny").join(VARIANT);
+    let files = ModelSource::parse(dir.to_str().unwrap(), None).unwrap().resolve().unwrap();
+    let tmp = std::env::temp_dir().join(format!("phi-quant-ref-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    let dense = Phi3::from_checkpoint(&files, DType::F32, &Device::Cpu).unwrap();
+    let m = compare(&dense, &cases);
+    println!(
+        "{:<8} {:>9} {:>12}   (argmax over {} positions, KL over {} full rows)",
+        "format", "argmax", "mean KL", m.positions, m.rows
+    );
+    println!("{:<8} {:>8.2}% {:>12.2e}", "f32", 100.0 * m.agree, m.kl);
+    assert!(m.agree == 1.0 && m.kl < 1e-6, "the dense model must match its reference");
+
+    // (format, KL bound): about three times what each measured when this test was written.
+    let formats =
+        [("q8_0", 3e-3), ("q6_k", 3e-2), ("q5_k_m", 3e-2), ("q4_k_m", 0.15), ("q4_0", 0.5)];
+    let mut kls = Vec::new();
+    for (name, bound) in formats {
+        let path = tmp.join(format!("{name}.gguf"));
+        quantize_checkpoint(&files, QuantScheme::parse(name).unwrap(), &path).unwrap();
+        let model =
+            Phi3::from_gguf(&GgufFile::open(&path).unwrap(), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.quantization().is_some(), "{name}: matrices must run quantized");
+        let Measured { agree, kl, .. } = compare(&model, &cases);
+        println!("{name:<8} {:>8.2}% {kl:>12.2e}", 100.0 * agree);
+        assert!(kl < bound, "{name}: mean KL {kl:.3e} above {bound:.0e}");
+        if name == "q8_0" {
+            assert!(agree >= 0.99, "q8_0 argmax agrees on only {:.2}%", 100.0 * agree);
+        }
+        kls.push((name, kl));
+    }
+    for w in kls.windows(2) {
+        assert!(
+            w[0].1 <= w[1].1,
+            "{} (KL {:.2e}) worse than {} ({:.2e})",
+            w[0].0,
+            w[0].1,
+            w[1].0,
+            w[1].1
+        );
+    }
+}
