@@ -38,14 +38,15 @@ def _binary() -> str:
     return str(path)
 
 
-def start_server(*args: str, env: dict | None = None, loaded: bool = True) -> Server:
-    """Starts `phi-serve serve` and waits for its address: the line it prints once the model is
-    loaded, or with `loaded=False` the one it prints as soon as it listens (answering 503)."""
+def start_server(*args: str, env: dict | None = None, loaded: bool = True, model: Path = MODEL) -> Server:
+    """Starts `phi-serve serve` on `model` and waits for its address: the line it prints once
+    the model is loaded, or with `loaded=False` the one it prints as soon as it listens
+    (answering 503)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PHI_SERVE_")}
     full_env["RUST_LOG"] = "warn"  # the per-request log lines would drown pytest's output
     full_env.update(env or {})
     process = subprocess.Popen(
-        [_binary(), "serve", "--model", str(MODEL), "--port", "0", *args],
+        [_binary(), "serve", "--model", str(model), "--port", "0", *args],
         stdout=subprocess.PIPE,
         text=True,
         env=full_env,
