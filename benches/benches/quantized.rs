@@ -1,0 +1,233 @@
+//! Quantized CPU kernels and quantized decode steps, next to the machine's memory-read
+//! bandwidth, which bounds both.
+//!
+//! - `qmatvec/{format}`: one row times a Phi-3-mini `gate_up_proj`-shaped matrix
+//!   (`[16384, 3072]`), what a decode step does per matrix. The weights of one iteration are
+//!   spread over copies totalling more than 1 GB, so no cache holds them; throughput is the
+//!   bytes of blocks read (GB/s).
+//! - `quantized_decode/{format}`: one decode token of the 438M-parameter bench model (context
+//!   128), quantized at load as `--quantize` does; throughput is the bytes of weights a step
+//!   reads (GB/s).
+//! - `quantized_prefill/{format}`: a 128-token prompt through the same models (tokens/s).
+//! - `memory_bandwidth/read_2_threads`: the streaming-read ceiling, in the same run and units.
+//!
+//! `cargo bench -p phi-serve-benches --bench quantized`; `cargo test --benches` runs each
+//! routine once on small shapes as a smoke test.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
+use phi_engine::checkpoint::ModelSource;
+use phi_engine::phi3::{BatchItem, Phi3};
+use phi_engine::quantize::QuantScheme;
+use phi_serve_benches::{ensure_bench_model, parallel_sum, prompt_tokens, BenchModelSpec};
+
+/// The formats measured, as `--quantize` names them (f32 is the dense baseline).
+const FORMATS: &[&str] = &["f32", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"];
+
+struct Plan {
+    rows: usize,
+    cols: usize,
+    /// Copies of the matrix are made until their blocks total at least this many bytes.
+    spread_bytes: usize,
+    spec: BenchModelSpec,
+    context: usize,
+    prefill: usize,
+    bandwidth_bytes: usize,
+}
+
+impl Plan {
+    fn new(full: bool) -> Self {
+        if full {
+            Plan {
+                rows: 16384,
+                cols: 3072,
+                spread_bytes: 1 << 30,
+                spec: BenchModelSpec::phi3_438m(),
+                context: 128,
+                prefill: 128,
+                bandwidth_bytes: 2 << 30,
+            }
+        } else {
+            Plan {
+                rows: 512,
+                cols: 256,
+                spread_bytes: 1 << 20,
+                spec: BenchModelSpec::tiny(),
+                context: 16,
+                prefill: 16,
+                bandwidth_bytes: 16 << 20,
+            }
+        }
+    }
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    measure_s: u64,
+) -> BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(measure_s));
+    g
+}
+
+fn ggml(format: &str) -> GgmlDType {
+    match QuantScheme::parse(format).expect("format name") {
+        QuantScheme::Uniform(d) => d,
+        other => panic!("{other:?} is a mix, not one format"),
+    }
+}
+
+/// Copies of one quantized matrix in distinct buffers (copying blocks is much faster than
+/// quantizing each copy).
+fn spread(q: &QTensor, min_bytes: usize) -> Vec<QMatMul> {
+    let bytes = q.data().expect("blocks").into_owned();
+    let copies = min_bytes.div_ceil(bytes.len()).max(1);
+    (0..copies)
+        .map(|_| {
+            let storage = QStorage::from_data(bytes.clone().into(), &Device::Cpu, q.dtype())
+                .expect("copy of blocks");
+            let t = QTensor::new(storage, q.shape().clone()).expect("copy");
+            QMatMul::from_arc(Arc::new(t)).expect("matmul")
+        })
+        .collect()
+}
+
+fn qmatvec(c: &mut Criterion, plan: &Plan) {
+    let w = Tensor::randn(0f32, 0.02, (plan.rows, plan.cols), &Device::Cpu).expect("weights");
+    let x = Tensor::randn(0f32, 1.0, (1, plan.cols), &Device::Cpu).expect("row");
+    let mut g = group(c, "qmatvec", 5);
+    for &format in FORMATS {
+        let d = ggml(format);
+        let q = QTensor::quantize(&w, d).expect("quantize");
+        let per_matrix =
+            if d == GgmlDType::F32 { plan.rows * plan.cols * 4 } else { q.storage_size_in_bytes() };
+        // f32 runs as a dense candle matmul, the path unquantized models take.
+        let dense: Vec<Tensor>;
+        let quant: Vec<QMatMul>;
+        if d == GgmlDType::F32 {
+            let n = plan.spread_bytes.div_ceil(per_matrix).max(1);
+            dense = (0..n).map(|_| w.copy().expect("copy").t().expect("t")).collect();
+            quant = Vec::new();
+        } else {
+            dense = Vec::new();
+            quant = spread(&q, plan.spread_bytes);
+        }
+        g.throughput(Throughput::BytesDecimal(per_matrix as u64));
+        let mut i = 0usize;
+        g.bench_function(format, |b| {
+            b.iter(|| {
+                i += 1;
+                if d == GgmlDType::F32 {
+                    black_box(x.matmul(&dense[i % dense.len()]).expect("matmul"))
+                } else {
+                    black_box(quant[i % quant.len()].forward(&x).expect("qmatmul"))
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn models(c: &mut Criterion, plan: &Plan) {
+    let dir = ensure_bench_model(&plan.spec).expect("bench model");
+    let files = ModelSource::parse(dir.to_str().expect("utf-8"), None)
+        .and_then(|s| s.resolve())
+        .expect("files");
+    let tokens = prompt_tokens(plan.context.max(plan.prefill) + 1, 7);
+    let mut loaded = Vec::new();
+    for &format in FORMATS {
+        let scheme = (format != "f32").then(|| QuantScheme::parse(format).expect("format"));
+        let model = Phi3::from_checkpoint_quantized(&files, DType::F32, &Device::Cpu, scheme)
+            .expect("load");
+        let bytes = decode_bytes(&plan.spec, ggml(format));
+        loaded.push((format, model, bytes));
+    }
+    let mut g = group(c, "quantized_decode", 8);
+    for (format, model, bytes) in &loaded {
+        let mut cache = model.new_cache();
+        let item = BatchItem {
+            tokens: &tokens[..plan.context],
+            cache: &mut cache,
+            max_new_tokens: None,
+            all_logits: false,
+        };
+        model.forward(&mut [item]).expect("context");
+        g.throughput(Throughput::BytesDecimal(*bytes));
+        g.bench_function(*format, |b| {
+            b.iter(|| {
+                cache.truncate(plan.context);
+                let item = BatchItem {
+                    tokens: &tokens[..plan.context + 1],
+                    cache: &mut cache,
+                    max_new_tokens: None,
+                    all_logits: false,
+                };
+                black_box(model.forward(&mut [item]).expect("decode").logits)
+            })
+        });
+    }
+    g.finish();
+    let mut g = group(c, "quantized_prefill", 10);
+    g.throughput(Throughput::Elements(plan.prefill as u64));
+    for (format, model, _) in &loaded {
+        g.bench_function(*format, |b| {
+            b.iter(|| {
+                let mut cache = model.new_cache();
+                let item = BatchItem {
+                    tokens: &tokens[..plan.prefill],
+                    cache: &mut cache,
+                    max_new_tokens: None,
+                    all_logits: false,
+                };
+                black_box(model.forward(&mut [item]).expect("prefill").logits)
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Bytes of weights one decode step reads in `format`: every matrix in its blocks (the
+/// embedding's one row aside), norms in f32. `lm_head` gets the same format here (the bench
+/// quantizes uniformly, with llama.cpp's Q6_K rule for it only under 2-5 bit formats).
+fn decode_bytes(spec: &BenchModelSpec, d: GgmlDType) -> u64 {
+    let per_value = |d: GgmlDType| d.type_size() as f64 / d.block_size() as f64;
+    let matrices = spec.decode_parameters() as f64;
+    let head = match d {
+        GgmlDType::F32 | GgmlDType::Q8_0 | GgmlDType::Q6K => d,
+        _ => GgmlDType::Q6K,
+    };
+    let vocab_hidden = (spec.tensors().iter())
+        .find(|(n, _)| n == "lm_head.weight")
+        .map(|(_, s)| (s[0] * s[1]) as f64)
+        .unwrap_or(0.0);
+    ((matrices - vocab_hidden) * per_value(d) + vocab_hidden * per_value(head)) as u64
+}
+
+fn memory_bandwidth(c: &mut Criterion, plan: &Plan) {
+    let buf = vec![1.0f32; plan.bandwidth_bytes / 4];
+    let mut g = group(c, "memory_bandwidth", 5);
+    g.throughput(Throughput::BytesDecimal(plan.bandwidth_bytes as u64));
+    g.bench_function("read_2_threads", |b| b.iter(|| black_box(parallel_sum(black_box(&buf), 2))));
+    g.finish();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    let full = has("--bench") && !has("--test") && !has("--list");
+    let plan = Plan::new(full);
+    let mut c = Criterion::default().configure_from_args();
+    qmatvec(&mut c, &plan);
+    models(&mut c, &plan);
+    memory_bandwidth(&mut c, &plan);
+    c.final_summary();
+}
