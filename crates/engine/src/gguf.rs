@@ -26,57 +26,49 @@ use crate::weights::ModelWeights;
 /// The `general.architecture` this crate runs.
 pub const ARCHITECTURE: &str = "phi3";
 
+/// Hugging Face names of the whole-model tensors and their GGUF names.
+const MODEL_TENSORS: &[(&str, &str)] = &[
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Per-layer tensors: the suffix after `model.layers.N.` and after `blk.N.`.
+const LAYER_TENSORS: &[(&str, &str)] = &[
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.qkv_proj.weight", "attn_qkv.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+];
+
+/// Maps `name` from one naming to the other: `from_prefix`/`to_prefix` are the layer prefixes
+/// (`model.layers.` and `blk.`), `pick` chooses the (from, to) side of each table entry.
+fn translate(
+    name: &str,
+    from_prefix: &str,
+    to_prefix: &str,
+    pick: fn(&(&'static str, &'static str)) -> (&'static str, &'static str),
+) -> Option<String> {
+    if let Some((_, to)) = MODEL_TENSORS.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
+    }
+    let (layer, suffix) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, to) = LAYER_TENSORS.iter().map(pick).find(|(from, _)| *from == suffix)?;
+    Some(format!("{to_prefix}{layer}.{to}"))
+}
+
 /// The GGUF name of a Hugging Face `Phi3ForCausalLM` tensor name, or `None` for a name the
 /// format has no place for.
 pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, suffix) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let part = match suffix {
-        "input_layernorm.weight" => "attn_norm",
-        "self_attn.qkv_proj.weight" => "attn_qkv",
-        "self_attn.o_proj.weight" => "attn_output",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "mlp.gate_up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{part}.weight"))
+    translate(hf, "model.layers.", "blk.", |&(h, g)| (h, g))
 }
 
 /// The Hugging Face name of a GGUF tensor name (the inverse of [`gguf_name`]).
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, suffix) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let part = match suffix {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_qkv.weight" => "self_attn.qkv_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_up.weight" => "mlp.gate_up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{part}"))
+    translate(gguf, "blk.", "model.layers.", |&(h, g)| (g, h))
 }
 
 /// phi-serve's own key: every end-of-sequence id of the checkpoint (`config.json` and
@@ -438,4 +430,29 @@ pub fn write_file(
     drop(w);
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        assert_eq!(
+            gguf_name("model.layers.7.mlp.gate_up_proj.weight").unwrap(),
+            "blk.7.ffn_up.weight"
+        );
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert_eq!(
+            hf_name("blk.12.attn_qkv.weight").unwrap(),
+            "model.layers.12.self_attn.qkv_proj.weight"
+        );
+        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        for (h, _) in LAYER_TENSORS {
+            let name = format!("model.layers.3.{h}");
+            assert_eq!(hf_name(&gguf_name(&name).unwrap()).unwrap(), name);
+        }
+        assert!(gguf_name("model.layers.x.mlp.down_proj.weight").is_none());
+        assert!(hf_name("blk.0.ffn_gate.weight").is_none());
+    }
 }
