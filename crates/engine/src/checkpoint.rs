@@ -305,6 +305,26 @@ mod tests {
         );
         assert!(ModelSource::parse("./no/such/dir", None).is_err());
         assert!(ModelSource::parse("nonsense", None).is_err());
+        assert_eq!(
+            ModelSource::parse(
+                "microsoft/Phi-3-mini-4k-instruct-gguf/Phi-3-mini-4k-instruct-q4.gguf",
+                Some("v1")
+            )
+            .unwrap(),
+            ModelSource::HubGguf {
+                repo: "microsoft/Phi-3-mini-4k-instruct-gguf".into(),
+                revision: "v1".into(),
+                file: "Phi-3-mini-4k-instruct-q4.gguf".into(),
+            }
+        );
+        assert!(ModelSource::parse("owner/repo/../x.gguf", None).is_err());
+        let file = std::env::temp_dir().join(format!("phi-parse-{}.gguf", std::process::id()));
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(
+            ModelSource::parse(file.to_str().unwrap(), None).unwrap(),
+            ModelSource::GgufFile(file.clone())
+        );
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]

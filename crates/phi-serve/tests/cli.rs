@@ -276,3 +276,61 @@ fn help_lists_the_flags() {
         assert!(help.contains(value), "{value} missing from:\n{help}");
     }
 }
+
+/// `phi-serve quantize` writes a GGUF file that `generate` runs as a complete model: from the
+/// float32 file, the reference continuation; bad requests fail with a reason and no file.
+#[test]
+fn quantize_writes_a_gguf_model_that_generates_the_reference() {
+    let dir = scratch_dir("quantize");
+    let out_file = dir.join("tiny-f32.gguf");
+    let run = |args: &[&str]| {
+        let mut cmd = phi_serve();
+        cmd.arg("quantize").arg("--model").arg(tiny()).args(args);
+        cmd.output().unwrap()
+    };
+    let out = run(&["--type", "f32", "--out", out_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with(&format!("wrote {}", out_file.display())));
+
+    let (prompt_ids, generated) = reference_case("chat");
+    let tok = PhiTokenizer::from_dir(tiny()).unwrap();
+    let prompt = tok.decode(&prompt_ids, false).unwrap();
+    let want = tok.decode(&generated[..8], true).unwrap();
+    let out = phi_serve()
+        .arg("generate")
+        .arg("--model")
+        .arg(&out_file)
+        .args(["--temperature", "0", "--max-tokens", "8", "--ignore-eos", "--raw"])
+        .args(["--prompt", &prompt])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{want}\n"));
+
+    // The file exists: refused without --force.
+    let out = run(&["--type", "q8_0", "--out", out_file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--force"), "{}", text(&out.stderr));
+
+    // An unknown format names the ones there are.
+    let other = dir.join("x.gguf");
+    let out = run(&["--type", "q7_0", "--out", other.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("q4_k_m"), "{}", text(&out.stderr));
+    assert!(!other.exists());
+
+    // A GGUF model is not quantized again at load.
+    let out = phi_serve()
+        .arg("generate")
+        .arg("--model")
+        .arg(&out_file)
+        .args(["--quantize", "q4_0", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--quantize applies to safetensors"),
+        "{}",
+        text(&out.stderr)
+    );
+}
