@@ -231,6 +231,16 @@ impl Sequence {
         (self.prompt_len + self.max_new).next_multiple_of(16)
     }
 
+    /// The prompt's token ids.
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    /// Tokens whose keys and values are in the cache (computed or reused).
+    pub fn computed_tokens(&self) -> usize {
+        self.cache.len()
+    }
+
     /// Whether some of the prompt is still to be computed.
     pub fn in_prompt(&self) -> bool {
         self.cache.len() < self.prompt_len
@@ -481,18 +491,36 @@ impl Engine {
     /// (the other choices of an `n > 1` request): `to` then computes just that last token,
     /// for logits of its own. Returns whether it did.
     pub fn share_prompt(&self, from: &Sequence, to: &mut Sequence) -> Result<bool> {
-        let shared = from.prompt_len - 1;
-        let ready = from.cache.len() >= from.prompt_len
-            && to.cache.is_empty()
-            && shared >= 1
-            && to.tokens[..to.prompt_len] == from.tokens[..from.prompt_len];
-        if !ready {
-            return Ok(false);
+        let same = to.prompt_len == from.prompt_len && to.prompt() == from.prompt();
+        Ok(same && from.cache.len() >= from.prompt_len && self.share_prefix(from, to, 1)? > 0)
+    }
+
+    /// How many leading tokens of `to`'s prompt (all but its last, which `to` must compute
+    /// for logits of its own) `from` has already computed.
+    pub fn shareable_prefix(&self, from: &Sequence, to: &Sequence) -> usize {
+        let computed = &from.tokens[..from.cache.len().min(from.tokens.len())];
+        let wanted = &to.tokens[..to.prompt_len.saturating_sub(1)];
+        computed.iter().zip(wanted).take_while(|(a, b)| a == b).count()
+    }
+
+    /// Gives `to`, a sequence that has computed nothing yet, the keys and values of the longest
+    /// prefix of its prompt that `from` (another running sequence: the same system prompt, the
+    /// same conversation so far) has computed, when it is at least `min_len` tokens; copies,
+    /// so either may go on or finish alone. Returns the tokens shared (0 when none).
+    pub fn share_prefix(
+        &self,
+        from: &Sequence,
+        to: &mut Sequence,
+        min_len: usize,
+    ) -> Result<usize> {
+        let len = self.shareable_prefix(from, to);
+        if !to.cache.is_empty() || len < min_len.max(1) {
+            return Ok(0);
         }
-        let Some(views) = from.cache.prefix_views(shared)? else { return Ok(false) };
+        let Some(views) = from.cache.prefix_views(len)? else { return Ok(0) };
         to.cache.seed(&views, from.cache.factors())?;
-        to.cached_prompt_tokens = shared;
-        Ok(true)
+        to.cached_prompt_tokens = len;
+        Ok(len)
     }
 
     /// The longest reusable cached prefix of `prompt`, if reuse is on.

@@ -199,7 +199,7 @@ impl Metrics {
 
         let shared = worker.shared_prompt_tokens();
         let name = "phi_serve_shared_prompt_tokens_total";
-        let help = "Prompt tokens that choices of n > 1 requests took from their first choice.";
+        let help = "Prompt tokens taken from another running sequence instead of computed.";
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {shared}");
         let _ = writeln!(
             out,

@@ -211,8 +211,9 @@ impl WorkerStats {
         self.budget_tokens.load(Ordering::Acquire)
     }
 
-    /// Prompt tokens that choices of `n > 1` requests took from their first choice instead of
-    /// computing them (a running total).
+    /// Prompt tokens that sequences took from another running sequence instead of computing
+    /// them: the choices of an `n > 1` request from their first choice, and requests that
+    /// start with what a request in the batch already computed (a running total).
     pub fn shared_prompt_tokens(&self) -> usize {
         self.shared_prompt_tokens.load(Ordering::Acquire)
     }
@@ -222,6 +223,10 @@ impl WorkerStats {
         self.queued() == 0 && self.running() == 0
     }
 }
+
+/// The fewest prompt tokens worth taking from another running request (and waiting a step
+/// for): a system prompt, not the few tokens of the chat template every prompt starts with.
+pub const MIN_SHARED_PREFIX: usize = 16;
 
 /// The sending side of the worker; cheap to clone, shared by all handlers.
 #[derive(Debug, Clone)]
@@ -354,6 +359,68 @@ impl Worker {
         }
     }
 
+    /// Gives every sequence of the batch that has computed nothing yet the longest prefix of
+    /// its prompt that a sequence of another request has computed (a shared system prompt, the
+    /// same conversation so far), when it is at least [`MIN_SHARED_PREFIX`] tokens.
+    fn share_prefixes(&mut self) {
+        let mut pairs = Vec::new();
+        for (tj, job) in self.running.iter().enumerate() {
+            for (tc, to) in job.sequences.iter().enumerate() {
+                if to.is_finished() || to.computed_tokens() > 0 || !to.in_prompt() {
+                    continue;
+                }
+                let best = self
+                    .running
+                    .iter()
+                    .enumerate()
+                    .filter(|(fj, _)| *fj != tj)
+                    .flat_map(|(fj, j)| {
+                        j.sequences.iter().enumerate().map(move |(fc, f)| (fj, fc, f))
+                    })
+                    .map(|(fj, fc, f)| (self.engine.shareable_prefix(f, to), fj, fc))
+                    .max();
+                if let Some((len, fj, fc)) = best.filter(|b| b.0 >= MIN_SHARED_PREFIX) {
+                    pairs.push((fj, fc, tj, tc, len));
+                }
+            }
+        }
+        for (fj, fc, tj, tc, _) in pairs {
+            let (from, to) = if fj < tj {
+                let (left, right) = self.running.split_at_mut(tj);
+                (&left[fj].sequences[fc], &mut right[0].sequences[tc])
+            } else {
+                let (left, right) = self.running.split_at_mut(fj);
+                (&right[0].sequences[fc], &mut left[tj].sequences[tc])
+            };
+            match self.engine.share_prefix(from, to, MIN_SHARED_PREFIX) {
+                Ok(n) => {
+                    self.stats.shared_prompt_tokens.fetch_add(n, Ordering::AcqRel);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not share a prompt prefix"),
+            }
+        }
+    }
+
+    /// Whether the not yet started sequence `seq` of job `j` should wait a step: an earlier
+    /// sequence of the batch is still computing a prefix of at least [`MIN_SHARED_PREFIX`]
+    /// tokens that `seq`'s prompt starts with, which it can then take instead of computing.
+    fn waits_for_shared_prefix(&self, j: usize, seq: &Sequence) -> bool {
+        if seq.computed_tokens() > 0 || !seq.in_prompt() {
+            return false;
+        }
+        let wanted = &seq.prompt()[..seq.prompt_len() - 1];
+        let earlier = self.running[..j].iter().flat_map(|job| {
+            job.sequences.iter().enumerate().filter(|(c, _)| !job.stopper.is_stopped(*c))
+        });
+        earlier.map(|(_, s)| s).any(|earlier| {
+            if earlier.is_finished() || !earlier.in_prompt() {
+                return false;
+            }
+            let common = earlier.prompt().iter().zip(wanted).take_while(|(a, b)| a == b).count();
+            common >= MIN_SHARED_PREFIX && earlier.computed_tokens() < common
+        })
+    }
+
     /// Ends the choices of running jobs whose deadline has passed (`length`, the text so far
     /// flushed), so they leave the batch now.
     fn end_expired(&mut self) {
@@ -444,6 +511,10 @@ impl Worker {
     /// One batched forward pass over every unfinished sequence; outputs go to their jobs.
     fn step(&mut self) {
         let mut owners = Vec::new();
+        let waiting: Vec<(usize, usize)> = (0..self.running.len())
+            .flat_map(|j| (0..self.running[j].sequences.len()).map(move |c| (j, c)))
+            .filter(|&(j, c)| self.waits_for_shared_prefix(j, &self.running[j].sequences[c]))
+            .collect();
         let mut seqs: Vec<&mut Sequence> = Vec::new();
         for (j, job) in self.running.iter_mut().enumerate() {
             let stopper = &job.stopper;
@@ -451,7 +522,8 @@ impl Worker {
             // they share (see `share_prompts`), unless they already hold a reused prefix.
             let first_in_prompt = job.sequences.first().is_some_and(|s| s.in_prompt());
             for (c, seq) in job.sequences.iter_mut().enumerate() {
-                let waits = c > 0 && first_in_prompt && seq.cached_prompt_tokens() == 0;
+                let waits = (c > 0 && first_in_prompt && seq.cached_prompt_tokens() == 0)
+                    || waiting.contains(&(j, c));
                 if !seq.is_finished() && !stopper.is_stopped(c) && !waits {
                     owners.push((j, c));
                     seqs.push(seq);
@@ -476,6 +548,7 @@ impl Worker {
                     let _ = self.running[j].events.send(WorkerEvent::Step { choice, output });
                 }
                 self.share_prompts();
+                self.share_prefixes();
                 return;
             }
             Ok(Err(e)) => format!("the engine failed: {e}"),

@@ -244,3 +244,49 @@ fn choices_of_one_request_compute_their_prompt_once() {
     let out = engine.step(&mut [&mut others[0]]).unwrap();
     assert_eq!(out[0].token.as_ref().map(|t| t.id), first[0].generated().first().map(|t| t.id));
 }
+
+/// Requests that arrive together with the same long system prompt compute it once: the later
+/// ones wait a step, take the earlier one's keys and values for the shared prefix, and still
+/// answer exactly what they answer alone.
+#[test]
+fn simultaneous_requests_share_a_common_prefix() {
+    let engine = engine();
+    // Slow steps, so that all three are in the batch while the first is still running however
+    // loaded the machine is.
+    let config =
+        WorkerConfig { step_delay: Some(Duration::from_millis(20)), ..WorkerConfig::default() };
+    let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
+    let system = "You are a careful assistant for a shipping company. Answer in one short \
+                  sentence, never guess tracking numbers, and be polite to every customer.";
+    let questions = ["where is my parcel?", "can I change the address?", "what are your hours?"];
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            let messages = [ChatMessage::system(system), ChatMessage::user(*q)];
+            engine.encode_chat(&messages).unwrap().ids
+        })
+        .collect();
+    let common = prompts[0].iter().zip(&prompts[1]).take_while(|(a, b)| a == b).count();
+    assert!(common >= phi_server::worker::MIN_SHARED_PREFIX, "the prompts share {common} tokens");
+
+    let mut receivers = Vec::new();
+    for ids in &prompts {
+        let (job, rx) = Job::new(vec![engine.new_sequence(ids, &options(10)).unwrap()]);
+        worker.submit(job).unwrap();
+        receivers.push(rx);
+    }
+    for (ids, rx) in prompts.iter().zip(&mut receivers) {
+        let solo = engine.generate(ids, &options(10), |_| true).unwrap();
+        let out = drain(rx, 1);
+        assert_eq!(out[0].0, solo.text, "a shared prefix changed the answer");
+        assert_eq!(out[0].1, Some(solo.finish_reason));
+    }
+    // The second and third took the system prompt from the first (from its computed cache, or
+    // after waiting a step for it).
+    let shared = worker.stats().shared_prompt_tokens();
+    assert!(
+        shared >= 2 * common,
+        "shared {shared} prompt tokens, expected at least {}",
+        2 * common
+    );
+}
