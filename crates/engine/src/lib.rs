@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod phi3;
 pub mod prefix_cache;
 pub mod projection;
+pub mod qgemm;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;

@@ -12,6 +12,11 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::Linear;
 
 use crate::error::Result;
+use crate::qgemm;
+
+/// Rows of activations from which [`qgemm`]'s tiled kernel beats candle's dot products (a
+/// prompt chunk, or a large decode batch).
+const QGEMM_MIN_ROWS: usize = 2;
 
 /// A weight matrix `[out, in]` applied as `x @ W^T`.
 #[derive(Debug, Clone)]
@@ -22,6 +27,8 @@ pub enum Projection {
     Quantized {
         /// The multiplication kernel over the blocks.
         matmul: QMatMul,
+        /// The blocks themselves, for the prompt-sized kernels of [`crate::qgemm`].
+        weight: Arc<QTensor>,
         /// The block format, reported in logs and `/info`-style summaries.
         dtype: GgmlDType,
     },
@@ -36,7 +43,7 @@ impl Projection {
     /// A quantized projection sharing `weight` (the tied embedding and `lm_head` use one copy).
     pub fn quantized(weight: Arc<QTensor>) -> Result<Self> {
         let dtype = weight.dtype();
-        Ok(Self::Quantized { matmul: QMatMul::from_arc(weight)?, dtype })
+        Ok(Self::Quantized { matmul: QMatMul::from_arc(weight.clone())?, weight, dtype })
     }
 
     /// `x @ W^T` for `x` of shape `[rows, in]`, in `x`'s dtype.
@@ -46,7 +53,21 @@ impl Projection {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(linear) => Ok(linear.forward(x)?),
-            Self::Quantized { matmul, .. } => {
+            Self::Quantized { matmul, weight, dtype } => {
+                let rows = x.dims().first().copied().unwrap_or(1);
+                if rows >= QGEMM_MIN_ROWS
+                    && x.rank() == 2
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && qgemm::supported(*dtype)
+                {
+                    let (m, k) = x.dims2()?;
+                    let n = weight.shape().dims()[0];
+                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    let threads = candle_core::utils::get_num_threads();
+                    let out = qgemm::matmul(*dtype, &weight.data()?, n, k, &xs, m, threads);
+                    return Ok(Tensor::from_vec(out, (m, n), x.device())?);
+                }
                 let native = x.device().is_cpu() || x.dtype() == DType::F32;
                 if native {
                     Ok(matmul.forward(&x.contiguous()?)?)
