@@ -304,8 +304,8 @@ def measure_bandwidth(out_dir, threads):
 
 def child(mode, **kw):
     """Runs this file in `mode` with the venv's python; returns its JSON answer."""
-    cmd = [sys.executable, __file__, mode, json.dumps(kw)]
-    p = subprocess.run(cmd, text=True, capture_output=True)
+    p = subprocess.run([sys.executable, __file__, mode], input=json.dumps(kw), text=True,
+                       capture_output=True)
     if p.returncode != 0:
         sig = f" (signal {signal.Signals(-p.returncode).name})" if p.returncode < 0 else ""
         raise RuntimeError(f"llama.cpp child {mode} failed with {p.returncode}{sig}: "
@@ -761,7 +761,7 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1].startswith("_"):
-        _child_main(sys.argv[1], json.loads(sys.argv[2]))
+    if len(sys.argv) == 2 and sys.argv[1].startswith("_"):
+        _child_main(sys.argv[1], json.load(sys.stdin))
     else:
         main()

@@ -8,8 +8,9 @@
 //! - `quantized_decode/{format}`: one decode token of the 438M-parameter bench model (context
 //!   128), quantized at load as `--quantize` does; throughput is the bytes of weights a step
 //!   reads (GB/s).
-//! - `prompt_matmul/{format}/{candle,tiled}`: 128 prompt rows through that matrix, candle's
-//!   product against `phi_engine::qgemm`'s tiled kernel (rows/s).
+//! - `prompt_matmul/{format}/rows_{1,4,128}/{candle,tiled}`: rows through that matrix (a
+//!   decode step, a small batch, a prompt chunk), candle's product against
+//!   `phi_engine::qgemm`'s tiled kernel (rows/s).
 //! - `quantized_prefill/{format}`: a 128-token prompt through the same models (tokens/s).
 //! - `memory_bandwidth/read_2_threads`: the streaming-read ceiling, in the same run and units.
 //!
@@ -142,29 +143,31 @@ fn qmatvec(c: &mut Criterion, plan: &Plan) {
 /// A 128-row prompt chunk through one matrix: candle's quantized product against the tiled
 /// kernel of `phi_engine::qgemm`, on the same blocks (throughput: prompt rows per second).
 fn prompt_matmul(c: &mut Criterion, plan: &Plan) {
-    let m = if plan.rows > 1024 { 128 } else { 8 };
+    let big = if plan.rows > 1024 { 128 } else { 8 };
     let w = Tensor::randn(0f32, 0.02, (plan.rows, plan.cols), &Device::Cpu).expect("weights");
-    let x = Tensor::randn(0f32, 1.0, (m, plan.cols), &Device::Cpu).expect("rows");
-    let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("rows");
     let threads = candle_core::utils::get_num_threads();
     let mut g = group(c, "prompt_matmul", 5);
-    g.throughput(Throughput::Elements(m as u64));
-    for format in ["q4_0", "q8_0"] {
-        let d = ggml(format);
-        let q = Arc::new(QTensor::quantize(&w, d).expect("quantize"));
-        let mm = QMatMul::from_arc(q.clone()).expect("matmul");
-        g.bench_function(format!("{format}/candle"), |b| {
-            b.iter(|| black_box(mm.forward(&x).expect("qmatmul")))
-        });
-        if phi_engine::qgemm::supported(d) {
-            let data = q.data().expect("blocks");
-            g.bench_function(format!("{format}/tiled"), |b| {
-                b.iter(|| {
-                    black_box(phi_engine::qgemm::matmul(
-                        d, &data, plan.rows, plan.cols, &xs, m, threads,
-                    ))
-                })
+    for m in [1, 4, big] {
+        let x = Tensor::randn(0f32, 1.0, (m, plan.cols), &Device::Cpu).expect("rows");
+        let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("rows");
+        g.throughput(Throughput::Elements(m as u64));
+        for format in ["q4_0", "q8_0"] {
+            let d = ggml(format);
+            let q = Arc::new(QTensor::quantize(&w, d).expect("quantize"));
+            let mm = QMatMul::from_arc(q.clone()).expect("matmul");
+            g.bench_function(format!("{format}/rows_{m}/candle"), |b| {
+                b.iter(|| black_box(mm.forward(&x).expect("qmatmul")))
             });
+            if phi_engine::qgemm::supported(d) {
+                let data = q.data().expect("blocks");
+                g.bench_function(format!("{format}/rows_{m}/tiled"), |b| {
+                    b.iter(|| {
+                        black_box(phi_engine::qgemm::matmul(
+                            d, &data, plan.rows, plan.cols, &xs, m, threads,
+                        ))
+                    })
+                });
+            }
         }
     }
     g.finish();
