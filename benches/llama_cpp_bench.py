@@ -179,6 +179,50 @@ def machine():
     return info
 
 
+def _busy_s():
+    """CPU seconds the whole machine has been busy (steal included: time the host gave away)."""
+    with open("/proc/stat") as f:
+        v = list(map(int, f.readline().split()[1:9]))
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s():
+    """CPU seconds of this process and its finished children."""
+    import resource
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+class CpuWatch:
+    """Share of the machine's CPU that other processes (or the hypervisor) took meanwhile: the
+    measure of how noisy a measurement is on a shared machine. Counts a child once it has exited."""
+
+    def __init__(self):
+        self.t, self.busy, self.own = time.monotonic(), _busy_s(), _own_s()
+
+    def foreign_pct(self):
+        wall = max(time.monotonic() - self.t, 1e-3)
+        other = (_busy_s() - self.busy) - (_own_s() - self.own)
+        return round(max(0.0, 100.0 * other / (wall * (os.cpu_count() or 1))), 1)
+
+
+def wait_quiet(limit_s, threshold_pct=10.0):
+    """Waits (at most limit_s) until other processes use under threshold_pct of the CPUs over a
+    5-second window; returns the seconds waited."""
+    t = time.monotonic()
+    while limit_s > 0:
+        w = CpuWatch()
+        time.sleep(5)
+        load = w.foreign_pct()
+        if load < threshold_pct or time.monotonic() - t >= limit_s:
+            if load >= threshold_pct:
+                log(f"   (still busy: {load:.0f}% of the CPUs taken by other processes)")
+            break
+        if time.monotonic() - t < 6:
+            log(f"   waiting for the machine to quieten ({load:.0f}% of the CPUs busy elsewhere)")
+    return round(time.monotonic() - t, 1)
+
+
 def spread(values):
     """(max - min) / max in percent."""
     values = [v for v in values if v]
@@ -333,19 +377,21 @@ def _child_main(mode, kw):
         ids = llm.tokenize(kw["text"].encode(), add_bos=True)
         gen = kw["gen"]
         runs = []
-        for _ in range(kw["reps"] + 1):
+        for rep in range(kw["reps"] + 1):
+            # Run 0 is a short warm-up (32 prompt tokens, 4 generated).
+            prompt, steps = (ids[:32], 4) if rep == 0 else (ids, gen)
             llm.reset()
             t0 = time.perf_counter()
-            llm.eval(ids)
+            llm.eval(prompt)
             tok = llm.sample(temp=0.0)
             t1 = time.perf_counter()
-            for _ in range(gen - 1):
+            for _ in range(steps - 1):
                 llm.eval([tok])
                 tok = llm.sample(temp=0.0)
             t2 = time.perf_counter()
-            runs.append({"prompt_tokens": len(ids), "prompt_s": t1 - t0,
-                         "pp": len(ids) / (t1 - t0), "gen_tokens": gen, "gen_s": t2 - t1,
-                         "tg": (gen - 1) / (t2 - t1)})
+            runs.append({"prompt_tokens": len(prompt), "prompt_s": t1 - t0,
+                         "pp": len(prompt) / (t1 - t0), "gen_tokens": steps, "gen_s": t2 - t1,
+                         "tg": (steps - 1) / (t2 - t1)})
         print(json.dumps({"load_s": load_s, "runs": runs}))
         return
     raise SystemExit(f"unknown mode {mode}")
@@ -379,9 +425,14 @@ GEN_LINE = re.compile(r"prompt: (\d+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\);
 def phi_engine(args, gguf, text):
     runs = []
     for i in range(args.reps + 1):
+        # Run 0 is a short warm-up (the file into the page cache); every run is a new process.
+        prompt, gen = ("Hello there", 4) if i == 0 else (text, args.gen_tokens)
+        if i > 0:
+            wait_quiet(args.wait_quiet)
+        watch = CpuWatch()
         t = time.monotonic()
         p = subprocess.run([args.phi_serve, "generate", "--model", str(gguf), "--raw", "--prompt",
-                            text, "--max-tokens", str(args.gen_tokens), "--ignore-eos",
+                            prompt, "--max-tokens", str(gen), "--ignore-eos",
                             "--threads", str(args.threads)], text=True, capture_output=True)
         wall = time.monotonic() - t
         m = GEN_LINE.search(p.stderr)
@@ -391,9 +442,9 @@ def phi_engine(args, gguf, text):
         n_p, t_p, n_g, t_g = int(n_p), float(t_p), int(n_g), float(t_g)
         runs.append({"prompt_tokens": n_p, "prompt_s": t_p, "pp": n_p / t_p, "gen_tokens": n_g,
                      "gen_s": t_g, "tg": (n_g - 1) / t_g, "finish": finish, "wall_s": wall,
-                     "load_s": wall - t_p - t_g})
+                     "load_s": wall - t_p - t_g, "foreign_cpu_pct": watch.foreign_pct()})
         log(f"   phi-serve run {i}{' (warm-up)' if i == 0 else ''}: {m.group(0)}; "
-            f"process {wall:.1f} s")
+            f"process {wall:.1f} s; other processes {runs[-1]['foreign_cpu_pct']:.0f}% CPU")
     return {"runs": runs}
 
 
@@ -402,8 +453,9 @@ def best_of(result):
     pp = max(runs, key=lambda r: r["pp"])
     tg = max(runs, key=lambda r: r["tg"])
     return {"pp": pp["pp"], "tg": tg["tg"], "prompt_tokens": pp["prompt_tokens"],
-            "gen_tokens": tg["gen_tokens"], "warmup_pp": result["runs"][0]["pp"],
-            "warmup_tg": result["runs"][0]["tg"], "pp_spread_pct": spread([r["pp"] for r in runs]),
+            "gen_tokens": tg["gen_tokens"], "pp_spread_pct": spread([r["pp"] for r in runs]),
+            "foreign_cpu_pct": max([r.get("foreign_cpu_pct", 0) for r in runs] +
+                                   [result.get("foreign_cpu_pct", 0)]),
             "tg_spread_pct": spread([r["tg"] for r in runs])}
 
 
@@ -509,17 +561,24 @@ def http_bench(args, engine, gguf, text, out_dir):
 
         def ready():
             return port if http_ok(port, "/v1/models") else None
+    wait_quiet(args.wait_quiet)
+    watch = CpuWatch()
     proc, port, start_s = start_server(cmd, log_path, ready)
     runs = []
     try:
         for i in range(args.reps + 1):
             # A different first line each time, so no prefix of the prompt is reused.
-            tag = "Warm-up." if i == 0 else f"Request {i}."
-            msgs = [{"role": "user", "content": f"{tag} {text}"}]
-            r = stream_chat(port, msgs, args.gen_tokens)
+            # Request 0 is a short warm-up.
+            if i == 0:
+                r = stream_chat(port, [{"role": "user", "content": "Hello there"}], 4)
+            else:
+                msgs = [{"role": "user", "content": f"Request {i}. {text}"}]
+                r = stream_chat(port, msgs, args.gen_tokens)
             runs.append(r)
     finally:
         stop_server(proc)
+    foreign = watch.foreign_pct()
+    log(f"   {engine} HTTP: other processes took {foreign:.0f}% of the CPUs meanwhile")
     # Token counts: the stream's usage (phi-serve); llama-cpp-python's server sends none when
     # streaming, so its own timing lines (verbose, one pair a request) give them.
     perf = LLAMA_PERF.findall(log_path.read_text()) if engine == "llama.cpp" else []
@@ -555,8 +614,8 @@ def http_bench(args, engine, gguf, text, out_dir):
     best_tg = max(tgs, key=lambda r: r["tg"]) if tgs else {"tg": None, "gen_tokens": None}
     return {"runs": runs, "start_s": start_s, "ttft_s": best_pp["ttft_s"], "pp": best_pp["pp"],
             "prompt_tokens": best_pp["prompt_tokens"], "tg": best_tg["tg"],
-            "gen_tokens": best_tg["gen_tokens"], "warmup_ttft_s": runs[0]["ttft_s"],
-            "ttft_spread_pct": spread([1 / r["ttft_s"] for r in rest]),
+            "gen_tokens": best_tg["gen_tokens"], "first_ttft_s": rest[0]["ttft_s"],
+            "ttft_spread_pct": spread([1 / r["ttft_s"] for r in rest]), "foreign_cpu_pct": foreign,
             "tg_spread_pct": spread([r["tg"] for r in tgs])}
 
 
@@ -572,8 +631,8 @@ def ratio(a, b):
 
 
 def tables(res):
-    key = str(res["threads"])
-    bw = max(res["bandwidth_gbs"][key], res.get("bandwidth_after_gbs", {}).get(key, 0))
+    # The ceiling: the best read bandwidth measured (any thread count, before or after).
+    bw = max(list(res["bandwidth_gbs"].values()) + list(res.get("bandwidth_after_gbs", {}).values()))
     lines = []
     head = ("| format | level | pp t/s phi-serve | pp t/s llama.cpp | pp ratio | tg t/s phi-serve "
             "| tg t/s llama.cpp | tg ratio | decode GB/s phi-serve (of BW) | decode GB/s llama.cpp "
@@ -596,14 +655,14 @@ def tables(res):
     notes = [
         "",
         f"Ratios are phi-serve / llama.cpp (above 1: phi-serve faster). pp at the HTTP level is "
-        f"prompt tokens / time to first token. Memory read bandwidth {bw:.1f} GB/s on "
-        f"{res['threads']} threads (the better of before and after the run; "
-        f"{res['bandwidth_gbs'].get('1', 0):.1f} on 1); decode GB/s = weight bytes a step reads "
-        f"x tg tokens/s, and its fraction of that bandwidth.",
+        f"prompt tokens / time to first token. Memory read bandwidth {bw:.1f} GB/s (the best of "
+        f"1 and {res['threads']} threads, before and after the run); decode GB/s = weight bytes a "
+        f"step reads x tg tokens/s, and its fraction of that bandwidth. Engine-level phi-serve "
+        f"runs are each a new process; llama.cpp's are in one process after a warm-up.",
         "",
         "| format | GGUF GB | weights read per token GB | prompt tokens engine (phi-serve / "
-        "llama.cpp) | HTTP TTFT ms phi-serve | HTTP TTFT ms llama.cpp | HTTP prompt tokens | "
-        "HTTP tokens generated | first (cold) TTFT ms phi-serve / llama.cpp | server start s |",
+        "llama.cpp) | HTTP TTFT ms phi-serve | HTTP TTFT ms llama.cpp | HTTP prompt tokens computed | "
+        "HTTP tokens generated | first timed TTFT ms phi-serve / llama.cpp | server start s |",
         "|" + "---|" * 10,
     ]
     for fmt, r in res["formats"].items():
@@ -619,9 +678,11 @@ def tables(res):
             f"{el.get('prompt_tokens', '-')} | {ms(hp.get('ttft_s'))} | {ms(hl.get('ttft_s'))} | "
             f"{hp.get('prompt_tokens', '-')} / {hl.get('prompt_tokens', '-')} | "
             f"{hp.get('gen_tokens', '-')} / {hl.get('gen_tokens', '-')} | "
-            f"{ms(hp.get('warmup_ttft_s'))} / {ms(hl.get('warmup_ttft_s'))} | "
+            f"{ms(hp.get('first_ttft_s'))} / {ms(hl.get('first_ttft_s'))} | "
             f"{fmt_num(hp.get('start_s'))} / {fmt_num(hl.get('start_s'))} |")
-    notes += ["", "Spread of the repetitions ((max - min) / max of the timed runs), pp / tg:"]
+    notes += ["", "Spread of the repetitions ((max - min) / max of the timed runs), pp / tg, and "
+              "the most CPU other processes took during the measurement (as a share of all "
+              "CPUs, hypervisor steal included):"]
     for fmt, r in res["formats"].items():
         parts = []
         for level in ("engine", "http"):
@@ -629,7 +690,8 @@ def tables(res):
                 x = r.get(level, {}).get(eng)
                 if x:
                     a = x.get("pp_spread_pct", x.get("ttft_spread_pct"))
-                    parts.append(f"{level} {eng} {a:.0f}% / {x.get('tg_spread_pct', 0):.0f}%")
+                    parts.append(f"{level} {eng} {a:.0f}% / {x.get('tg_spread_pct', 0):.0f}% "
+                                 f"(others: {x.get('foreign_cpu_pct', 0):.0f}% CPU)")
         notes.append(f"- {fmt.upper()}: " + "; ".join(parts))
     return "\n".join(lines + notes)
 
@@ -649,9 +711,12 @@ def main():
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--threads", type=int, default=physical_cores(),
                     help="threads of both engines (default: physical cores)")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up")
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions after a warm-up")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before each measurement wait up to SECONDS for other processes to "
+                         "leave the CPUs (under 10%% busy over 5 s)")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--out-dir", default=str(ROOT / "target/llama-cpp-bench"))
@@ -683,6 +748,7 @@ def main():
 
     files = ensure_models(args, phases)
 
+    wait_quiet(args.wait_quiet)
     t = time.monotonic()
     res["bandwidth_gbs"] = {str(k): v for k, v in measure_bandwidth(out_dir, args.threads).items()}
     phases["bandwidth_s"] = round(time.monotonic() - t, 1)
@@ -715,8 +781,13 @@ def main():
             phases[f"engine_{fmt}_phi_s"] = round(time.monotonic() - t, 1)
             t = time.monotonic()
             try:
+                wait_quiet(args.wait_quiet)
+                watch = CpuWatch()
                 lr = child("_llama_engine", model=str(gguf), text=text, threads=args.threads,
                            gen=args.gen_tokens, reps=args.reps)
+                lr["foreign_cpu_pct"] = watch.foreign_pct()
+                log(f"   llama.cpp engine: other processes took {lr['foreign_cpu_pct']:.0f}% of "
+                    f"the CPUs meanwhile")
                 for i, x in enumerate(lr["runs"]):
                     log(f"   llama.cpp run {i}{' (warm-up)' if i == 0 else ''}: prompt "
                         f"{x['prompt_tokens']} tokens in {x['prompt_s']:.3f}s ({x['pp']:.1f} "
@@ -740,6 +811,7 @@ def main():
                     time.monotonic() - t, 1)
         (out_dir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
 
+    wait_quiet(args.wait_quiet)
     t = time.monotonic()
     res["bandwidth_after_gbs"] = {str(k): v for k, v in
                                   measure_bandwidth(out_dir, args.threads).items()}

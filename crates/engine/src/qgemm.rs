@@ -131,12 +131,12 @@ pub fn matmul(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{block_bytes, QuantizedRows, QK};
+    use super::{QuantizedRows, QK};
     use candle_core::quantized::GgmlDType;
 
     /// Every output of `rows` weight rows (`w`, `kb` blocks each) against the `m` activation
-    /// rows, into `out_t` (`[rows, m]`): tiles of 2 weight rows by 4 activation rows, smaller
-    /// tiles at the edges.
+    /// rows, into `out_t` (`[rows, m]`): tiles of 2 weight rows by 4 activation rows for
+    /// prompts, 4 weight rows by 1 activation row for decode, smaller tiles at the edges.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn columns(
         dtype: GgmlDType,
@@ -147,39 +147,56 @@ mod avx2 {
         m: usize,
         out_t: &mut [f32],
     ) {
-        let rb = kb * block_bytes(dtype);
+        match dtype {
+            GgmlDType::Q4_0 => columns_of::<true>(w, rows, kb, xq, m, out_t),
+            _ => columns_of::<false>(w, rows, kb, xq, m, out_t),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn columns_of<const Q4: bool>(
+        w: &[u8],
+        rows: usize,
+        kb: usize,
+        xq: &QuantizedRows,
+        m: usize,
+        out_t: &mut [f32],
+    ) {
+        let rb = kb * if Q4 { 2 + QK / 2 } else { 2 + QK };
+        // Decode-sized inputs have one or few rows: more weight rows a tile instead.
+        let wide = m < 4;
+        let step = if wide { 4 } else { 2 };
         let mut j = 0;
         while j < rows {
-            let rn = (rows - j).min(2);
+            let rn = (rows - j).min(step);
+            let ptr = |c: usize| w.as_ptr().add((j + c.min(rn - 1)) * rb);
             let mut i = 0;
             while i < m {
                 let rm = (m - i).min(4);
-                let mut res = [[0f32; 4]; 2];
-                let w0 = &w[j * rb..(j + 1) * rb];
-                let w1 = &w[(j + rn - 1) * rb..(j + rn) * rb];
-                match (dtype, rn, rm) {
-                    (GgmlDType::Q4_0, 2, 4) => tile::<true, 2, 4>(w0, w1, kb, xq, i, &mut res),
-                    (GgmlDType::Q8_0, 2, 4) => tile::<false, 2, 4>(w0, w1, kb, xq, i, &mut res),
-                    (GgmlDType::Q4_0, _, _) => {
-                        for r in 0..rm {
-                            let mut one = [[0f32; 4]; 2];
-                            tile::<true, 2, 1>(w0, w1, kb, xq, i + r, &mut one);
-                            res[0][r] = one[0][0];
-                            res[1][r] = one[1][0];
+                let mut res = [[0f32; 4]; 4];
+                if wide {
+                    for r in 0..rm {
+                        let mut one = [[0f32; 4]; 4];
+                        let ws = [ptr(0), ptr(1), ptr(2), ptr(3)];
+                        tile::<Q4, 4, 1>(ws, kb, xq, i + r, &mut one);
+                        for c in 0..4 {
+                            res[c][r] = one[c][0];
                         }
                     }
-                    _ => {
-                        for r in 0..rm {
-                            let mut one = [[0f32; 4]; 2];
-                            tile::<false, 2, 1>(w0, w1, kb, xq, i + r, &mut one);
-                            res[0][r] = one[0][0];
-                            res[1][r] = one[1][0];
+                } else if rm == 4 {
+                    tile::<Q4, 2, 4>([ptr(0), ptr(1)], kb, xq, i, &mut res);
+                } else {
+                    for r in 0..rm {
+                        let mut one = [[0f32; 4]; 4];
+                        tile::<Q4, 2, 1>([ptr(0), ptr(1)], kb, xq, i + r, &mut one);
+                        for c in 0..2 {
+                            res[c][r] = one[c][0];
                         }
                     }
                 }
-                for (c, col) in res.iter().enumerate().take(rn) {
-                    for (r, v) in col.iter().enumerate().take(rm) {
-                        out_t[(j + c) * m + i + r] = *v;
+                for c in 0..rn {
+                    for r in 0..rm {
+                        out_t[(j + c) * m + i + r] = res[c][r];
                     }
                 }
                 i += rm;
@@ -194,22 +211,21 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
-    /// `RN` weight rows (`w0`, `w1`) by `RM` activation rows starting at `i0`: `res[c][r]`.
-    /// `Q4` selects Q4_0 weights (4-bit quants offset by 8) over Q8_0 (signed 8-bit).
+    /// `RN` weight rows (`wp`, pointers to their first block) by `RM` activation rows
+    /// starting at `i0`: `res[c][r]`. `Q4` selects Q4_0 weights (4-bit quants offset by 8)
+    /// over Q8_0 (signed 8-bit).
     #[inline(always)]
     unsafe fn tile<const Q4: bool, const RN: usize, const RM: usize>(
-        w0: &[u8],
-        w1: &[u8],
+        wp: [*const u8; RN],
         kb: usize,
         xq: &QuantizedRows,
         i0: usize,
-        res: &mut [[f32; 4]; 2],
+        res: &mut [[f32; 4]; 4],
     ) {
         let bb = if Q4 { 2 + QK / 2 } else { 2 + QK };
         let mut acc = [[_mm256_setzero_ps(); RM]; RN];
         let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0f);
-        let wp = [w0.as_ptr(), w1.as_ptr()];
         for b in 0..kb {
             // Unpack the weight blocks once for all RM rows.
             let mut wq = [_mm256_setzero_si256(); RN];
