@@ -23,6 +23,7 @@ crash there (e.g. an instruction the CPU lacks) is reported instead of killing t
 
 import argparse
 import datetime
+import hashlib
 import http.client
 import json
 import os
@@ -206,21 +207,27 @@ class CpuWatch:
         return round(max(0.0, 100.0 * other / (wall * (os.cpu_count() or 1))), 1)
 
 
-def wait_quiet(limit_s, threshold_pct=10.0):
-    """Waits (at most limit_s) until other processes use under threshold_pct of the CPUs over a
-    5-second window; returns the seconds waited."""
-    t = time.monotonic()
-    while limit_s > 0:
+def wait_quiet(limit_s, threshold_pct=10.0, windows=4):
+    """Waits (at most limit_s) until other processes use under threshold_pct of the CPUs in
+    `windows` 5-second windows in a row (bursty loads such as a test suite slip through a single
+    window); returns the seconds waited."""
+    t, quiet, said = time.monotonic(), 0, False
+    while limit_s > 0 and quiet < windows:
         w = CpuWatch()
         time.sleep(5)
         load = w.foreign_pct()
-        if load < threshold_pct or time.monotonic() - t >= limit_s:
-            if load >= threshold_pct:
-                log(f"   (still busy: {load:.0f}% of the CPUs taken by other processes)")
-            break
-        if time.monotonic() - t < 6:
+        quiet = quiet + 1 if load < threshold_pct else 0
+        if quiet == 0 and not said:
             log(f"   waiting for the machine to quieten ({load:.0f}% of the CPUs busy elsewhere)")
+            said = True
+        if time.monotonic() - t >= limit_s and quiet < windows:
+            log(f"   (gave up waiting after {limit_s:.0f} s: {load:.0f}% of the CPUs busy elsewhere)")
+            break
     return round(time.monotonic() - t, 1)
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def spread(values):
@@ -632,7 +639,7 @@ def ratio(a, b):
 
 def tables(res):
     # The ceiling: the best read bandwidth measured (any thread count, before or after).
-    bw = max(list(res["bandwidth_gbs"].values()) + list(res.get("bandwidth_after_gbs", {}).values()))
+    bw = max(v for b in res["bandwidth"] for v in b["gbs"].values())
     lines = []
     head = ("| format | level | pp t/s phi-serve | pp t/s llama.cpp | pp ratio | tg t/s phi-serve "
             "| tg t/s llama.cpp | tg ratio | decode GB/s phi-serve (of BW) | decode GB/s llama.cpp "
@@ -656,7 +663,9 @@ def tables(res):
         "",
         f"Ratios are phi-serve / llama.cpp (above 1: phi-serve faster). pp at the HTTP level is "
         f"prompt tokens / time to first token. Memory read bandwidth {bw:.1f} GB/s (the best of "
-        f"1 and {res['threads']} threads, before and after the run); decode GB/s = weight bytes a "
+        f"1 and {res['threads']} threads, before and after each run: "
+        + ", ".join("/".join(f"{v:.1f}" for v in b["gbs"].values()) for b in res["bandwidth"])
+        + f" GB/s); decode GB/s = weight bytes a "
         f"step reads x tg tokens/s, and its fraction of that bandwidth. Engine-level phi-serve "
         f"runs are each a new process; llama.cpp's are in one process after a warm-up.",
         "",
@@ -717,20 +726,42 @@ def main():
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                     help="before each measurement wait up to SECONDS for other processes to "
                          "leave the CPUs (under 10%% busy over 5 s)")
+    ap.add_argument("--engines", default="phi-serve,llama.cpp",
+                    help="which of phi-serve, llama.cpp to measure (default both)")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the out-dir's results.json: replace only what this run "
+                         "measures (to redo a measurement that was disturbed)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only print the table of the out-dir's results.json again")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--out-dir", default=str(ROOT / "target/llama-cpp-bench"))
     args = ap.parse_args()
     args.formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        write_markdown(json.loads((out_dir / "results.json").read_text()), out_dir)
+        return
     t_all = time.monotonic()
 
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    res = {"date": now(),
            "machine": machine(), "threads": args.threads, "reps": args.reps,
            "phi_serve": run([args.phi_serve, "--version"], capture_output=True).stdout.strip(),
+           "phi_serve_sha256": hashlib.sha256(Path(args.phi_serve).read_bytes()).hexdigest()[:16],
            "llama_cmake_args": os.environ.get("LLAMA_CMAKE_ARGS_USED"), "phases_s": {},
            "formats": {}}
+    prev_path = out_dir / "results.json"
+    if args.update and prev_path.is_file():
+        prev = json.loads(prev_path.read_text())
+        if "bandwidth_gbs" in prev:  # the layout before bandwidth became a list
+            prev["bandwidth"] = [{"date": prev["date"], "when": w, "gbs": prev[k]} for w, k in
+                                 (("before", "bandwidth_gbs"), ("after", "bandwidth_after_gbs"))
+                                 if k in prev]
+        res["formats"], res["bandwidth"] = prev.get("formats", {}), prev.get("bandwidth", [])
+        res["phases_s"] = prev.get("phases_s", {})
+        res["first_date"] = prev.get("first_date", prev.get("date"))
     phases = res["phases_s"]
     info = child("_llama_info")
     res["llama_cpp"] = info
@@ -750,10 +781,11 @@ def main():
 
     wait_quiet(args.wait_quiet)
     t = time.monotonic()
-    res["bandwidth_gbs"] = {str(k): v for k, v in measure_bandwidth(out_dir, args.threads).items()}
+    bw = {str(k): v for k, v in measure_bandwidth(out_dir, args.threads).items()}
+    res.setdefault("bandwidth", []).append({"date": now(), "when": "before", "gbs": bw})
     phases["bandwidth_s"] = round(time.monotonic() - t, 1)
     log(f"== memory read bandwidth (2 GiB sum, best of 5): " + ", ".join(
-        f"{v:.1f} GB/s on {k} thread(s)" for k, v in res["bandwidth_gbs"].items()))
+        f"{v:.1f} GB/s on {k} thread(s)" for k, v in bw.items()))
 
     t = time.monotonic()
     text, n_llama = make_prompt(files[args.formats[0]], args.prompt_tokens)
@@ -764,21 +796,24 @@ def main():
 
     for fmt in args.formats:
         gguf = files[fmt]
-        r = res["formats"][fmt] = {"weights": gguf_weights(gguf), "file": str(gguf)}
+        r = res["formats"].setdefault(fmt, {})
+        r.update({"weights": gguf_weights(gguf), "file": str(gguf)})
         w = r["weights"]
         log(f"== {fmt.upper()}: {gguf} ({w['file_bytes'] / 1e9:.2f} GB, {w['decode_bytes'] / 1e9:.3f}"
             f" GB read per token; " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in
                                                 w["bytes_by_type"].items()) + ")")
         if not args.skip_engine:
+            e = r.setdefault("engine", {})
+        if not args.skip_engine and "phi-serve" in args.engines:
             t = time.monotonic()
-            e = r["engine"] = {}
             try:
                 pr = phi_engine(args, gguf, text)
-                e["phi-serve"] = {**best_of(pr), "raw": pr}
+                e["phi-serve"] = {**best_of(pr), "raw": pr, "date": now()}
             except RuntimeError as err:
                 log(f"   phi-serve engine FAILED: {err}")
                 e["phi-serve"] = {"error": str(err)}
             phases[f"engine_{fmt}_phi_s"] = round(time.monotonic() - t, 1)
+        if not args.skip_engine and "llama.cpp" in args.engines:
             t = time.monotonic()
             try:
                 wait_quiet(args.wait_quiet)
@@ -793,17 +828,17 @@ def main():
                         f"{x['prompt_tokens']} tokens in {x['prompt_s']:.3f}s ({x['pp']:.1f} "
                         f"tokens/s); generation {x['gen_tokens']} tokens in {x['gen_s']:.3f}s "
                         f"({x['tg']:.2f} tokens/s)")
-                e["llama.cpp"] = {**best_of(lr), "load_s": lr["load_s"], "raw": lr}
+                e["llama.cpp"] = {**best_of(lr), "load_s": lr["load_s"], "raw": lr, "date": now()}
             except RuntimeError as err:
                 log(f"   llama.cpp engine FAILED: {err}")
                 e["llama.cpp"] = {"error": str(err)}
             phases[f"engine_{fmt}_llama_s"] = round(time.monotonic() - t, 1)
         if not args.skip_http:
-            h = r["http"] = {}
-            for eng in ("phi-serve", "llama.cpp"):
+            h = r.setdefault("http", {})
+            for eng in args.engines:
                 t = time.monotonic()
                 try:
-                    h[eng] = http_bench(args, eng, gguf, text, out_dir)
+                    h[eng] = {**http_bench(args, eng, gguf, text, out_dir), "date": now()}
                 except RuntimeError as err:
                     log(f"   {eng} HTTP FAILED: {err}")
                     h[eng] = {"error": str(err)}
@@ -813,20 +848,26 @@ def main():
 
     wait_quiet(args.wait_quiet)
     t = time.monotonic()
-    res["bandwidth_after_gbs"] = {str(k): v for k, v in
-                                  measure_bandwidth(out_dir, args.threads).items()}
+    bw = {str(k): v for k, v in measure_bandwidth(out_dir, args.threads).items()}
+    res["bandwidth"].append({"date": now(), "when": "after", "gbs": bw})
     phases["bandwidth_after_s"] = round(time.monotonic() - t, 1)
     phases["total_s"] = round(time.monotonic() - t_all, 1)
-    table = tables(res)
-    m = res["machine"]
-    header = (f"{res['date']}, commit {m.get('commit')}{' + uncommitted changes' if m.get('worktree_dirty') else ''}"
-              f", {m.get('cpu')} ({m['cpus']} CPUs, {m.get('mem_gib')} GiB), {args.threads} threads, "
-              f"best of {args.reps} after a warm-up; {res['phi_serve']}, llama-cpp-python "
-              f"{info['version']}. Bandwidth after the run: "
-              + ", ".join(f"{v:.1f} GB/s on {k}" for k, v in res["bandwidth_after_gbs"].items()))
-    md = header + "\n\n" + table + "\n\nPhases (s): " + ", ".join(
-        f"{k[:-2]} {v}" for k, v in phases.items()) + "\n"
     (out_dir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_markdown(res, out_dir)
+
+
+def write_markdown(res, out_dir):
+    m = res["machine"]
+    dirty = " + uncommitted changes" if m.get("worktree_dirty") else ""
+    when = (f"{res['first_date']} (updated {res['date']})" if res.get("first_date")
+            else res["date"])
+    header = (f"{when}, commit {m.get('commit')}{dirty}, {m.get('cpu')} ({m['cpus']} CPUs, "
+              f"{m.get('mem_gib')} GiB), {res['threads']} threads, best of {res['reps']} after a "
+              f"warm-up; {res['phi_serve']} (binary sha256 {res.get('phi_serve_sha256', '?')}), "
+              f"llama-cpp-python {res['llama_cpp']['version']} "
+              f"({res['llama_cpp']['system_info'].strip(' |')}).")
+    md = header + "\n\n" + tables(res) + "\n\nPhases (s): " + ", ".join(
+        f"{k[:-2]} {v}" for k, v in res["phases_s"].items()) + "\n"
     (out_dir / "results.md").write_text(md)
     log("\n" + md)
     log(f"written {out_dir / 'results.md'} and {out_dir / 'results.json'}")
