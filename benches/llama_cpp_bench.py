@@ -762,6 +762,12 @@ def main():
         res["formats"], res["bandwidth"] = prev.get("formats", {}), prev.get("bandwidth", [])
         res["phases_s"] = prev.get("phases_s", {})
         res["first_date"] = prev.get("first_date", prev.get("date"))
+        # What the table says of the machine and commit is the first run's; updates are listed.
+        res["updates"] = prev.get("updates", []) + [
+            {"date": res["date"], "commit": res["machine"].get("commit"),
+             "phi_serve_sha256": res["phi_serve_sha256"], "formats": args.formats,
+             "engines": args.engines, "engine": not args.skip_engine, "http": not args.skip_http}]
+        res["machine"] = prev["machine"]
     phases = res["phases_s"]
     info = child("_llama_info")
     res["llama_cpp"] = info
@@ -851,7 +857,8 @@ def main():
     bw = {str(k): v for k, v in measure_bandwidth(out_dir, args.threads).items()}
     res["bandwidth"].append({"date": now(), "when": "after", "gbs": bw})
     phases["bandwidth_after_s"] = round(time.monotonic() - t, 1)
-    phases["total_s"] = round(time.monotonic() - t_all, 1)
+    total_key = f"total_update_{len(res['updates'])}_s" if res.get("updates") else "total_s"
+    phases[total_key] = round(time.monotonic() - t_all, 1)
     (out_dir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(res, out_dir)
 
@@ -859,8 +866,13 @@ def main():
 def write_markdown(res, out_dir):
     m = res["machine"]
     dirty = " + uncommitted changes" if m.get("worktree_dirty") else ""
-    when = (f"{res['first_date']} (updated {res['date']})" if res.get("first_date")
-            else res["date"])
+    when = res["date"]
+    if res.get("first_date"):
+        ups = "; ".join(f"{u['date']}, commit {u['commit']}: {','.join(u['formats'])} "
+                        f"{'/'.join(u['engines'])}"
+                        f"{'' if u['engine'] else ' (HTTP only)'}{'' if u['http'] else ' (engine only)'}"
+                        for u in res.get("updates", []))
+        when = f"{res['first_date']} (measured again: {ups or res['date']})"
     header = (f"{when}, commit {m.get('commit')}{dirty}, {m.get('cpu')} ({m['cpus']} CPUs, "
               f"{m.get('mem_gib')} GiB), {res['threads']} threads, best of {res['reps']} after a "
               f"warm-up; {res['phi_serve']} (binary sha256 {res.get('phi_serve_sha256', '?')}), "
