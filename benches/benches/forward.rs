@@ -108,7 +108,7 @@ fn prefill(c: &mut Criterion, model: &Phi3, plan: &Plan) {
         g.measurement_time(Duration::from_secs((13 * n / 128).max(13) as u64));
         g.bench_function(format!("{n}_tokens"), |b| {
             b.iter(|| {
-                let mut cache = model.new_cache();
+                let mut cache = model.new_cache().unwrap();
                 let out = model
                     .forward(&mut [BatchItem {
                         tokens: &tokens[..n],
@@ -130,7 +130,7 @@ fn decode(c: &mut Criterion, model: &Phi3, plan: &Plan, decode_bytes: u64) {
     let ctx = plan.decode_context;
     let max_batch = plan.decode_batches.iter().copied().max().unwrap_or(1);
     let mut seqs: Vec<(Vec<u32>, SequenceCache)> = (0..max_batch)
-        .map(|i| (prompt_tokens(ctx + 1, 100 + i as u64), model.new_cache()))
+        .map(|i| (prompt_tokens(ctx + 1, 100 + i as u64), model.new_cache().unwrap()))
         .collect();
     let t = std::time::Instant::now();
     {

@@ -189,7 +189,7 @@ fn models(c: &mut Criterion, plan: &Plan) {
     }
     let mut g = group(c, "quantized_decode", 8);
     for (format, model, bytes) in &loaded {
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().unwrap();
         let item = BatchItem {
             tokens: &tokens[..plan.context],
             cache: &mut cache,
@@ -217,7 +217,7 @@ fn models(c: &mut Criterion, plan: &Plan) {
     for (format, model, _) in &loaded {
         g.bench_function(*format, |b| {
             b.iter(|| {
-                let mut cache = model.new_cache();
+                let mut cache = model.new_cache().unwrap();
                 let item = BatchItem {
                     tokens: &tokens[..plan.prefill],
                     cache: &mut cache,

@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         let batches = if batches.is_empty() { vec![1, 4] } else { batches };
         let maxb = *batches.iter().max().unwrap();
         let mut seqs: Vec<_> = (0..maxb)
-            .map(|i| (prompt_tokens(ctx + 1, 100 + i as u64), model.new_cache()))
+            .map(|i| (prompt_tokens(ctx + 1, 100 + i as u64), model.new_cache().unwrap()))
             .collect();
         {
             let mut items: Vec<BatchItem> = seqs

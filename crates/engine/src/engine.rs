@@ -6,7 +6,6 @@
 //! serving core's scheduler builds continuous batching.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -18,8 +17,9 @@ use crate::detokenizer::StreamDecoder;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::SequenceCache;
+use crate::kv_pool::{KvPool, PoolStats};
 use crate::phi3::{BatchItem, Phi3};
-use crate::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixMatch};
+use crate::prefix_cache::PrefixCacheStats;
 use crate::quantize::QuantScheme;
 use crate::rope::LongRopePolicy;
 use crate::sampling::{Sampler, SamplingParams};
@@ -41,8 +41,13 @@ pub struct LoadOptions {
     /// stall the other sequences of a batch; `None` for whole prompts.
     pub prefill_chunk: Option<usize>,
     /// Bytes of finished sequences' keys and values kept for reuse by later prompts that start
-    /// the same way (see [`crate::prefix_cache`]); 0 turns reuse off.
+    /// the same way (see [`crate::prefix_cache`]); 0 turns reuse off. They are blocks of the KV
+    /// pool, given up whenever running sequences need them.
     pub prefix_cache_bytes: usize,
+    /// Token positions of the KV-cache pool (see [`crate::kv_pool`]); `None` for
+    /// [`crate::phi3::default_pool_tokens`], made on first use, so that a server can size it
+    /// with [`Engine::set_kv_cache_tokens`] from the memory left once the model is loaded.
+    pub kv_cache_tokens: Option<usize>,
     /// Quantize a safetensors checkpoint's matrices to this GGUF block format as they load
     /// (`--quantize q8_0`, ...); `None` keeps them dense.
     pub quantize: Option<QuantScheme>,
@@ -57,6 +62,7 @@ impl Default for LoadOptions {
             long_rope: LongRopePolicy::Dynamic,
             prefill_chunk: Some(512),
             prefix_cache_bytes: 0,
+            kv_cache_tokens: None,
             quantize: None,
         }
     }
@@ -73,7 +79,6 @@ pub struct Engine {
     padding_ids: Vec<u32>,
     files: CheckpointFiles,
     prefill_chunk: Option<usize>,
-    prefix_cache: Option<Mutex<PrefixCache>>,
 }
 
 /// Why a sequence ended.
@@ -149,6 +154,11 @@ pub struct Sequence {
     timings: Timings,
     /// Prompt tokens whose keys and values came from the prefix cache.
     cached_prompt_tokens: usize,
+    /// Set when the sequence was preempted: its next step first looks for its tokens in the
+    /// prefix cache, where its own blocks went.
+    preempted: bool,
+    /// Times the sequence was preempted.
+    preemptions: usize,
 }
 
 /// Wall-clock time spent on a sequence.
@@ -241,6 +251,22 @@ impl Sequence {
         self.cache.len()
     }
 
+    /// Tokens to compute before the next token can be sampled (1 while decoding; the prompt,
+    /// or after a preemption everything so far, before that).
+    pub fn pending_tokens(&self) -> usize {
+        self.tokens.len() - self.cache.len().min(self.tokens.len())
+    }
+
+    /// Blocks of the KV pool the sequence still has to take to compute all its pending tokens.
+    pub fn blocks_needed(&self) -> usize {
+        self.cache.blocks_needed(self.tokens.len())
+    }
+
+    /// Times the sequence gave up its cache to let others run.
+    pub fn preemptions(&self) -> usize {
+        self.preemptions
+    }
+
     /// Whether some of the prompt is still to be computed.
     pub fn in_prompt(&self) -> bool {
         self.cache.len() < self.prompt_len
@@ -251,7 +277,7 @@ impl Sequence {
         self.cached_prompt_tokens
     }
 
-    /// Bytes of KV cache this sequence holds.
+    /// Bytes of KV-pool blocks this sequence holds (blocks shared with others included).
     pub fn cache_bytes(&self) -> usize {
         self.cache.allocated_bytes()
     }
@@ -315,6 +341,10 @@ impl Engine {
         };
         let template = ChatTemplate::from_tokenizer(&tokenizer, opts.system_role)?;
         model.set_long_rope_policy(opts.long_rope);
+        model.set_prefix_cache_bytes(opts.prefix_cache_bytes);
+        if let Some(tokens) = opts.kv_cache_tokens {
+            model.set_kv_pool_tokens(tokens)?;
+        }
         let cfg = model.config();
 
         // Stop on every id the generation config lists, plus the chat turn markers themselves:
@@ -359,8 +389,6 @@ impl Engine {
             padding_ids,
             files,
             prefill_chunk: opts.prefill_chunk.filter(|&n| n > 0),
-            prefix_cache: (opts.prefix_cache_bytes > 0)
-                .then(|| Mutex::new(PrefixCache::new(opts.prefix_cache_bytes))),
         })
     }
 
@@ -391,12 +419,24 @@ impl Engine {
 
     /// Bytes of keys and values one cached token takes (all layers).
     pub fn kv_bytes_per_token(&self) -> usize {
-        let c = self.model.config();
-        c.num_hidden_layers
-            * 2
-            * c.num_key_value_heads
-            * c.head_dim
-            * self.model.dtype().size_in_bytes()
+        self.model.kv_geometry().bytes_per_token()
+    }
+
+    /// Replaces the KV-cache pool by one of `tokens` positions (rounded up to whole blocks),
+    /// e.g. sized from the memory left once the model is loaded. Sequences made before keep
+    /// the old pool until they are dropped; the prefix cache starts empty.
+    pub fn set_kv_cache_tokens(&self, tokens: usize) -> Result<()> {
+        self.model.set_kv_pool_tokens(tokens)
+    }
+
+    /// The KV-cache pool sequences draw on.
+    pub fn kv_pool(&self) -> Result<KvPool> {
+        self.model.kv_pool()
+    }
+
+    /// Blocks of the KV-cache pool: total, free, and held only by the prefix cache.
+    pub fn kv_stats(&self) -> PoolStats {
+        self.model.kv_pool().map(|p| p.stats()).unwrap_or_default()
     }
 
     /// Free and total bytes of the model's GPU; `None` on the CPU (or when the driver cannot
@@ -445,13 +485,13 @@ impl Engine {
         let max_new = opts.max_tokens.map_or(room, |m| m.min(room));
         let sampler = Sampler::new(opts.sampling.clone())?
             .with_suppressed_tokens(self.padding_ids.iter().copied());
-        let mut cache = self.model.new_cache();
-        cache.set_limit(prompt.len() + max_new);
-        let mut cached_prompt_tokens = 0;
-        if let Some(reused) = self.lookup_prefix(prompt)? {
-            cache.seed(&reused.layers, reused.factors)?;
-            cached_prompt_tokens = reused.len;
-        }
+        let (cache, cached_prompt_tokens) = match self.lookup_prefix(prompt)? {
+            Some(reused) => {
+                let len = reused.len();
+                (reused, len)
+            }
+            None => (self.model.new_cache()?, 0),
+        };
         Ok(Sequence {
             tokens: prompt.to_vec(),
             prompt_len: prompt.len(),
@@ -467,6 +507,8 @@ impl Engine {
             prefill_chunk: self.prefill_chunk,
             timings: Timings::default(),
             cached_prompt_tokens,
+            preempted: false,
+            preemptions: 0,
         })
     }
 
@@ -479,11 +521,35 @@ impl Engine {
         }
         let text = seq.finish(FinishReason::Length, false)?;
         seq.text.push_str(&text);
-        if let Some(cache) = &self.prefix_cache {
-            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.insert(&seq.tokens, &mut seq.cache);
-        }
+        self.offer_to_prefix_cache(seq);
         Ok(StepOutput { text, token: None, finish_reason: seq.finish })
+    }
+
+    /// Lets the prefix cache (if reuse is on) take hold of the blocks of a sequence that no
+    /// longer runs, for later prompts (or for itself after a preemption). The sequence keeps
+    /// its own hold until it is dropped, so that sequences still running can share from it.
+    fn offer_to_prefix_cache(&self, seq: &Sequence) {
+        let pool = seq.cache.pool().clone();
+        let mut guard = pool.lock();
+        let state = &mut *guard;
+        if let Some(prefix) = state.prefix.as_mut() {
+            prefix.insert(&mut state.alloc, &seq.tokens, &seq.cache);
+        }
+    }
+
+    /// Takes a running, unfinished sequence's KV blocks away so that other sequences can grow
+    /// (the pool ran out): it keeps its tokens, sampler and text, and its next step computes
+    /// everything again, or takes it back from the prefix cache if its blocks are still there.
+    /// Its output is unchanged (the same tokens give the same keys and values).
+    pub fn preempt(&self, seq: &mut Sequence) {
+        if seq.is_finished() || seq.cache.is_empty() {
+            return;
+        }
+        self.offer_to_prefix_cache(seq);
+        let factors = seq.cache.factors();
+        seq.cache.clear(factors);
+        seq.preempted = true;
+        seq.preemptions += 1;
     }
 
     /// Gives `to`, a sequence that has not started, the keys and values of all but the last
@@ -505,7 +571,8 @@ impl Engine {
 
     /// Gives `to`, a sequence that has computed nothing yet, the keys and values of the longest
     /// prefix of its prompt that `from` (another running sequence: the same system prompt, the
-    /// same conversation so far) has computed, when it is at least `min_len` tokens; copies,
+    /// same conversation so far) has computed, when it is at least `min_len` tokens. The
+    /// blocks are shared, not copied (the one either side writes into next is copied then),
     /// so either may go on or finish alone. Returns the tokens shared (0 when none).
     pub fn share_prefix(
         &self,
@@ -517,22 +584,25 @@ impl Engine {
         if !to.cache.is_empty() || len < min_len.max(1) {
             return Ok(0);
         }
-        let Some(views) = from.cache.prefix_views(len)? else { return Ok(0) };
-        to.cache.seed(&views, from.cache.factors())?;
+        let Some(shared) = from.cache.share(len) else { return Ok(0) };
+        to.cache = shared;
         to.cached_prompt_tokens = len;
         Ok(len)
     }
 
-    /// The longest reusable cached prefix of `prompt`, if reuse is on.
-    fn lookup_prefix(&self, prompt: &[u32]) -> Result<Option<PrefixMatch>> {
-        let Some(cache) = &self.prefix_cache else { return Ok(None) };
-        cache.lock().unwrap_or_else(|e| e.into_inner()).lookup(prompt)
+    /// A cache holding the longest reusable cached prefix of `tokens`, if reuse is on.
+    fn lookup_prefix(&self, tokens: &[u32]) -> Result<Option<SequenceCache>> {
+        let pool = self.model.kv_pool()?;
+        let mut state = pool.lock();
+        let state = &mut *state;
+        Ok(state.prefix.as_mut().and_then(|p| p.lookup(&mut state.alloc, &pool, tokens)))
     }
 
     /// How the prefix cache is used, if reuse is on.
     pub fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
-        let cache = self.prefix_cache.as_ref()?;
-        Some(cache.lock().unwrap_or_else(|e| e.into_inner()).stats())
+        let pool = self.model.kv_pool().ok()?;
+        let state = pool.lock();
+        state.prefix.as_ref().map(|p| p.stats())
     }
 
     /// Advances the unfinished sequences by one batched forward pass: one decode token for every
@@ -543,7 +613,16 @@ impl Engine {
     /// Returns one output per sequence, in order (finished ones get an empty one).
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<StepOutput>> {
         let mut outputs = vec![StepOutput::default(); seqs.len()];
-        let decoding = seqs.iter().filter(|s| !s.is_finished() && !s.in_prompt()).count();
+        // A preempted sequence first takes back what the prefix cache still holds of it.
+        for seq in seqs.iter_mut().filter(|s| s.preempted && !s.is_finished()) {
+            if seq.cache.is_empty() {
+                if let Some(cache) = self.lookup_prefix(&seq.tokens)? {
+                    seq.cache = cache;
+                }
+            }
+            seq.preempted = false;
+        }
+        let decoding = seqs.iter().filter(|s| !s.is_finished() && s.pending_tokens() == 1).count();
         let mut prompt_budget =
             self.prefill_chunk.map_or(usize::MAX, |b| b.saturating_sub(decoding).max(1));
         let now = Instant::now();
@@ -553,8 +632,8 @@ impl Engine {
             if seq.is_finished() {
                 continue;
             }
-            let chunk = if seq.in_prompt() {
-                let left = seq.prompt_len - seq.cache.len();
+            let left = seq.pending_tokens();
+            let chunk = if left > 1 {
                 let take = left.min(seq.prefill_chunk.unwrap_or(usize::MAX)).min(prompt_budget);
                 if take == 0 {
                     continue; // no share of this step's budget: it waits for the next
@@ -616,10 +695,7 @@ impl Engine {
             if let Some(r) = reason {
                 emitted.push_str(&seq.finish(r, stopped_by_string)?);
                 // Its keys and values are not needed any more: later prompts may reuse them.
-                if let Some(cache) = &self.prefix_cache {
-                    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-                    cache.insert(&seq.tokens, &mut seq.cache);
-                }
+                self.offer_to_prefix_cache(seq);
             }
             seq.text.push_str(&emitted);
             outputs[i] =

@@ -58,6 +58,15 @@ pub enum EngineError {
     /// The conversation cannot be rendered (unknown role, template exception).
     #[error(transparent)]
     Template(#[from] crate::chat_template::ChatTemplateError),
+    /// The KV-cache pool has too few free blocks for a step; a scheduler frees some (by
+    /// preempting a sequence) and tries again.
+    #[error("the KV cache is full: {needed} more blocks needed, {available} available")]
+    KvCacheFull {
+        /// Blocks the sequence still needed.
+        needed: usize,
+        /// Blocks free (or held only by the prefix cache) when it failed.
+        available: usize,
+    },
     /// An error from the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

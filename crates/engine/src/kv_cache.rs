@@ -1,55 +1,46 @@
-//! Per-sequence key/value cache: one growable buffer per layer, so a decode step appends one
-//! token's keys and values instead of recomputing the prefix.
+//! Per-sequence view of the KV-cache pool: the table of blocks that hold one sequence's keys
+//! and values (see [`crate::kv_pool`]), so a decode step appends one token's keys and values
+//! instead of recomputing the prefix.
+//!
+//! Blocks come from the pool as the sequence grows ([`SequenceCache::reserve`]) and go back when
+//! it is dropped, cleared or truncated. Sharing a prefix with another sequence
+//! ([`SequenceCache::share`]) takes hold of its blocks without copying; the one block that
+//! either side then writes into is copied first if someone else still holds it.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+use crate::kv_pool::{BlockId, KvPool, BLOCK_SIZE};
 use crate::rope::RopeFactors;
 
-/// Keys and values of one layer, `[n_kv_heads, capacity, head_dim]`, filled up to `len`.
-#[derive(Debug, Clone)]
-struct LayerCache {
-    k: Tensor,
-    v: Tensor,
-}
-
-/// The cache of one sequence across all layers. Not `Clone`: appends write into the buffers in
-/// place, so two sequences must never share them.
+/// The cache of one sequence across all layers. Not `Clone`: two holders of a table would both
+/// write into its last block.
 #[derive(Debug)]
 pub struct SequenceCache {
-    layers: Vec<Option<LayerCache>>,
+    pool: KvPool,
+    /// `blocks[i]` holds positions `i * BLOCK_SIZE ..`; covers at least `len` positions.
+    blocks: Vec<BlockId>,
     /// Tokens whose keys and values are cached.
     len: usize,
-    /// Tokens the buffers can hold before they grow.
-    capacity: usize,
-    /// Most tokens the buffers ever grow to (the sequence's prompt plus its most new tokens),
-    /// so a sequence never holds more memory than the scheduler reserved for it.
-    limit: usize,
     /// The LongRoPE factor set the cached keys were rotated with.
     factors: RopeFactors,
 }
 
+impl Drop for SequenceCache {
+    fn drop(&mut self) {
+        self.release_from(0);
+    }
+}
+
 impl SequenceCache {
-    /// An empty cache for a model with `num_layers` layers.
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: (0..num_layers).map(|_| None).collect(),
-            len: 0,
-            capacity: 0,
-            limit: usize::MAX,
-            factors: RopeFactors::Short,
-        }
+    /// An empty cache drawing on `pool`.
+    pub fn new(pool: KvPool) -> Self {
+        Self { pool, blocks: Vec::new(), len: 0, factors: RopeFactors::Short }
     }
 
-    /// Caps the buffers at `limit` tokens (rounded up to 16): growth by doubling stops there.
-    pub fn set_limit(&mut self, limit: usize) {
-        self.limit = limit.next_multiple_of(16);
-    }
-
-    /// The capacity to grow to for `needed` tokens: double, within the limit.
-    fn grown(&self, needed: usize) -> usize {
-        let doubled = needed.max(self.capacity * 2).next_multiple_of(16);
-        doubled.min(self.limit).max(needed)
+    /// The pool the blocks come from.
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
     }
 
     /// Tokens whose keys and values are cached.
@@ -67,121 +58,267 @@ impl SequenceCache {
         self.factors
     }
 
-    /// Drops everything, e.g. to re-encode a sequence with other rotary factors.
+    /// The block table.
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+
+    /// Drops everything (its blocks go back to the pool), e.g. to re-encode a sequence with
+    /// other rotary factors, or to give its memory to others (preemption).
     pub fn clear(&mut self, factors: RopeFactors) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.release_from(0);
         self.len = 0;
-        self.capacity = 0;
         self.factors = factors;
     }
 
-    /// Keeps only the first `len` tokens (used when a speculative or re-encoded suffix is
-    /// discarded).
+    /// Keeps only the first `len` tokens; whole blocks past them go back to the pool.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        self.release_from(self.len.div_ceil(BLOCK_SIZE));
     }
 
-    /// Bytes held by the buffers.
-    pub fn allocated_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
-            .sum()
-    }
-
-    /// Appends `k`, `v` (`[n_kv_heads, n_new, head_dim]`, contiguous) to `layer` and returns the
-    /// full keys and values `[n_kv_heads, len + n_new, head_dim]`. Call [`Self::advance`] once all
-    /// layers have appended.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (n_kv, n_new, hd) = k.dims3()?;
-        let needed = self.len + n_new;
-        if needed > self.capacity {
-            // Double to keep appends amortised O(1); every layer grows to the same capacity.
-            self.capacity = self.grown(needed);
+    fn release_from(&mut self, keep: usize) {
+        if self.blocks.len() <= keep {
+            return;
         }
-        let slot = &mut self.layers[layer];
-        let must_grow = match slot {
-            None => true,
-            Some(l) => l.k.dim(1)? < needed,
-        };
-        if must_grow {
-            let cap = self.capacity;
-            let new_k = Tensor::zeros((n_kv, cap, hd), k.dtype(), k.device())?;
-            let new_v = Tensor::zeros((n_kv, cap, hd), v.dtype(), v.device())?;
-            if let Some(old) = slot.as_ref() {
-                if self.len > 0 {
-                    new_k.slice_set(&old.k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                    new_v.slice_set(&old.v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+        let mut state = self.pool.lock();
+        for b in self.blocks.drain(keep..) {
+            state.alloc.release(b);
+        }
+    }
+
+    /// Bytes of the blocks this sequence holds (shared ones included).
+    pub fn allocated_bytes(&self) -> usize {
+        self.blocks.len() * self.pool.block_bytes()
+    }
+
+    /// Blocks that growing to `end` tokens would take from the pool: new ones, plus a copy of
+    /// the block to be written into when another holder shares it.
+    pub fn blocks_needed(&self, end: usize) -> usize {
+        let new = end.div_ceil(BLOCK_SIZE).saturating_sub(self.blocks.len());
+        let state = self.pool.lock();
+        let first = self.len / BLOCK_SIZE;
+        let copies = (end > self.len)
+            .then(|| self.blocks.get(first))
+            .flatten()
+            .is_some_and(|&b| state.alloc.holders(b) > 1);
+        new + usize::from(copies)
+    }
+
+    /// Makes room for positions `len..end`: takes new blocks from the pool, and copies the
+    /// block that position `len` falls in when another holder shares it. Fails with
+    /// [`EngineError::KvCacheFull`] (nothing lost: blocks taken so far stay with the sequence)
+    /// when the pool has too few blocks.
+    pub fn reserve(&mut self, end: usize) -> Result<()> {
+        if end <= self.len {
+            return Ok(());
+        }
+        let first = self.len / BLOCK_SIZE;
+        if let Some(&shared) = self.blocks.get(first) {
+            let mut state = self.pool.lock();
+            if state.alloc.holders(shared) > 1 {
+                let own = state.allocate();
+                drop(state);
+                let Some(own) = own else { return Err(self.full(end)) };
+                self.pool.copy_block(shared, own, self.len - first * BLOCK_SIZE)?;
+                self.pool.lock().alloc.release(shared);
+                self.blocks[first] = own;
+            }
+        }
+        let wanted = end.div_ceil(BLOCK_SIZE);
+        if self.blocks.len() < wanted {
+            let mut state = self.pool.lock();
+            while self.blocks.len() < wanted {
+                match state.allocate() {
+                    Some(b) => self.blocks.push(b),
+                    None => {
+                        drop(state);
+                        return Err(self.full(end));
+                    }
                 }
             }
-            *slot = Some(LayerCache { k: new_k, v: new_v });
         }
-        let l = slot.as_ref().expect("slot was just filled");
-        l.k.slice_set(k, 1, self.len)?;
-        l.v.slice_set(v, 1, self.len)?;
-        Ok((l.k.narrow(1, 0, needed)?, l.v.narrow(1, 0, needed)?))
-    }
-
-    /// Gives up the buffers (per layer `[n_kv_heads, capacity, head_dim]` keys and values, the
-    /// first [`len`](Self::len) positions valid) and the factor set, leaving the cache empty;
-    /// `None` when some layer holds nothing.
-    pub fn take_buffers(&mut self) -> Option<(Vec<(Tensor, Tensor)>, RopeFactors)> {
-        if self.layers.iter().any(Option::is_none) || self.len == 0 {
-            return None;
-        }
-        let factors = self.factors;
-        let layers = self.layers.iter_mut().map(|l| l.take().expect("checked above"));
-        let layers = layers.map(|l| (l.k, l.v)).collect();
-        self.clear(factors);
-        Some((layers, factors))
-    }
-
-    /// Views of the first `len` cached tokens' keys and values per layer (`[n_kv_heads, len,
-    /// head_dim]`), to [`seed`](Self::seed) another cache with; `None` when fewer are cached.
-    pub fn prefix_views(&self, len: usize) -> Result<Option<Vec<(Tensor, Tensor)>>> {
-        if len > self.len || self.layers.iter().any(Option::is_none) {
-            return Ok(None);
-        }
-        let views = self
-            .layers
-            .iter()
-            .flatten()
-            .map(|l| Ok((l.k.narrow(1, 0, len)?, l.v.narrow(1, 0, len)?)));
-        Ok(Some(views.collect::<Result<Vec<_>>>()?))
-    }
-
-    /// Fills an empty cache with reused keys and values: per layer `[n_kv_heads, len,
-    /// head_dim]` (any layout), rotated with `factors`. They are copied into buffers of this
-    /// cache's own, with room to grow, since appends write in place.
-    pub fn seed(&mut self, layers: &[(Tensor, Tensor)], factors: RopeFactors) -> Result<()> {
-        let Some((k0, _)) = layers.first() else { return Ok(()) };
-        if layers.len() != self.layers.len() {
-            return Err(crate::error::EngineError::InvalidRequest(format!(
-                "a reused prefix has {} layers, the model {}",
-                layers.len(),
-                self.layers.len()
-            )));
-        }
-        let (n_kv, len, hd) = k0.dims3()?;
-        // Room for as many new tokens as were reused, within the limit.
-        let capacity = (2 * len).next_multiple_of(16).min(self.limit).max(len);
-        for (slot, (k, v)) in self.layers.iter_mut().zip(layers) {
-            // Contiguous buffers, as `append` writes into them with `slice_set`.
-            let new_k = Tensor::zeros((n_kv, capacity, hd), k.dtype(), k.device())?;
-            let new_v = Tensor::zeros((n_kv, capacity, hd), v.dtype(), v.device())?;
-            new_k.slice_set(&k.contiguous()?, 1, 0)?;
-            new_v.slice_set(&v.contiguous()?, 1, 0)?;
-            *slot = Some(LayerCache { k: new_k, v: new_v });
-        }
-        self.len = len;
-        self.capacity = capacity;
-        self.factors = factors;
         Ok(())
     }
 
-    /// Records that `n_new` tokens were appended to every layer.
+    fn full(&self, end: usize) -> EngineError {
+        let stats = self.pool.stats();
+        EngineError::KvCacheFull {
+            needed: end.div_ceil(BLOCK_SIZE).saturating_sub(self.blocks.len()).max(1),
+            available: stats.available_blocks(),
+        }
+    }
+
+    /// Pool slots of positions `first..end` (`block * BLOCK_SIZE + offset`), in order.
+    pub fn slots(&self, first: usize, end: usize) -> Vec<u32> {
+        (first..end)
+            .map(|p| self.blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
+            .collect()
+    }
+
+    /// Writes the keys and values of positions `len..len + n` of `layer` (`k`, `v`: `[n,
+    /// n_kv_heads, head_dim]`, contiguous) into their blocks, which [`Self::reserve`] made room
+    /// for. Call [`Self::advance`] once all layers have written.
+    pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let n = k.dim(0)?;
+        let end = self.len + n;
+        if end.div_ceil(BLOCK_SIZE) > self.blocks.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "KV cache write past the reserved blocks ({end} positions)"
+            )));
+        }
+        let (pk, pv) = self.pool.layer(layer);
+        let mut p = self.len;
+        while p < end {
+            let run = (BLOCK_SIZE - p % BLOCK_SIZE).min(end - p);
+            let slot = self.blocks[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE;
+            let rows = p - self.len;
+            pk.slice_set(&k.narrow(0, rows, run)?, 0, slot)?;
+            pv.slice_set(&v.narrow(0, rows, run)?, 0, slot)?;
+            p += run;
+        }
+        Ok(())
+    }
+
+    /// The keys and values of positions `first..end` of `layer` as contiguous `[n_kv_heads,
+    /// end - first, head_dim]` tensors (copies gathered from the blocks).
+    pub fn gather(&self, layer: usize, first: usize, end: usize) -> Result<(Tensor, Tensor)> {
+        let (pk, pv) = self.pool.layer(layer);
+        let slots = self.slots(first, end);
+        let n = slots.len();
+        let ids = Tensor::from_vec(slots, n, pk.device())?;
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?)
+        };
+        Ok((gather(pk)?, gather(pv)?))
+    }
+
+    /// A new cache holding the first `len` positions of this one (its blocks shared, not
+    /// copied), rotated with the same factors; `None` when fewer are cached.
+    pub fn share(&self, len: usize) -> Option<SequenceCache> {
+        if len == 0 || len > self.len {
+            return None;
+        }
+        let blocks = self.blocks[..len.div_ceil(BLOCK_SIZE)].to_vec();
+        let mut state = self.pool.lock();
+        for &b in &blocks {
+            state.alloc.retain(b);
+        }
+        drop(state);
+        Some(SequenceCache { pool: self.pool.clone(), blocks, len, factors: self.factors })
+    }
+
+    /// A cache over blocks that a prefix-cache entry holds (one more holder each), `len`
+    /// positions valid.
+    pub(crate) fn adopt(
+        pool: KvPool,
+        blocks: Vec<BlockId>,
+        len: usize,
+        factors: RopeFactors,
+    ) -> SequenceCache {
+        SequenceCache { pool, blocks, len, factors }
+    }
+
+    /// Records that `n_new` tokens were written to every layer.
     pub fn advance(&mut self, n_new: usize) {
         self.len += n_new;
+    }
+
+    /// Whether the cache lives on the CPU in `f32` (what the paged decode kernel reads).
+    pub fn is_cpu_f32(&self) -> bool {
+        let (k, _) = self.pool.layer(0);
+        matches!(k.device(), Device::Cpu) && k.dtype() == DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_pool::PoolGeometry;
+
+    fn pool(blocks: usize) -> KvPool {
+        let g = PoolGeometry { num_layers: 1, n_kv_heads: 1, head_dim: 2, dtype: DType::F32 };
+        KvPool::new(g, blocks * BLOCK_SIZE, 0, &Device::Cpu).unwrap()
+    }
+
+    /// Rows `[n, 1, 2]` whose values name their position: `(p, -p)`.
+    fn rows(from: usize, n: usize) -> Tensor {
+        let v: Vec<f32> = (from..from + n).flat_map(|p| [p as f32, -(p as f32)]).collect();
+        Tensor::from_vec(v, (n, 1, 2), &Device::Cpu).unwrap()
+    }
+
+    fn append(c: &mut SequenceCache, n: usize) {
+        c.reserve(c.len() + n).unwrap();
+        let r = rows(c.len(), n);
+        c.write(0, &r, &r).unwrap();
+        c.advance(n);
+    }
+
+    fn keys(c: &SequenceCache) -> Vec<f32> {
+        let (k, _) = c.gather(0, 0, c.len()).unwrap();
+        k.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn expected(n: usize) -> Vec<f32> {
+        (0..n).flat_map(|p| [p as f32, -(p as f32)]).collect()
+    }
+
+    #[test]
+    fn appends_span_blocks_and_gather_in_order() {
+        let p = pool(4);
+        let mut c = SequenceCache::new(p.clone());
+        append(&mut c, 5);
+        append(&mut c, 20);
+        append(&mut c, 1);
+        assert_eq!(c.blocks().len(), 2);
+        assert_eq!(keys(&c), expected(26));
+        assert_eq!(p.stats().free_blocks, 2);
+        c.truncate(10);
+        assert_eq!(c.blocks().len(), 1);
+        assert_eq!(keys(&c), expected(10));
+        drop(c);
+        assert_eq!(p.stats().free_blocks, 4, "a dropped cache gives its blocks back");
+    }
+
+    #[test]
+    fn a_shared_prefix_is_copied_only_where_written() {
+        let p = pool(8);
+        let mut a = SequenceCache::new(p.clone());
+        append(&mut a, 20); // blocks 0 (full) and 1 (4 slots)
+        let mut b = a.share(18).unwrap();
+        assert_eq!(b.blocks(), a.blocks());
+        assert_eq!(p.stats().free_blocks, 6, "sharing copies nothing");
+        assert_eq!(b.blocks_needed(19), 1, "b must copy the shared block it writes into");
+        // b writes its own position 18: block 1 is copied first, a's slots 18, 19 survive.
+        b.reserve(19).unwrap();
+        let own = Tensor::from_vec(vec![100f32, 100.0], (1, 1, 2), &Device::Cpu).unwrap();
+        b.write(0, &own, &own).unwrap();
+        b.advance(1);
+        assert_eq!(b.blocks()[0], a.blocks()[0], "the full block stays shared");
+        assert_ne!(b.blocks()[1], a.blocks()[1]);
+        assert_eq!(keys(&a), expected(20));
+        let mut want = expected(18);
+        want.extend([100.0, 100.0]);
+        assert_eq!(keys(&b), want);
+        // a now holds block 1 alone and writes in place.
+        assert_eq!(a.blocks_needed(21), 0);
+        drop(a);
+        drop(b);
+        assert_eq!(p.stats().free_blocks, 8);
+    }
+
+    #[test]
+    fn an_exhausted_pool_is_reported_not_overrun() {
+        let p = pool(2);
+        let mut a = SequenceCache::new(p.clone());
+        append(&mut a, 20);
+        let mut b = SequenceCache::new(p.clone());
+        match b.reserve(1) {
+            Err(EngineError::KvCacheFull { needed: 1, available: 0 }) => {}
+            other => panic!("expected KvCacheFull, got {other:?}"),
+        }
+        drop(a);
+        append(&mut b, 1);
+        assert_eq!(keys(&b), expected(1));
     }
 }

@@ -8,6 +8,8 @@ pub mod error;
 pub mod gguf;
 pub mod gguf_vocab;
 pub mod kv_cache;
+pub mod kv_pool;
+pub mod paged_attention;
 pub mod phi3;
 pub mod prefix_cache;
 pub mod projection;

@@ -12,6 +12,7 @@
 //! whole batch; only attention is computed per sequence.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
@@ -21,6 +22,8 @@ use crate::config::Phi3Config;
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, GgufWeights};
 use crate::kv_cache::SequenceCache;
+use crate::kv_pool::{KvPool, PoolGeometry};
+use crate::paged_attention::{decode_attention, DecodeQuery, Heads};
 use crate::projection::{Embedding, Projection};
 use crate::quantize::{QuantScheme, QuantizingWeights};
 use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
@@ -91,6 +94,24 @@ pub struct Phi3 {
     rope_policy: LongRopePolicy,
     dtype: DType,
     device: Device,
+    /// The KV-cache pool every [`Self::new_cache`] draws on: set by [`Self::set_kv_pool`], or
+    /// made with [`default_pool_tokens`] on first use.
+    kv_pool: Arc<Mutex<PoolSlot>>,
+}
+
+/// The model's pool, once made, and the prefix-cache size a default pool gets.
+#[derive(Debug, Default)]
+struct PoolSlot {
+    pool: Option<KvPool>,
+    prefix_cache_bytes: usize,
+}
+
+/// The pool size (tokens) of a model whose user set none: room for four full-context sequences
+/// (at least 4096 tokens), but at most 8 GiB (taken lazily on the CPU). A server sizes its pool
+/// from its memory budget instead.
+pub fn default_pool_tokens(context: usize, bytes_per_token: usize) -> usize {
+    let cap = (8usize << 30) / bytes_per_token.max(1);
+    (4 * context).max(4096).min(cap).max(context.min(cap))
 }
 
 impl Phi3 {
@@ -149,6 +170,7 @@ impl Phi3 {
             rope_policy: LongRopePolicy::default(),
             dtype,
             device: device.clone(),
+            kv_pool: Arc::default(),
         };
         let used = model.tensor_names();
         let names = weights.names();
@@ -268,9 +290,50 @@ impl Phi3 {
         self.rope_policy
     }
 
+    /// The shape of the keys and values this model caches.
+    pub fn kv_geometry(&self) -> PoolGeometry {
+        PoolGeometry {
+            num_layers: self.cfg.num_hidden_layers,
+            n_kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+            dtype: self.dtype,
+        }
+    }
+
+    /// Makes a pool of `tokens` positions the one new caches draw on (caches made before keep
+    /// theirs), with a prefix cache of [`Self::set_prefix_cache_bytes`]. The old pool, if no
+    /// cache holds it, is freed first.
+    pub fn set_kv_pool_tokens(&self, tokens: usize) -> Result<()> {
+        let mut slot = self.kv_pool.lock().unwrap_or_else(|e| e.into_inner());
+        slot.pool = None;
+        let pool = KvPool::new(self.kv_geometry(), tokens, slot.prefix_cache_bytes, &self.device)?;
+        slot.pool = Some(pool);
+        Ok(())
+    }
+
+    /// Bytes of finished sequences' blocks that pools made from now on let their prefix cache
+    /// keep (0, the default, for none).
+    pub fn set_prefix_cache_bytes(&self, bytes: usize) {
+        self.kv_pool.lock().unwrap_or_else(|e| e.into_inner()).prefix_cache_bytes = bytes;
+    }
+
+    /// The pool new caches draw on, made with [`default_pool_tokens`] if none was set.
+    pub fn kv_pool(&self) -> Result<KvPool> {
+        let mut slot = self.kv_pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = slot.pool.as_ref() {
+            return Ok(pool.clone());
+        }
+        let geometry = self.kv_geometry();
+        let tokens =
+            default_pool_tokens(self.cfg.max_position_embeddings, geometry.bytes_per_token());
+        let pool = KvPool::new(geometry, tokens, slot.prefix_cache_bytes, &self.device)?;
+        slot.pool = Some(pool.clone());
+        Ok(pool)
+    }
+
     /// A fresh, empty cache for one sequence.
-    pub fn new_cache(&self) -> SequenceCache {
-        SequenceCache::new(self.cfg.num_hidden_layers)
+    pub fn new_cache(&self) -> Result<SequenceCache> {
+        Ok(SequenceCache::new(self.kv_pool()?))
     }
 
     /// Runs every batch item's uncached tokens through the model and extends its cache.
@@ -310,6 +373,9 @@ impl Phi3 {
                     "a batch item has no uncomputed tokens".into(),
                 ));
             }
+            // Blocks for the new positions, before anything is computed: a full pool fails
+            // the step with nothing half done.
+            item.cache.reserve(end)?;
             for &t in &item.tokens[start..end] {
                 if t as usize >= self.cfg.vocab_size {
                     return Err(EngineError::InvalidRequest(format!(
@@ -402,29 +468,43 @@ impl Phi3 {
         let k = self.rotary.apply(&k, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
 
-        let mut outputs = Vec::with_capacity(items.len());
+        let q = q.contiguous()?;
+        let k = k.contiguous()?;
+        let v = v.contiguous()?;
+        // Decode queries whose cache the paged kernel reads in place; the rest gather their
+        // keys and values into contiguous tensors.
+        let paged = !self.uses_flash_attn();
+        let mut decode: Vec<usize> = Vec::new();
+        let mut queries: Vec<DecodeQuery> = Vec::new();
+        let mut decode_pool: Option<KvPool> = None;
+        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(items.len());
         let mut offset = 0usize;
-        for ((item, (span, _)), mask) in items.iter_mut().zip(spans).zip(masks) {
+        for (i, ((item, (span, _)), mask)) in items.iter_mut().zip(spans).zip(masks).enumerate() {
             let l = span.len();
             let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
-            let q_i = q_rows.transpose(0, 1)?; // [nq, l, hd]
-            let k_i = k.narrow(0, offset, l)?.transpose(0, 1)?.contiguous()?; // [nkv, l, hd]
-            let v_i = v.narrow(0, offset, l)?.transpose(0, 1)?.contiguous()?;
+            item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
             offset += l;
-            let (k_all, v_all) = item.cache.append(layer_idx, &k_i, &v_i)?; // [nkv, end, hd]
-
             let (first_key, n_keys) = self.key_range(span);
-            let k_all = k_all.narrow(1, first_key, n_keys)?;
-            let v_all = v_all.narrow(1, first_key, n_keys)?;
+
+            let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
+            if paged && l == 1 && mask.is_none() && item.cache.is_cpu_f32() && same_pool {
+                decode_pool.get_or_insert_with(|| item.cache.pool().clone());
+                let q = q_rows.flatten_all()?.to_vec1::<f32>()?;
+                queries.push(DecodeQuery { q, slots: item.cache.slots(first_key, span.end) });
+                decode.push(i);
+                outputs.push(None);
+                continue;
+            }
+            let (k_all, v_all) = item.cache.gather(layer_idx, first_key, span.end)?; // [nkv, n_keys, hd]
 
             #[cfg(feature = "flash-attn")]
             if self.uses_flash_attn() {
-                outputs.push(self.flash_attention(&q_rows, &k_all, &v_all, scale as f32)?);
+                outputs.push(Some(self.flash_attention(&q_rows, &k_all, &v_all, scale as f32)?));
                 continue;
             }
 
             // Query head j uses kv head j / group: fold the group into the query rows.
-            let q_g = q_i.contiguous()?.reshape((nkv, group * l, hd))?;
+            let q_g = q_rows.transpose(0, 1)?.contiguous()?.reshape((nkv, group * l, hd))?;
             let scores = (q_g.matmul(&k_all.transpose(1, 2)?)? * scale)?; // [nkv, g*l, keys]
             let scores = match mask {
                 Some(mask) => scores
@@ -439,10 +519,20 @@ impl Phi3 {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                     .to_dtype(scores.dtype())?
             };
-            let out = probs.matmul(&v_all)?; // [nkv, g*l, hd]; v_all is a view of the cache, no copy
+            let out = probs.matmul(&v_all)?; // [nkv, g*l, hd]
             let out = out.reshape((nq, l, hd))?.transpose(0, 1)?.reshape((l, nq * hd))?;
-            outputs.push(out);
+            outputs.push(Some(out));
         }
+        if let Some(pool) = decode_pool {
+            let (pool_k, pool_v) = pool.layer(layer_idx);
+            let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: scale as f32 };
+            let results = decode_attention(pool_k, pool_v, &queries, heads)?;
+            for (&i, out) in decode.iter().zip(results) {
+                outputs[i] = Some(Tensor::from_vec(out, (1, nq * hd), &self.device)?);
+            }
+        }
+        let mut outputs: Vec<Tensor> =
+            outputs.into_iter().map(|o| o.expect("every item has its output")).collect();
         let out = if outputs.len() == 1 {
             outputs.pop().expect("one output")
         } else {

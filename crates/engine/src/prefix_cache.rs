@@ -3,33 +3,30 @@
 //! On a CPU, prefill is compute-bound (about a hundred tokens per second for a mid-size model),
 //! so a conversation that is sent again with one more turn, or many requests that share a long
 //! system prompt, would pay for the same keys and values again and again. When a sequence
-//! finishes, its KV buffers move (without a copy) into this cache; a new sequence whose prompt
-//! starts with the same tokens as an entry gets those keys and values copied into its own cache
-//! and its prefill starts after them.
+//! finishes, this cache takes hold of its blocks of the KV pool (see [`crate::kv_pool`]; no
+//! copy); a new sequence whose prompt starts with the same tokens as an entry shares those
+//! blocks and its prefill starts after them.
 //!
 //! Keys and values at position `p` depend only on the tokens `0..=p` and on the rotary factors
 //! they were rotated with, so a reused prefix is exactly what the prompt would compute; an
 //! entry remembers its LongRoPE factor set, and the forward pass re-encodes a sequence whose
 //! factors differ (as it does for a sequence that crosses the original context). Entries are
-//! evicted least recently used first, within a byte budget.
+//! evicted least recently used first, within a budget of blocks, and whenever the pool runs
+//! out of free blocks: cached prefixes never keep a running sequence from growing.
 
-use candle_core::Tensor;
-
-use crate::error::Result;
 use crate::kv_cache::SequenceCache;
+use crate::kv_pool::{BlockAllocator, BlockId, KvPool, BLOCK_SIZE};
 use crate::rope::RopeFactors;
 
-/// Fewest tokens worth reusing: below this, copying is not worth the bookkeeping.
+/// Fewest tokens worth reusing: below this, the bookkeeping is not worth it.
 pub const MIN_REUSE_TOKENS: usize = 16;
 
-/// One cached sequence: its tokens and per layer its key and value buffers
-/// (`[n_kv_heads, capacity, head_dim]`, the first `tokens.len()` positions valid).
+/// One cached sequence: its tokens and the pool blocks that hold their keys and values.
 #[derive(Debug)]
 struct Entry {
     tokens: Vec<u32>,
-    layers: Vec<(Tensor, Tensor)>,
+    blocks: Vec<BlockId>,
     factors: RopeFactors,
-    bytes: usize,
     last_used: u64,
 }
 
@@ -44,77 +41,88 @@ pub struct PrefixCacheStats {
     pub reused_tokens: u64,
     /// Entries held.
     pub entries: usize,
-    /// Bytes held.
+    /// Bytes of the blocks the entries hold (some may be shared with running sequences).
     pub bytes: usize,
 }
 
-/// What a lookup found: the keys and values of the first `len` tokens, per layer.
-#[derive(Debug, Clone)]
-pub struct PrefixMatch {
-    /// Tokens reused.
-    pub len: usize,
-    /// Per layer, views of the entry's buffers (`[n_kv_heads, len, head_dim]`).
-    pub layers: Vec<(Tensor, Tensor)>,
-    /// The factor set the keys were rotated with.
-    pub factors: RopeFactors,
-}
-
-/// The cache: entries within a byte budget, least recently used evicted first.
+/// The cache: entries within a budget of blocks, least recently used evicted first. It lives
+/// in the pool's state, so every method gets the pool's allocator.
 #[derive(Debug)]
 pub struct PrefixCache {
     entries: Vec<Entry>,
-    budget: usize,
+    budget_blocks: usize,
+    block_bytes: usize,
     clock: u64,
     stats: PrefixCacheStats,
 }
 
 impl PrefixCache {
-    /// A cache that holds at most `budget` bytes of keys and values.
-    pub fn new(budget: usize) -> Self {
-        PrefixCache { entries: Vec::new(), budget, clock: 0, stats: PrefixCacheStats::default() }
+    /// A cache whose entries hold at most `budget_blocks` blocks of `block_bytes` each.
+    pub fn new(budget_blocks: usize, block_bytes: usize) -> Self {
+        PrefixCache {
+            entries: Vec::new(),
+            budget_blocks,
+            block_bytes,
+            clock: 0,
+            stats: PrefixCacheStats::default(),
+        }
+    }
+
+    fn held_blocks(&self) -> usize {
+        self.entries.iter().map(|e| e.blocks.len()).sum()
     }
 
     /// The counters.
     pub fn stats(&self) -> PrefixCacheStats {
         PrefixCacheStats {
             entries: self.entries.len(),
-            bytes: self.entries.iter().map(|e| e.bytes).sum(),
+            bytes: self.held_blocks() * self.block_bytes,
             ..self.stats
         }
     }
 
-    /// The longest cached prefix of `prompt`, leaving at least its last token to compute (the
-    /// next token's logits come from it); `None` when under [`MIN_REUSE_TOKENS`] would be reused.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Result<Option<PrefixMatch>> {
-        let limit = prompt.len().saturating_sub(1);
+    /// A cache for a sequence starting with `tokens`, sharing the blocks of the longest cached
+    /// prefix of them, leaving at least the last token to compute (the next token's logits come
+    /// from it); `None` when under [`MIN_REUSE_TOKENS`] would be reused.
+    pub(crate) fn lookup(
+        &mut self,
+        alloc: &mut BlockAllocator,
+        pool: &KvPool,
+        tokens: &[u32],
+    ) -> Option<SequenceCache> {
+        let limit = tokens.len().saturating_sub(1);
         let best = self
             .entries
             .iter_mut()
             .map(|e| {
-                let common = e.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                let common = e.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count();
                 (common.min(limit), e)
             })
             .max_by_key(|(len, _)| *len);
         let Some((len, entry)) = best.filter(|(len, _)| *len >= MIN_REUSE_TOKENS) else {
             self.stats.misses += 1;
-            return Ok(None);
+            return None;
         };
         self.clock += 1;
         entry.last_used = self.clock;
-        let layers = entry
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = entry.blocks[..len.div_ceil(BLOCK_SIZE)].to_vec();
+        for &b in &blocks {
+            alloc.retain(b);
+        }
         self.stats.hits += 1;
         self.stats.reused_tokens += len as u64;
-        Ok(Some(PrefixMatch { len, layers, factors: entry.factors }))
+        Some(SequenceCache::adopt(pool.clone(), blocks, len, entry.factors))
     }
 
-    /// Takes over the buffers of a finished sequence whose first `cache.len()` tokens are
+    /// Takes hold of the blocks of a sequence whose first `cache.len()` tokens are
     /// `tokens[..cache.len()]`. Entries that the new one extends are dropped; nothing is added
     /// when an entry already holds these tokens, or when the sequence alone is over the budget.
-    pub fn insert(&mut self, tokens: &[u32], cache: &mut SequenceCache) {
+    pub(crate) fn insert(
+        &mut self,
+        alloc: &mut BlockAllocator,
+        tokens: &[u32],
+        cache: &SequenceCache,
+    ) {
         let len = cache.len().min(tokens.len());
         let tokens = &tokens[..len];
         if len < MIN_REUSE_TOKENS {
@@ -125,28 +133,44 @@ impl PrefixCache {
             e.last_used = self.clock;
             return;
         }
-        let bytes = cache.allocated_bytes();
-        if bytes > self.budget {
+        let blocks = cache.blocks()[..len.div_ceil(BLOCK_SIZE)].to_vec();
+        if blocks.len() > self.budget_blocks {
             return;
         }
-        let Some((layers, factors)) = cache.take_buffers() else { return };
-        self.entries.retain(|e| !tokens.starts_with(&e.tokens));
-        while self.entries.iter().map(|e| e.bytes).sum::<usize>() + bytes > self.budget {
-            let oldest = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(i, _)| i)
-                .expect("over budget with no entries means bytes > budget, handled above");
-            self.entries.swap_remove(oldest);
+        let (extended, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| tokens.starts_with(&e.tokens));
+        self.entries = kept;
+        extended.into_iter().for_each(|e| Self::release(alloc, e));
+        while self.held_blocks() + blocks.len() > self.budget_blocks {
+            if !self.evict_oldest(alloc) {
+                break;
+            }
         }
+        for &b in &blocks {
+            alloc.retain_cached(b);
+        }
+        let factors = cache.factors();
         self.entries.push(Entry {
             tokens: tokens.to_vec(),
-            layers,
+            blocks,
             factors,
-            bytes,
             last_used: self.clock,
         });
+    }
+
+    /// Drops the least recently used entry; `false` when there is none.
+    pub(crate) fn evict_oldest(&mut self, alloc: &mut BlockAllocator) -> bool {
+        let oldest = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used);
+        let Some((i, _)) = oldest else { return false };
+        let entry = self.entries.swap_remove(i);
+        Self::release(alloc, entry);
+        true
+    }
+
+    fn release(alloc: &mut BlockAllocator, entry: Entry) {
+        for b in entry.blocks {
+            alloc.release_cached(b);
+        }
     }
 }

@@ -91,7 +91,7 @@ fn rows(logits: &Tensor) -> Vec<Vec<f32>> {
 /// Greedy decoding with the KV cache, one token per step: the tokens and each step's logits.
 fn greedy(model: &Phi3, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut tokens = prompt.to_vec();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let mut steps = Vec::new();
     for _ in 0..n {
         let out = model
@@ -111,7 +111,7 @@ fn greedy(model: &Phi3, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
 
 /// Logits of every position of `input`, in one pass from an empty cache.
 fn all_logits(model: &Phi3, input: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let out = model
         .forward(&mut [BatchItem {
             tokens: input,
@@ -163,7 +163,7 @@ fn ragged_batch_on_cuda_matches_the_reference() {
         let mut seqs: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
         let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["generated_ids"])).collect();
         let prompt_lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
+        let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache().unwrap()).collect();
         loop {
             let active: Vec<usize> = (0..seqs.len())
                 .filter(|&i| seqs[i].len() < prompt_lens[i] + wants[i].len())

@@ -52,7 +52,7 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 fn forward_all(model: &Phi3, input: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let item =
         BatchItem { tokens: input, cache: &mut cache, max_new_tokens: None, all_logits: true };
     model.forward(&mut [item]).unwrap().logits.to_vec2::<f32>().unwrap()
@@ -60,7 +60,7 @@ fn forward_all(model: &Phi3, input: &[u32]) -> Vec<Vec<f32>> {
 
 fn greedy(model: &Phi3, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut tokens = prompt.to_vec();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     for _ in 0..n {
         let item = BatchItem {
             tokens: &tokens,

@@ -93,7 +93,7 @@ fn logits_cases(variant: &str) -> Vec<LogitsCase> {
 
 /// Logits of every position of `input`, from an empty cache in one pass.
 fn all_logits(model: &Phi3, input: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let out = model
         .forward(&mut [BatchItem {
             tokens: input,
@@ -123,7 +123,7 @@ fn logits_match_transformers() {
 /// Greedy decoding with the KV cache, one token per step, as `generate(do_sample=False)` does.
 fn greedy(model: &Phi3, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut tokens = prompt.to_vec();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().unwrap();
     let mut rows = Vec::new();
     for _ in 0..n {
         let out = model
@@ -182,7 +182,7 @@ fn ragged_batch_matches_single_sequences() {
         let cases = json["greedy_cases"].as_array().unwrap();
         let mut seqs: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
         let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["generated_ids"])).collect();
-        let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
+        let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache().unwrap()).collect();
         let steps = wants.iter().map(Vec::len).max().unwrap();
         for step in 0..steps {
             let active: Vec<usize> = (0..seqs.len()).filter(|&i| step < wants[i].len()).collect();
@@ -222,7 +222,7 @@ fn chunked_prefill_matches_single_pass() {
         let last = case["positions"].as_array().unwrap().last().unwrap();
         let last = last.as_u64().unwrap() as usize;
         let want = logits[&format!("logits.{name}")].to_vec2::<f32>().unwrap().pop().unwrap();
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().unwrap();
         let mut row = Vec::new();
         while cache.len() < input.len() {
             let out = model

@@ -91,7 +91,7 @@ struct Measured {
 fn compare(model: &Phi3, cases: &[Case]) -> Measured {
     let (mut agree, mut positions, mut kl, mut rows) = (0usize, 0usize, 0f64, 0usize);
     for case in cases {
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache().unwrap();
         let item = BatchItem {
             tokens: &case.input,
             cache: &mut cache,

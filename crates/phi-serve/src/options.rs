@@ -48,7 +48,8 @@ pub struct ModelArgs {
     pub prefill_chunk: usize,
     /// Megabytes of finished conversations' keys and values kept so that a later prompt that
     /// starts the same way (the same system prompt, the conversation so far) skips recomputing
-    /// them; 0 turns reuse off.
+    /// them; 0 turns reuse off. They stay in the KV pool's blocks, which running sequences take
+    /// back whenever they need them.
     #[arg(long, env = "PHI_SERVE_PREFIX_CACHE_MB", default_value_t = 1024)]
     pub prefix_cache_mb: usize,
     /// Quantize a safetensors checkpoint's matrices as they load: q8_0, q6_k, q5_k_m, q5_k,
@@ -162,6 +163,8 @@ impl ModelArgs {
             },
             prefill_chunk: Some(self.prefill_chunk).filter(|&n| n > 0),
             prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1 << 20),
+            // `serve` sizes the pool from the memory left after loading.
+            kv_cache_tokens: None,
             quantize: self.quantize,
         };
         let source = ModelSource::parse(&self.model, self.revision.as_deref())?;

@@ -63,11 +63,13 @@ pub struct ServeArgs {
     /// --max-queue.
     #[arg(long, env = "PHI_SERVE_MAX_QUEUE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     max_queue_tokens: Option<u64>,
-    /// KV-cache tokens that running sequences may hold together. Each reserves its prompt
-    /// plus its max_tokens when it joins the batch, and waits until that fits; a request that
-    /// could never fit is answered 400. Default on CPU: 80% of the memory available (within the
-    /// cgroup's memory limit, in a container) once the model is loaded; on CUDA: 90% of the GPU
-    /// memory free then; less --prefix-cache-mb either way.
+    /// Token positions of the KV-cache pool, allocated at start-up in blocks of 16 that
+    /// sequences take as they grow (and the prefix cache keeps for reuse). A request joins the
+    /// batch when the blocks for its prompt are free; when running sequences run out of blocks
+    /// the newest request is preempted and recomputed later; a request that could not run alone
+    /// (prompt plus max_tokens, for each choice) is answered 400. Default on CPU: 80% of the
+    /// memory available (within the cgroup's memory limit, in a container) once the model is
+    /// loaded, at most 64 full contexts; on CUDA: 90% of the GPU memory free then.
     #[arg(long, env = "PHI_SERVE_KV_CACHE_TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     kv_cache_tokens: Option<u64>,
     /// Longest a chat request may take from its arrival: a request still waiting for a place
@@ -211,8 +213,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .max_queue_tokens
                 .map_or(usize::MAX, |t| usize::try_from(t).unwrap_or(usize::MAX)),
             step_delay: args.step_delay_ms.map(Duration::from_millis),
-            // Set from the loaded model's size (kv_cache_budget).
-            kv_cache_tokens: usize::MAX,
         },
         content_filter: filter,
         cors_origins: cors_origins(&args.cors_origins)?,
@@ -227,8 +227,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (args.host, args.port, args.model, args.load_delay_ms.map(Duration::from_millis));
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     let kv_tokens = args.kv_cache_tokens.map(|t| usize::try_from(t).unwrap_or(usize::MAX));
-    let prefix_bytes = model.prefix_cache_mb.saturating_mul(1 << 20);
-    let mut config = config;
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
@@ -261,8 +259,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         });
         tokio::select! {
             loaded = loading => {
-                let engine = Arc::new(loaded.context("loading the model panicked")??);
-                config.worker.kv_cache_tokens = kv_cache_budget(&engine, kv_tokens, prefix_bytes);
+                let engine = loaded.context("loading the model panicked")??;
+                if let Some(tokens) = kv_cache_budget(&engine, kv_tokens) {
+                    engine.set_kv_cache_tokens(tokens).context("cannot allocate the KV cache")?;
+                }
+                let engine = Arc::new(engine);
                 let state = AppState::new(engine, config).context("cannot start the engine worker")?;
                 let _ = serving.set(state.clone());
                 gate.open(phi_server::router(state));
@@ -292,38 +293,42 @@ pub fn run(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// The KV-cache budget in tokens: `flag`, else on CPU 80% of the memory available now (the
-/// model loaded), on CUDA 90% of the GPU's free memory (the rest is left to activations), less
-/// the prefix cache's budget either way; logged with what it holds.
-fn kv_cache_budget(engine: &Engine, flag: Option<usize>, prefix_bytes: usize) -> usize {
+/// The KV pool's size in tokens: `flag`, else on CPU 80% of the memory available now (the
+/// model loaded), on CUDA 90% of the GPU's free memory (the rest is left to activations); the
+/// prefix cache keeps its blocks in the same pool. Logged with what it holds; `None` (the
+/// engine's default pool) when the memory cannot be read.
+fn kv_cache_budget(engine: &Engine, flag: Option<usize>) -> Option<usize> {
     let per_token = engine.kv_bytes_per_token().max(1);
+    let context = engine.context_length();
     let tokens = match flag {
         Some(t) => t,
         None if engine.model().device().is_cuda() => match engine.device_memory() {
-            Some((free, _)) => (free / 10 * 9).saturating_sub(prefix_bytes) / per_token,
+            Some((free, _)) => free / 10 * 9 / per_token,
             None => {
-                tracing::warn!("cannot read the GPU's free memory: no KV-cache budget");
-                return usize::MAX;
+                tracing::warn!("cannot read the GPU's free memory: default KV pool");
+                return None;
             }
         },
         None => match available_memory() {
-            Some(bytes) => (bytes / 5 * 4).saturating_sub(prefix_bytes as u64) as usize / per_token,
+            // At most 64 full-context sequences: more than a batch can use.
+            Some(bytes) => ((bytes / 5 * 4) as usize / per_token).min(64 * context),
             None => {
-                tracing::warn!("cannot read the available memory: no KV-cache budget");
-                return usize::MAX;
+                tracing::warn!("cannot read the available memory: default KV pool");
+                return None;
             }
         },
     };
-    let context = engine.context_length();
+    let tokens = tokens.next_multiple_of(phi_engine::kv_pool::BLOCK_SIZE);
     tracing::info!(
         tokens,
+        blocks = tokens / phi_engine::kv_pool::BLOCK_SIZE,
         gib = format!("{:.2}", (tokens * per_token) as f64 / (1u64 << 30) as f64),
         bytes_per_token = per_token,
         full_context_sequences = tokens / context.next_multiple_of(16),
         context,
         "KV cache budget"
     );
-    tokens
+    Some(tokens)
 }
 
 /// The `--cors-allow-origin` values, each checked to be `*` or `scheme://host[:port]`.

@@ -613,9 +613,11 @@ fn kv_cache_budget_is_logged_reported_and_enforced() {
     let mut two = chat("hi", 30);
     two["n"] = json!(2);
     assert_eq!(expect_error(s.post("/v1/chat/completions", &two), 400)["param"], "max_tokens");
-    // The worker gives a finished request's reservation back on its next turn, just after the
-    // answer went out.
-    settles_to(&s, "phi_serve_kv_cache_reserved_tokens", 0.0);
+    // The pool is cut into blocks of 16; a finished request's blocks go back on the worker's
+    // next turn, just after the answer went out.
+    let page = s.get("/metrics").text().unwrap();
+    assert_eq!(sample(&page, "phi_serve_kv_cache_blocks_total"), 3.0, "{page}");
+    settles_to(&s, "phi_serve_kv_cache_blocks_used", 0.0);
 }
 
 /// Waits (up to 10 s) for the gauge `name` to read `want`.

@@ -156,47 +156,45 @@ impl Metrics {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             }
         }
-        let budget = Some(worker.budget_tokens()).filter(|&b| b != usize::MAX);
         let gauges = [
-            ("queue_length", "Requests waiting for a place in the batch.", Some(worker.queued())),
+            ("queue_length", "Requests waiting for a place in the batch.", worker.queued()),
+            ("queued_prompt_tokens", "Prompt tokens of the waiting requests.", worker.queued_tokens()),
             (
-                "queued_prompt_tokens",
-                "Prompt tokens of the waiting requests.",
-                Some(worker.queued_tokens()),
+                "running_requests",
+                "Requests in the batch (or preempted from it, waiting to resume).",
+                worker.running(),
             ),
-            ("running_requests", "Requests in the batch.", Some(worker.running())),
             (
-                "running_sequences",
-                "Sequences (choices) stepped together.",
-                Some(worker.running_sequences()),
+                "preempted_requests",
+                "Requests whose KV blocks were given to others, waiting to resume.",
+                worker.preempted(),
             ),
+            ("running_sequences", "Sequences (choices) stepped together.", worker.running_sequences()),
             (
                 "kv_cache_bytes",
-                "Bytes held by the KV caches of the running sequences.",
-                Some(worker.cache_bytes()),
+                "Bytes of KV-pool blocks held by the running sequences (shared blocks counted by each).",
+                worker.cache_bytes(),
             ),
+            ("kv_cache_budget_tokens", "Token positions of the KV pool.", worker.budget_tokens()),
+            ("kv_cache_blocks_total", "Blocks of the KV pool (16 positions each).", worker.blocks_total()),
+            ("kv_cache_blocks_used", "KV-pool blocks held by sequences.", worker.blocks_used()),
+            ("kv_cache_blocks_free", "KV-pool blocks no one holds.", worker.blocks_free()),
             (
-                "kv_cache_reserved_tokens",
-                "KV-cache tokens reserved by the running sequences (prompt plus most new tokens).",
-                Some(worker.reserved_tokens()),
+                "kv_cache_blocks_cached",
+                "KV-pool blocks held only by the prefix cache (given up when sequences need them).",
+                worker.blocks_cached(),
             ),
-            (
-                "kv_cache_budget_tokens",
-                "KV-cache tokens the running sequences may reserve together.",
-                budget,
-            ),
-            (
-                "draining",
-                "1 after SIGTERM, while running requests finish.",
-                Some(usize::from(draining)),
-            ),
+            ("draining", "1 after SIGTERM, while running requests finish.", usize::from(draining)),
         ];
         for (name, help, value) in gauges {
-            let Some(value) = value else { continue };
             let name = format!("phi_serve_{name}");
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
 
+        let preemptions = worker.preemptions();
+        let name = "phi_serve_preemptions_total";
+        let help = "Requests taken out of the batch to free KV blocks (recomputed later).";
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {preemptions}");
         let shared = worker.shared_prompt_tokens();
         let name = "phi_serve_shared_prompt_tokens_total";
         let help = "Prompt tokens taken from another running sequence instead of computed.";

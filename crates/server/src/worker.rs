@@ -6,7 +6,15 @@
 //! forward pass per generated token for all of them (continuous batching: a request joins and
 //! leaves the batch between any two steps). Each request's [`StepOutput`]s go back over its own
 //! unbounded tokio channel, so the worker never waits for a slow client.
+//!
+//! Memory: every sequence's keys and values live in blocks of the engine's KV pool (see
+//! `phi_engine::kv_pool`), taken as the sequence grows. A request joins the batch when the pool
+//! has the blocks for its prompt; when running sequences later need more blocks than are free,
+//! the newest request is preempted (its blocks given back, its progress kept) and resumes,
+//! recomputing what it had, once blocks are free again. The oldest request is never preempted,
+//! and no request is accepted that could not run alone, so every request finishes.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
@@ -14,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phi_engine::engine::{Engine, Sequence, StepOutput};
+use phi_engine::error::EngineError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Batching limits of the worker.
@@ -29,11 +38,6 @@ pub struct WorkerConfig {
     /// would pass it is refused with 429, except into an empty queue, so that one long prompt
     /// can always wait its turn.
     pub max_queue_tokens: usize,
-    /// KV-cache tokens the running sequences may hold together. Each sequence reserves its
-    /// prompt plus its most new tokens when it joins the batch (its cache never grows past
-    /// that), and a request waits until its reservation fits, so the cache cannot outgrow
-    /// memory; a request that could never fit is refused ([`SubmitError::TooLarge`]).
-    pub kv_cache_tokens: usize,
     /// Pause after every step. Only for tests, which need generation slow enough to observe
     /// queueing and disconnects on a tiny model.
     pub step_delay: Option<Duration>,
@@ -41,13 +45,7 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig {
-            max_batch: 8,
-            max_queue: 64,
-            max_queue_tokens: usize::MAX,
-            kv_cache_tokens: usize::MAX,
-            step_delay: None,
-        }
+        WorkerConfig { max_batch: 8, max_queue: 64, max_queue_tokens: usize::MAX, step_delay: None }
     }
 }
 
@@ -139,9 +137,22 @@ impl Job {
         self.sequences.iter().map(Sequence::prompt_len).sum()
     }
 
-    /// KV-cache tokens its sequences may grow to (what it reserves in the batch).
+    /// KV-cache tokens its sequences may grow to together (what must fit the pool for the
+    /// request to run alone).
     fn cache_tokens(&self) -> usize {
         self.sequences.iter().map(Sequence::max_cache_tokens).sum()
+    }
+
+    /// Pool blocks its unfinished sequences still need for what they have to compute before
+    /// their next token: the first choice's prompt, and one block for each other choice with
+    /// the same prompt (they share the first's blocks).
+    fn blocks_needed(&self) -> usize {
+        let Some(first) = self.sequences.first() else { return 0 };
+        let others = self.sequences[1..].iter().filter(|s| !s.is_finished());
+        first.blocks_needed()
+            + others
+                .map(|s| if s.prompt() == first.prompt() { 1 } else { s.blocks_needed() })
+                .sum::<usize>()
     }
 }
 
@@ -153,7 +164,7 @@ pub enum SubmitError {
     /// The worker thread has stopped (answer 503).
     Stopped,
     /// The request's sequences could grow to `needed` KV-cache tokens, more than the whole
-    /// budget of `budget` (answer 400: fewer `max_tokens` or choices would fit).
+    /// pool of `budget` (answer 400: fewer `max_tokens` or choices would fit).
     TooLarge {
         /// Tokens the request reserves.
         needed: usize,
@@ -169,9 +180,13 @@ pub struct WorkerStats {
     queued_tokens: AtomicUsize,
     running: AtomicUsize,
     running_sequences: AtomicUsize,
+    preempted: AtomicUsize,
+    preemptions: AtomicUsize,
     cache_bytes: AtomicUsize,
-    reserved_tokens: AtomicUsize,
     budget_tokens: AtomicUsize,
+    blocks_total: AtomicUsize,
+    blocks_free: AtomicUsize,
+    blocks_cached: AtomicUsize,
     shared_prompt_tokens: AtomicUsize,
 }
 
@@ -186,9 +201,39 @@ impl WorkerStats {
         self.queued_tokens.load(Ordering::Acquire)
     }
 
-    /// Requests in the batch.
+    /// Requests in the batch, or preempted from it and waiting to resume.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Requests preempted (their KV blocks given to others) and waiting to resume.
+    pub fn preempted(&self) -> usize {
+        self.preempted.load(Ordering::Acquire)
+    }
+
+    /// Preemptions so far (a running total).
+    pub fn preemptions(&self) -> usize {
+        self.preemptions.load(Ordering::Acquire)
+    }
+
+    /// Blocks of the KV pool.
+    pub fn blocks_total(&self) -> usize {
+        self.blocks_total.load(Ordering::Acquire)
+    }
+
+    /// Blocks of the KV pool that no one holds.
+    pub fn blocks_free(&self) -> usize {
+        self.blocks_free.load(Ordering::Acquire)
+    }
+
+    /// Blocks of the KV pool held only by the prefix cache (given up when others need them).
+    pub fn blocks_cached(&self) -> usize {
+        self.blocks_cached.load(Ordering::Acquire)
+    }
+
+    /// Blocks of the KV pool held by sequences.
+    pub fn blocks_used(&self) -> usize {
+        self.blocks_total().saturating_sub(self.blocks_free() + self.blocks_cached())
     }
 
     /// Unfinished sequences in the batch.
@@ -201,12 +246,7 @@ impl WorkerStats {
         self.cache_bytes.load(Ordering::Acquire)
     }
 
-    /// KV-cache tokens reserved by the running sequences.
-    pub fn reserved_tokens(&self) -> usize {
-        self.reserved_tokens.load(Ordering::Acquire)
-    }
-
-    /// The KV-cache budget in tokens (`usize::MAX` for none).
+    /// Token positions of the KV pool.
     pub fn budget_tokens(&self) -> usize {
         self.budget_tokens.load(Ordering::Acquire)
     }
@@ -247,17 +287,18 @@ impl WorkerHandle {
         let (queue, rx) = mpsc::channel();
         let stats = Arc::new(WorkerStats::default());
         let (max_queue, max_queue_tokens) = (config.max_queue, config.max_queue_tokens);
-        let kv_cache_tokens = config.kv_cache_tokens;
+        let kv_cache_tokens = engine.kv_pool().map_err(std::io::Error::other)?.capacity_tokens();
         stats.budget_tokens.store(kv_cache_tokens, Ordering::Release);
         let worker = Worker {
             engine,
             config,
             rx,
             running: Vec::new(),
+            preempted: VecDeque::new(),
             held: None,
             stats: stats.clone(),
-            reserved: 0,
         };
+        worker.publish();
         std::thread::Builder::new().name("phi-engine-worker".into()).spawn(move || worker.run())?;
         Ok(WorkerHandle { queue, stats, max_queue, max_queue_tokens, kv_cache_tokens })
     }
@@ -302,18 +343,20 @@ struct Worker {
     engine: Arc<Engine>,
     config: WorkerConfig,
     rx: Receiver<Job>,
+    /// Jobs in the batch, oldest first.
     running: Vec<Job>,
+    /// Jobs taken out of the batch to free KV blocks, next to resume first; they go back in
+    /// before any new job.
+    preempted: VecDeque<Job>,
     /// A job taken off the queue that did not fit in the batch yet (still counted as queued).
     held: Option<Job>,
     stats: Arc<WorkerStats>,
-    /// KV-cache tokens reserved by the jobs in `running`.
-    reserved: usize,
 }
 
 impl Worker {
     fn run(mut self) {
         loop {
-            if self.running.is_empty() && self.held.is_none() {
+            if self.running.is_empty() && self.held.is_none() && self.preempted.is_empty() {
                 // Idle: sleep until a request arrives, or stop when the server is gone.
                 match self.rx.recv() {
                     Ok(job) => self.held = Some(job),
@@ -444,27 +487,77 @@ impl Worker {
     }
 
     /// Drops finished and cancelled jobs (a job whose choices were all stopped by the content
-    /// filter is done too), releasing their reservations.
+    /// filter is done too); their sequences' KV blocks go back to the pool.
     fn retire(&mut self) {
-        let mut released = 0;
-        self.running.retain(|job| {
-            let keep = job.unfinished() > 0 && !job.cancelled();
-            if !keep {
-                released += job.cache_tokens();
-            }
-            keep
-        });
-        self.reserved -= released;
+        self.running.retain(|job| job.unfinished() > 0 && !job.cancelled());
     }
 
     /// Publishes the batch's size and memory.
     fn publish(&self) {
         let sequences = self.running.iter().map(Job::unfinished).sum();
         let bytes = self.running.iter().flat_map(|j| &j.sequences).map(Sequence::cache_bytes).sum();
+        let pool = self.engine.kv_stats();
         self.stats.running_sequences.store(sequences, Ordering::Release);
-        self.stats.reserved_tokens.store(self.reserved, Ordering::Release);
         self.stats.cache_bytes.store(bytes, Ordering::Release);
-        self.stats.running.store(self.running.len(), Ordering::Release);
+        self.stats.blocks_total.store(pool.total_blocks, Ordering::Release);
+        self.stats.blocks_free.store(pool.free_blocks, Ordering::Release);
+        self.stats.blocks_cached.store(pool.cached_blocks, Ordering::Release);
+        self.stats.preempted.store(self.preempted.len(), Ordering::Release);
+        let admitted = self.running.len() + self.preempted.len();
+        self.stats.running.store(admitted, Ordering::Release);
+    }
+
+    /// Takes the newest job out of the batch, its KV blocks back to the pool (its progress
+    /// kept), to resume before any new job once there is room.
+    fn preempt_newest(&mut self) {
+        let Some(mut job) = self.running.pop() else { return };
+        for seq in &mut job.sequences {
+            self.engine.preempt(seq);
+        }
+        tracing::info!(
+            running = self.running.len(),
+            preempted = self.preempted.len() + 1,
+            "KV cache full: preempted the newest request"
+        );
+        self.stats.preemptions.fetch_add(1, Ordering::AcqRel);
+        self.preempted.push_front(job);
+    }
+
+    /// Whether a job whose sequences need `blocks` more KV blocks fits now: the pool must
+    /// also keep one block for each running sequence's next step.
+    fn has_room_for(&self, blocks: usize) -> bool {
+        let active: usize = self.running.iter().map(Job::unfinished).sum();
+        active == 0 || self.engine.kv_stats().available_blocks() >= blocks + active
+    }
+
+    /// Puts preempted jobs back in the batch, oldest first, while they fit; `false` when one
+    /// is still waiting (then no new job may pass it).
+    fn resume(&mut self) -> bool {
+        while let Some(job) = self.preempted.pop_front() {
+            if job.cancelled() {
+                continue;
+            }
+            if job.expired(Instant::now()) {
+                let mut job = job;
+                for (choice, seq) in job.sequences.iter_mut().enumerate() {
+                    if seq.is_finished() || job.stopper.is_stopped(choice) {
+                        continue;
+                    }
+                    if let Ok(output) = self.engine.end_sequence(seq) {
+                        let _ = job.events.send(WorkerEvent::Step { choice, output });
+                    }
+                }
+                continue;
+            }
+            let active: usize = self.running.iter().map(Job::unfinished).sum();
+            let too_many = active > 0 && active + job.unfinished() > self.config.max_batch;
+            if too_many || !self.has_room_for(job.blocks_needed()) {
+                self.preempted.push_front(job);
+                return false;
+            }
+            self.running.push(job);
+        }
+        true
     }
 
     /// Takes a job off the queue's counts.
@@ -473,8 +566,11 @@ impl Worker {
         self.stats.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Moves waiting jobs into the batch while there is room.
+    /// Moves waiting jobs into the batch while there is room, preempted ones first.
     fn admit(&mut self) {
+        if !self.resume() {
+            return;
+        }
         loop {
             if self.held.is_none() {
                 match self.rx.try_recv() {
@@ -494,22 +590,44 @@ impl Worker {
             }
             let active: usize = self.running.iter().map(Job::unfinished).sum();
             let too_many = active > 0 && active + job.sequences.len() > self.config.max_batch;
-            // Submission refused jobs larger than the whole budget, so this one fits once the
+            // Submission refused jobs larger than the whole pool, so this one fits once the
             // batch has emptied enough.
-            let reserve = job.cache_tokens();
-            let no_room = self.reserved + reserve > self.config.kv_cache_tokens;
-            if too_many || no_room {
+            if too_many || !self.has_room_for(job.blocks_needed()) {
                 self.held = Some(job);
                 return;
             }
             self.dequeued(&job);
-            self.reserved += reserve;
             self.running.push(job);
         }
     }
 
-    /// One batched forward pass over every unfinished sequence; outputs go to their jobs.
+    /// One batched forward pass over every unfinished sequence; outputs go to their jobs. When
+    /// the KV pool runs out, the newest job is preempted and the step tried again.
     fn step(&mut self) {
+        loop {
+            let message = match self.try_step() {
+                Ok(()) => return,
+                Err(Some(EngineError::KvCacheFull { .. })) if self.running.len() > 1 => {
+                    self.preempt_newest();
+                    continue;
+                }
+                Err(Some(e)) => format!("the engine failed: {e}"),
+                Err(None) => "the engine panicked".to_string(),
+            };
+            // The batch's state is unknown after a failure: end every request in it.
+            tracing::error!(error = %message, requests = self.running.len(), "engine step failed");
+            for job in self.running.drain(..) {
+                let _ = job.events.send(WorkerEvent::Failed(message.clone()));
+            }
+            return;
+        }
+    }
+
+    /// One step; `Err(None)` when the engine panicked.
+    fn try_step(&mut self) -> Result<(), Option<EngineError>> {
+        // Requests admitted since the last step take what the batch has already computed.
+        self.share_prompts();
+        self.share_prefixes();
         let mut owners = Vec::new();
         let waiting: Vec<(usize, usize)> = (0..self.running.len())
             .flat_map(|j| (0..self.running[j].sequences.len()).map(move |c| (j, c)))
@@ -533,7 +651,7 @@ impl Worker {
         let engine = &self.engine;
         let result = catch_unwind(AssertUnwindSafe(|| engine.step(&mut seqs)));
         drop(seqs);
-        let message = match result {
+        match result {
             Ok(Ok(outputs)) => {
                 for ((j, choice), output) in owners.into_iter().zip(outputs) {
                     // A prompt chunk (or a prompt still waiting for its share of the step's
@@ -549,16 +667,10 @@ impl Worker {
                 }
                 self.share_prompts();
                 self.share_prefixes();
-                return;
+                Ok(())
             }
-            Ok(Err(e)) => format!("the engine failed: {e}"),
-            Err(_) => "the engine panicked".to_string(),
-        };
-        // The batch's state is unknown after a failure: end every request in it.
-        tracing::error!(error = %message, requests = self.running.len(), "engine step failed");
-        for job in self.running.drain(..) {
-            let _ = job.events.send(WorkerEvent::Failed(message.clone()));
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
         }
-        self.reserved = 0;
     }
 }

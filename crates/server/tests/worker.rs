@@ -146,7 +146,6 @@ fn queue_bounded_by_prompt_tokens() {
         // Room for two waiting prompts of this length, not three.
         max_queue_tokens: 2 * len + len / 2,
         step_delay: Some(Duration::from_millis(50)),
-        ..WorkerConfig::default()
     };
     let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
     let job = || Job::new(vec![engine.new_sequence(&ids, &options(40)).unwrap()]);
@@ -173,48 +172,98 @@ fn queue_bounded_by_prompt_tokens() {
     assert!(drain(&mut long_rx, 1)[0].1.is_some());
 }
 
+/// An engine whose KV pool holds `tokens` positions, with `prefix_mb` of prefix cache.
+fn engine_with_pool(tokens: usize, prefix_mb: usize) -> Arc<Engine> {
+    let source = ModelSource::parse(MODEL, None).unwrap();
+    let opts = LoadOptions {
+        kv_cache_tokens: Some(tokens),
+        prefix_cache_bytes: prefix_mb << 20,
+        ..LoadOptions::default()
+    };
+    Arc::new(Engine::load(&source, &opts).unwrap())
+}
+
+/// Waits (up to 10 s) for `cond`.
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
-fn kv_budget_makes_requests_wait_and_refuses_what_never_fits() {
-    let engine = engine();
+fn a_full_kv_pool_preempts_the_newest_request_which_resumes_unchanged() {
+    // With and without a prefix cache (a preempted request then takes its own blocks back
+    // from it, if they are still there, instead of recomputing).
+    for prefix_mb in [0, 1] {
+        // Four blocks of 16 positions: each request below grows to three, so two cannot run
+        // to the end together.
+        let engine = engine_with_pool(64, prefix_mb);
+        let reference = self::engine();
+        let config =
+            WorkerConfig { step_delay: Some(Duration::from_millis(5)), ..WorkerConfig::default() };
+        let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
+        assert_eq!(worker.stats().budget_tokens(), 64);
+        assert_eq!(worker.stats().blocks_total(), 4);
+
+        // Greedy, and sampled with a seed: preemption must change neither.
+        let sampled = GenerateOptions {
+            sampling: SamplingParams {
+                temperature: 0.9,
+                seed: Some(7),
+                frequency_penalty: 0.5,
+                ..SamplingParams::default()
+            },
+            max_tokens: Some(36),
+            ignore_eos: true,
+            ..GenerateOptions::default()
+        };
+        let greedy = GenerateOptions { ignore_eos: true, ..options(36) };
+        let requests = [("hi", &greedy), ("tell me a story", &sampled), ("x", &greedy)];
+        let mut receivers = Vec::new();
+        for (text, opts) in requests {
+            let ids = prompt(&engine, text);
+            assert!(ids.len() + 36 <= 48, "each request fits three blocks");
+            let (job, rx) = Job::new(vec![engine.new_sequence(&ids, opts).unwrap()]);
+            worker.submit(job).unwrap();
+            receivers.push(rx);
+        }
+        for ((text, opts), mut rx) in requests.into_iter().zip(receivers) {
+            let solo = reference.generate(&prompt(&reference, text), opts, |_| true).unwrap();
+            let got = drain(&mut rx, 1);
+            assert_eq!(got[0].0, solo.text, "{text:?} with prefix cache {prefix_mb} MB");
+            assert_eq!(got[0].1, Some(solo.finish_reason));
+        }
+        assert!(worker.stats().preemptions() >= 1, "the pool was too small for all three");
+        wait_for("the blocks never came back", || {
+            worker.stats().blocks_used() == 0 && worker.stats().running() == 0
+        });
+        let stats = engine.kv_stats();
+        assert_eq!(stats.used_blocks(), 0, "{stats:?}");
+        if prefix_mb == 0 {
+            assert_eq!(stats.free_blocks, 4);
+        }
+    }
+}
+
+#[test]
+fn what_could_never_fit_the_pool_is_refused() {
+    let engine = engine_with_pool(64, 0);
     let ids = prompt(&engine, "hi");
     let seq = || engine.new_sequence(&ids, &options(20)).unwrap();
     let one = seq().max_cache_tokens();
-    assert_eq!(one, (ids.len() + 20).next_multiple_of(16));
-    let budget = one + one / 2;
-    let config = WorkerConfig {
-        kv_cache_tokens: budget,
-        step_delay: Some(Duration::from_millis(20)),
-        ..WorkerConfig::default()
-    };
-    let worker = WorkerHandle::spawn(engine.clone(), config).unwrap();
-    assert_eq!(worker.stats().budget_tokens(), budget);
-
-    // Two choices of this size can never fit at once.
-    let (two, _two_rx) = Job::new(vec![seq(), seq()]);
-    assert_eq!(worker.submit(two).unwrap_err(), SubmitError::TooLarge { needed: 2 * one, budget });
-
-    // Two requests that fit one at a time: the second waits for the first's reservation,
-    // although the batch has room for eight sequences.
-    let (a, mut a_rx) = Job::new(vec![seq()]);
-    let (b, mut b_rx) = Job::new(vec![seq()]);
-    worker.submit(a).unwrap();
-    worker.submit(b).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(worker.stats().running() == 1 && worker.stats().reserved_tokens() == one) {
-        assert!(Instant::now() < deadline, "the first request never ran");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(worker.stats().queued(), 1, "the second waits for room in the cache");
-    let solo = engine.generate(&ids, &options(20), |_| true).unwrap();
-    for rx in [&mut a_rx, &mut b_rx] {
-        let out = drain(rx, 1);
-        assert_eq!(out[0].0, solo.text);
-        assert_eq!(out[0].1, Some(solo.finish_reason));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while worker.stats().reserved_tokens() != 0 {
-        assert!(Instant::now() < deadline, "reservations were not released");
-        std::thread::sleep(Duration::from_millis(2));
+    let worker = WorkerHandle::spawn(engine.clone(), WorkerConfig::default()).unwrap();
+    let (four, _rx) = Job::new(vec![seq(), seq(), seq(), seq()]);
+    assert_eq!(
+        worker.submit(four).unwrap_err(),
+        SubmitError::TooLarge { needed: 4 * one, budget: 64 }
+    );
+    let (two, mut rx) = Job::new(vec![seq(), seq()]);
+    worker.submit(two).unwrap();
+    let solo = self::engine().generate(&ids, &options(20), |_| true).unwrap();
+    for (text, _) in drain(&mut rx, 2) {
+        assert_eq!(text, solo.text);
     }
 }
 
