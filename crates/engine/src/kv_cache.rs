@@ -7,7 +7,7 @@
 //! ([`SequenceCache::share`]) takes hold of its blocks without copying; the one block that
 //! either side then writes into is copied first if someone else still holds it.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::kv_pool::{BlockId, KvPool, BLOCK_SIZE};
@@ -185,6 +185,10 @@ impl SequenceCache {
     pub fn gather(&self, layer: usize, first: usize, end: usize) -> Result<(Tensor, Tensor)> {
         let (pk, pv) = self.pool.layer(layer);
         let slots = self.slots(first, end);
+        if pk.device().is_cpu() {
+            let (nkv, hd) = (self.pool.n_kv_heads(), self.pool.head_dim());
+            return Ok((gather_cpu(pk, &slots, nkv, hd)?, gather_cpu(pv, &slots, nkv, hd)?));
+        }
         let n = slots.len();
         let ids = Tensor::from_vec(slots, n, pk.device())?;
         let gather = |t: &Tensor| -> Result<Tensor> {
@@ -229,6 +233,44 @@ impl SequenceCache {
         let (k, _) = self.pool.layer(0);
         matches!(k.device(), Device::Cpu) && k.dtype() == DType::F32
     }
+}
+
+/// [`SequenceCache::gather`] on the CPU: one pass that copies each slot's head rows straight
+/// into their `[n_kv_heads, slots, head_dim]` places (candle's `index_select` and transposing
+/// copy take several times as long).
+fn gather_cpu(pool: &Tensor, slots: &[u32], nkv: usize, hd: usize) -> Result<Tensor> {
+    fn rows<T: Copy + Default>(src: &[T], slots: &[u32], nkv: usize, hd: usize) -> Vec<T> {
+        let n = slots.len();
+        let mut out = vec![T::default(); nkv * n * hd];
+        for (j, &s) in slots.iter().enumerate() {
+            let row = &src[s as usize * nkv * hd..(s as usize + 1) * nkv * hd];
+            for h in 0..nkv {
+                out[(h * n + j) * hd..(h * n + j + 1) * hd]
+                    .copy_from_slice(&row[h * hd..(h + 1) * hd]);
+            }
+        }
+        out
+    }
+    let shape = (nkv, slots.len(), hd);
+    let (storage, layout) = pool.storage_and_layout();
+    let o = layout.start_offset();
+    let t = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            Tensor::from_vec(rows(&v[o..], slots, nkv, hd), shape, &Device::Cpu)?
+        }
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            Tensor::from_vec(rows(&v[o..], slots, nkv, hd), shape, &Device::Cpu)?
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            Tensor::from_vec(rows(&v[o..], slots, nkv, hd), shape, &Device::Cpu)?
+        }
+        _ => {
+            drop(storage);
+            let ids = Tensor::from_vec(slots.to_vec(), slots.len(), pool.device())?;
+            return Ok(pool.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?);
+        }
+    };
+    Ok(t)
 }
 
 #[cfg(test)]
