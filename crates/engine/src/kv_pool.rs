@@ -286,7 +286,9 @@ impl KvPool {
         }
         for (k, v) in &self.0.layers {
             for t in [k, v] {
-                let src = t.narrow(0, from as usize * BLOCK_SIZE, slots)?.copy()?;
+                // A new tensor of just these rows (`copy` would clone the whole pool buffer).
+                let rows = t.narrow(0, from as usize * BLOCK_SIZE, slots)?;
+                let src = rows.zeros_like()?.add(&rows)?;
                 t.slice_set(&src, 0, to as usize * BLOCK_SIZE)?;
             }
         }

@@ -648,6 +648,12 @@ impl Worker {
                 }
             }
         }
+        tracing::debug!(
+            sequences = seqs.len(),
+            pending = ?seqs.iter().map(|s| s.pending_tokens()).collect::<Vec<_>>(),
+            waiting = waiting.len(),
+            "step"
+        );
         let engine = &self.engine;
         let result = catch_unwind(AssertUnwindSafe(|| engine.step(&mut seqs)));
         drop(seqs);
