@@ -22,8 +22,10 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A path in cargo's scratch folder for integration tests (`target/tmp`): files are
+/// overwritten by the next run instead of piling up in the system's temp folder.
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("phi-gguf-model-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gguf-model");
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }

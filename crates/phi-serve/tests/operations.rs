@@ -425,6 +425,7 @@ fn busy_server_reports_its_load() {
         {
             assert_eq!(sample(&page, "phi_serve_running_sequences"), 1.0);
             assert!(sample(&page, "phi_serve_queued_prompt_tokens") > 0.0);
+            assert!(sample(&page, "phi_serve_kv_cache_blocks_used") > 0.0, "{page}");
             break;
         }
         assert!(Instant::now() < deadline, "never saw one running and one queued:\n{page}");
@@ -441,6 +442,13 @@ fn busy_server_reports_its_load() {
             && sample(&page, "phi_serve_queue_length") == 0.0
         {
             assert_eq!(sample(&page, "phi_serve_kv_cache_bytes"), 0.0);
+            // The pool is back to empty: every block free (or only kept by the prefix cache).
+            assert_eq!(sample(&page, "phi_serve_kv_cache_blocks_used"), 0.0, "{page}");
+            assert_eq!(
+                sample(&page, "phi_serve_kv_cache_blocks_free")
+                    + sample(&page, "phi_serve_kv_cache_blocks_cached"),
+                sample(&page, "phi_serve_kv_cache_blocks_total")
+            );
             assert!(
                 sample(&page, "phi_serve_finish_reason_total{reason=\"client_disconnected\"}")
                     >= 1.0
@@ -617,6 +625,39 @@ fn kv_cache_budget_is_logged_reported_and_enforced() {
     // next turn, just after the answer went out.
     let page = s.get("/metrics").text().unwrap();
     assert_eq!(sample(&page, "phi_serve_kv_cache_blocks_total"), 3.0, "{page}");
+    settles_to(&s, "phi_serve_kv_cache_blocks_used", 0.0);
+
+    // Three requests at once that each grow to two or three blocks: the pool cannot hold them
+    // together, so the newest are preempted and resume; each answers what it answers alone.
+    let prompts = ["hi", "tell me a story", "why is the sky blue"];
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| s.post("/v1/chat/completions", &chat(p, 30)).json::<Value>().unwrap())
+        .collect();
+    let tokens: u64 = alone.iter().map(|b| b["usage"]["total_tokens"].as_u64().unwrap()).sum();
+    assert!(tokens > 48, "the answers must outgrow the pool together ({tokens} tokens)");
+    let base = s.base.clone();
+    let together: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            let (base, body) = (base.clone(), chat(p, 30));
+            thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                let res = client.post(format!("{base}/v1/chat/completions")).json(&body).send();
+                res.unwrap().json::<Value>().unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    for (a, t) in alone.iter().zip(&together) {
+        let (a, t) = (&a["choices"][0], &t["choices"][0]);
+        assert_eq!(a["message"]["content"], t["message"]["content"], "{t}");
+        assert_eq!(a["finish_reason"], t["finish_reason"]);
+    }
+    let page = s.get("/metrics").text().unwrap();
+    assert!(sample(&page, "phi_serve_preemptions_total") >= 1.0, "{page}");
     settles_to(&s, "phi_serve_kv_cache_blocks_used", 0.0);
 }
 
