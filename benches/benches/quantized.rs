@@ -16,6 +16,8 @@
 //!   includes these groups, a table prints the ratios side by side, and GB/s of the packed
 //!   one-row product next to the measured bandwidth.
 //! - `quantized_prefill/{format}`: a 128-token prompt through the same models (tokens/s).
+//! - `dispatch/*`: the cost of splitting one product over threads (qgemm's pool against a
+//!   spawned thread).
 //! - `memory_bandwidth/read_2_threads`: the streaming-read ceiling, in the same run and units.
 //!
 //! `cargo bench -p phi-serve-benches --bench quantized`; `cargo test --benches` runs each
@@ -191,6 +193,29 @@ fn prompt_matmul(c: &mut Criterion, plan: &Plan) {
     g.finish();
 }
 
+/// What splitting one product across threads costs: a one-row product small enough that the
+/// dispatch dominates (`[64, 3072]` Q4_0), on 1 and 2 threads of qgemm's persistent pool,
+/// next to spawning and joining one scoped thread (what each product paid before the pool).
+fn dispatch(c: &mut Criterion) {
+    let w = Tensor::randn(0f32, 0.02, (64, 3072), &Device::Cpu).expect("weights");
+    let q = QTensor::quantize(&w, GgmlDType::Q4_0).expect("quantize");
+    if !phi_engine::qgemm::supported(GgmlDType::Q4_0) {
+        return;
+    }
+    let packed = PackedWeights::new(GgmlDType::Q4_0, &q.data().expect("blocks"), 64, 3072);
+    let xs = vec![0.5f32; 3072];
+    let mut g = group(c, "dispatch", 3);
+    for threads in [1, 2] {
+        g.bench_function(format!("packed_64x3072/threads_{threads}"), |b| {
+            b.iter(|| black_box(packed.matmul(&xs, 1, threads)))
+        });
+    }
+    g.bench_function("spawn_scoped_thread", |b| {
+        b.iter(|| std::thread::scope(|s| black_box(s.spawn(|| black_box(1)).join())))
+    });
+    g.finish();
+}
+
 fn models(c: &mut Criterion, plan: &Plan) {
     let dir = ensure_bench_model(&plan.spec).expect("bench model");
     let files = ModelSource::parse(dir.to_str().expect("utf-8"), None)
@@ -326,6 +351,18 @@ fn summary(plan: &Plan, since: std::time::SystemTime) {
             lines.push(line);
         }
     }
+    let d = |id: &str| mean_ns("dispatch", id, since);
+    if let (Some(t1), Some(t2), Some(sp)) =
+        (d("packed_64x3072/threads_1"), d("packed_64x3072/threads_2"), d("spawn_scoped_thread"))
+    {
+        lines.push(format!(
+            "dispatch: [64, 3072] Q4_0 one row {:.1} us on 1 thread, {:.1} us on 2 (pool); \
+             spawning one thread {:.1} us",
+            t1 / 1e3,
+            t2 / 1e3,
+            sp / 1e3
+        ));
+    }
     if !lines.is_empty() {
         println!("\nside by side (this run):");
         for l in lines {
@@ -343,6 +380,7 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     qmatvec(&mut c, &plan);
     prompt_matmul(&mut c, &plan);
+    dispatch(&mut c);
     models(&mut c, &plan);
     memory_bandwidth(&mut c, &plan);
     c.final_summary();
