@@ -2,16 +2,22 @@
 //! bandwidth, which bounds both.
 //!
 //! - `qmatvec/{format}`: one row times a Phi-3-mini `gate_up_proj`-shaped matrix
-//!   (`[16384, 3072]`), what a decode step does per matrix. The weights of one iteration are
-//!   spread over copies totalling more than 1 GB, so no cache holds them; throughput is the
-//!   bytes of blocks read (GB/s).
+//!   (`[16384, 3072]`), what a decode step does per matrix, through candle's kernels. The
+//!   weights of one iteration are spread over copies totalling more than 1 GB, so no cache
+//!   holds them; throughput is the bytes of blocks read (GB/s).
+//! - `qmatvec/{q4_0,q8_0}/packed`: the same through `phi_engine::qgemm`'s repacked weights, the
+//!   path the engine takes for those formats (compare with `memory_bandwidth`).
 //! - `quantized_decode/{format}`: one decode token of the 438M-parameter bench model (context
 //!   128), quantized at load as `--quantize` does; throughput is the bytes of weights a step
 //!   reads (GB/s).
-//! - `prompt_matmul/{format}/rows_{1,4,128}/{candle,tiled}`: rows through that matrix (a
+//! - `prompt_matmul/{format}/rows_{1,4,128}/{candle,packed}`: rows through that matrix (a
 //!   decode step, a small batch, a prompt chunk), candle's product against
-//!   `phi_engine::qgemm`'s tiled kernel (rows/s).
+//!   `phi_engine::qgemm`'s kernel over repacked weights (rows/s). At the end of a run that
+//!   includes these groups, a table prints the ratios side by side, and GB/s of the packed
+//!   one-row product next to the measured bandwidth.
 //! - `quantized_prefill/{format}`: a 128-token prompt through the same models (tokens/s).
+//! - `dispatch/*`: the cost of splitting one product over threads (qgemm's pool against a
+//!   spawned thread).
 //! - `memory_bandwidth/read_2_threads`: the streaming-read ceiling, in the same run and units.
 //!
 //! `cargo bench -p phi-serve-benches --bench quantized`; `cargo test --benches` runs each
@@ -26,6 +32,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use phi_engine::checkpoint::ModelSource;
 use phi_engine::phi3::{BatchItem, Phi3};
+use phi_engine::qgemm::PackedWeights;
 use phi_engine::quantize::QuantScheme;
 use phi_serve_benches::{ensure_bench_model, parallel_sum, prompt_tokens, BenchModelSpec};
 
@@ -136,12 +143,28 @@ fn qmatvec(c: &mut Criterion, plan: &Plan) {
                 }
             })
         });
+        drop(quant);
+        if phi_engine::qgemm::supported(d) {
+            let blocks = q.data().expect("blocks");
+            let copies = plan.spread_bytes.div_ceil(blocks.len()).max(1);
+            let packed: Vec<PackedWeights> =
+                (0..copies).map(|_| PackedWeights::new(d, &blocks, plan.rows, plan.cols)).collect();
+            let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("row");
+            let threads = candle_core::utils::get_num_threads();
+            let name = format!("{format}/packed");
+            g.bench_function(&name, |b| {
+                b.iter(|| {
+                    i += 1;
+                    black_box(packed[i % packed.len()].matmul(&xs, 1, threads))
+                })
+            });
+        }
     }
     g.finish();
 }
 
-/// A 128-row prompt chunk through one matrix: candle's quantized product against the tiled
-/// kernel of `phi_engine::qgemm`, on the same blocks (throughput: prompt rows per second).
+/// 1, 4 and 128 rows through one matrix: candle's quantized product against
+/// `phi_engine::qgemm` over the same blocks repacked (throughput: rows per second).
 fn prompt_matmul(c: &mut Criterion, plan: &Plan) {
     let big = if plan.rows > 1024 { 128 } else { 8 };
     let w = Tensor::randn(0f32, 0.02, (plan.rows, plan.cols), &Device::Cpu).expect("weights");
@@ -159,17 +182,37 @@ fn prompt_matmul(c: &mut Criterion, plan: &Plan) {
                 b.iter(|| black_box(mm.forward(&x).expect("qmatmul")))
             });
             if phi_engine::qgemm::supported(d) {
-                let data = q.data().expect("blocks");
-                g.bench_function(format!("{format}/rows_{m}/tiled"), |b| {
-                    b.iter(|| {
-                        black_box(phi_engine::qgemm::matmul(
-                            d, &data, plan.rows, plan.cols, &xs, m, threads,
-                        ))
-                    })
+                let packed =
+                    PackedWeights::new(d, &q.data().expect("blocks"), plan.rows, plan.cols);
+                g.bench_function(format!("{format}/rows_{m}/packed"), |b| {
+                    b.iter(|| black_box(packed.matmul(&xs, m, threads)))
                 });
             }
         }
     }
+    g.finish();
+}
+
+/// What splitting one product across threads costs: a one-row product small enough that the
+/// dispatch dominates (`[64, 3072]` Q4_0), on 1 and 2 threads of qgemm's persistent pool,
+/// next to spawning and joining one scoped thread (what each product paid before the pool).
+fn dispatch(c: &mut Criterion) {
+    let w = Tensor::randn(0f32, 0.02, (64, 3072), &Device::Cpu).expect("weights");
+    let q = QTensor::quantize(&w, GgmlDType::Q4_0).expect("quantize");
+    if !phi_engine::qgemm::supported(GgmlDType::Q4_0) {
+        return;
+    }
+    let packed = PackedWeights::new(GgmlDType::Q4_0, &q.data().expect("blocks"), 64, 3072);
+    let xs = vec![0.5f32; 3072];
+    let mut g = group(c, "dispatch", 3);
+    for threads in [1, 2] {
+        g.bench_function(format!("packed_64x3072/threads_{threads}"), |b| {
+            b.iter(|| black_box(packed.matmul(&xs, 1, threads)))
+        });
+    }
+    g.bench_function("spawn_scoped_thread", |b| {
+        b.iter(|| std::thread::scope(|s| black_box(s.spawn(|| black_box(1)).join())))
+    });
     g.finish();
 }
 
@@ -256,7 +299,80 @@ fn memory_bandwidth(c: &mut Criterion, plan: &Plan) {
     g.finish();
 }
 
+/// Criterion's mean time (ns) of `group/id` from this run (estimates written since `since`).
+fn mean_ns(group: &str, id: &str, since: std::time::SystemTime) -> Option<f64> {
+    let home = std::env::var_os("CRITERION_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR").map(|t| std::path::Path::new(&t).join("criterion"))
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("target/criterion"));
+    let file = home.join(group).join(id.replace('/', "_")).join("new/estimates.json");
+    if std::fs::metadata(&file).and_then(|m| m.modified()).ok()? < since {
+        return None;
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+/// The figures of this run side by side: candle against the packed kernel per row count, and
+/// the packed one-row product's read rate against the bandwidth.
+fn summary(plan: &Plan, since: std::time::SystemTime) {
+    let mut lines = Vec::new();
+    for format in ["q4_0", "q8_0"] {
+        for m in [1, 4, 128] {
+            let t =
+                |kind: &str| mean_ns("prompt_matmul", &format!("{format}/rows_{m}/{kind}"), since);
+            if let (Some(c), Some(p)) = (t("candle"), t("packed")) {
+                lines.push(format!(
+                    "prompt_matmul {format} rows {m:>3}: candle {:>9.3} ms, packed {:>9.3} ms, {:.2}x",
+                    c / 1e6,
+                    p / 1e6,
+                    c / p
+                ));
+            }
+        }
+    }
+    let bw = mean_ns("memory_bandwidth", "read_2_threads", since)
+        .map(|ns| plan.bandwidth_bytes as f64 / ns);
+    for format in ["q4_0", "q8_0"] {
+        let d = ggml(format);
+        let bytes = (plan.rows * plan.cols / d.block_size() * d.type_size()) as f64;
+        let rate = |id: &str| mean_ns("qmatvec", id, since).map(|ns| bytes / ns);
+        if let Some(p) = rate(&format!("{format}/packed")) {
+            let mut line = format!("qmatvec {format}: packed {p:.1} GB/s");
+            if let Some(c) = rate(format) {
+                line += &format!(", candle {c:.1} GB/s ({:.2}x)", p / c);
+            }
+            if let Some(bw) = bw {
+                line += &format!(", {:.0}% of the {bw:.1} GB/s read bandwidth", 100.0 * p / bw);
+            }
+            lines.push(line);
+        }
+    }
+    let d = |id: &str| mean_ns("dispatch", id, since);
+    if let (Some(t1), Some(t2), Some(sp)) =
+        (d("packed_64x3072/threads_1"), d("packed_64x3072/threads_2"), d("spawn_scoped_thread"))
+    {
+        lines.push(format!(
+            "dispatch: [64, 3072] Q4_0 one row {:.1} us on 1 thread, {:.1} us on 2 (pool); \
+             spawning one thread {:.1} us",
+            t1 / 1e3,
+            t2 / 1e3,
+            sp / 1e3
+        ));
+    }
+    if !lines.is_empty() {
+        println!("\nside by side (this run):");
+        for l in lines {
+            println!("  {l}");
+        }
+    }
+}
+
 fn main() {
+    let since = std::time::SystemTime::now();
     let args: Vec<String> = std::env::args().collect();
     let has = |flag: &str| args.iter().any(|a| a == flag);
     let full = has("--bench") && !has("--test") && !has("--list");
@@ -264,7 +380,9 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     qmatvec(&mut c, &plan);
     prompt_matmul(&mut c, &plan);
+    dispatch(&mut c);
     models(&mut c, &plan);
     memory_bandwidth(&mut c, &plan);
     c.final_summary();
+    summary(&plan, since);
 }

@@ -14,6 +14,7 @@ pub mod phi3;
 pub mod prefix_cache;
 pub mod projection;
 pub mod qgemm;
+mod qgemm_pool;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;

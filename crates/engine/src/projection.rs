@@ -14,25 +14,24 @@ use candle_nn::Linear;
 use crate::error::Result;
 use crate::qgemm;
 
-/// Rows of activations from which [`qgemm`]'s tiled kernel beats candle's dot products: from
-/// one (`cargo bench --bench quantized -- prompt_matmul`: at one row 2.0x for Q4_0 and 1.25x for
-/// Q8_0 on a Phi-3-mini `gate_up` matrix, at 128 rows 4.2x and 3.6x).
-const QGEMM_MIN_ROWS: usize = 1;
-
 /// A weight matrix `[out, in]` applied as `x @ W^T`.
 #[derive(Debug, Clone)]
 pub enum Projection {
     /// A dense matrix in the activation dtype.
     Dense(Linear),
-    /// Block-quantized weights (Q4_0, Q8_0, Q4_K, ...).
+    /// Block-quantized weights (Q4_K, Q6_K, ...; Q4_0 and Q8_0 where [`qgemm`] cannot run),
+    /// multiplied by candle's kernels.
     Quantized {
         /// The multiplication kernel over the blocks.
         matmul: QMatMul,
-        /// The blocks themselves, for the prompt-sized kernels of [`crate::qgemm`].
-        weight: Arc<QTensor>,
         /// The block format, reported in logs and `/info`-style summaries.
         dtype: GgmlDType,
     },
+    /// Q4_0 or Q8_0 weights repacked for [`qgemm`]'s kernels (CPU with AVX2), for every number
+    /// of rows: the GGUF blocks are dropped once repacked, so the weights are held once
+    /// (`cargo bench --bench quantized -- prompt_matmul`: against candle on a Phi-3-mini
+    /// `gate_up` matrix, see benches/README.md).
+    Packed(Arc<qgemm::PackedWeights>),
 }
 
 impl Projection {
@@ -41,34 +40,36 @@ impl Projection {
         Self::Dense(Linear::new(weight, None))
     }
 
-    /// A quantized projection sharing `weight` (the tied embedding and `lm_head` use one copy).
+    /// A quantized projection over `weight`.
+    ///
+    /// Q4_0 and Q8_0 blocks on the CPU are repacked for [`qgemm`] when `weight` is not shared;
+    /// a shared one (the tied embedding and `lm_head`, one copy for both) stays as it is, with
+    /// candle's kernels, rather than be held twice.
     pub fn quantized(weight: Arc<QTensor>) -> Result<Self> {
         let dtype = weight.dtype();
-        Ok(Self::Quantized { matmul: QMatMul::from_arc(weight.clone())?, weight, dtype })
+        let weight = if qgemm::supported(dtype) && weight.device().is_cpu() {
+            match Arc::try_unwrap(weight) {
+                Ok(q) => {
+                    let (n, k) = q.shape().dims2()?;
+                    let packed = qgemm::PackedWeights::new(dtype, &q.data()?, n, k);
+                    return Ok(Self::Packed(Arc::new(packed)));
+                }
+                Err(shared) => shared,
+            }
+        } else {
+            weight
+        };
+        Ok(Self::Quantized { matmul: QMatMul::from_arc(weight)?, dtype })
     }
 
-    /// `x @ W^T` for `x` of shape `[rows, in]`, in `x`'s dtype.
+    /// `x @ W^T` for `x` of shape `[.., in]`, in `x`'s dtype.
     ///
     /// Quantized kernels take float32, float16 or bfloat16 rows on the CPU and float32 on GPUs;
     /// other inputs are converted there and back.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(linear) => Ok(linear.forward(x)?),
-            Self::Quantized { matmul, weight, dtype } => {
-                let rows = x.dims().first().copied().unwrap_or(1);
-                if rows >= QGEMM_MIN_ROWS
-                    && x.rank() == 2
-                    && x.device().is_cpu()
-                    && x.dtype() == DType::F32
-                    && qgemm::supported(*dtype)
-                {
-                    let (m, k) = x.dims2()?;
-                    let n = weight.shape().dims()[0];
-                    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                    let threads = candle_core::utils::get_num_threads();
-                    let out = qgemm::matmul(*dtype, &weight.data()?, n, k, &xs, m, threads);
-                    return Ok(Tensor::from_vec(out, (m, n), x.device())?);
-                }
+            Self::Quantized { matmul, .. } => {
                 let native = x.device().is_cpu() || x.dtype() == DType::F32;
                 if native {
                     Ok(matmul.forward(&x.contiguous()?)?)
@@ -76,6 +77,20 @@ impl Projection {
                     let y = matmul.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
                     Ok(y.to_dtype(x.dtype())?)
                 }
+            }
+            Self::Packed(w) => {
+                let mut shape = x.dims().to_vec();
+                let k = shape.last().copied().unwrap_or(0);
+                if k != w.cols() {
+                    let msg = format!("x has {k} columns, the weights {}", w.cols());
+                    return Err(candle_core::Error::Msg(msg).into());
+                }
+                let m = x.elem_count() / k.max(1);
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let threads = candle_core::utils::get_num_threads();
+                let out = w.matmul(&xs, m, threads);
+                *shape.last_mut().expect("rank >= 1") = w.rows();
+                Ok(Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())?)
             }
         }
     }
@@ -85,6 +100,7 @@ impl Projection {
         match self {
             Self::Dense(_) => None,
             Self::Quantized { dtype, .. } => Some(*dtype),
+            Self::Packed(w) => Some(w.dtype()),
         }
     }
 }
