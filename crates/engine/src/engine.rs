@@ -236,7 +236,7 @@ impl Sequence {
     }
 
     /// Most tokens this sequence's cache can hold: its prompt plus its most new tokens, rounded
-    /// up to 16 (what a scheduler reserves for it).
+    /// up to 16 (what must fit the KV pool for it to run alone).
     pub fn max_cache_tokens(&self) -> usize {
         (self.prompt_len + self.max_new).next_multiple_of(16)
     }

@@ -166,7 +166,7 @@ pub enum SubmitError {
     /// The request's sequences could grow to `needed` KV-cache tokens, more than the whole
     /// pool of `budget` (answer 400: fewer `max_tokens` or choices would fit).
     TooLarge {
-        /// Tokens the request reserves.
+        /// Tokens the request may grow to, all its choices together.
         needed: usize,
         /// The worker's whole budget.
         budget: usize,
