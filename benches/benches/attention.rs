@@ -1,11 +1,12 @@
 //! Decode attention over the paged KV cache: the CPU kernel that reads keys and values in place
 //! from the pool's blocks (`phi_engine::paged_attention`), against the general path that gathers
 //! them into contiguous tensors and runs candle's matmul / softmax / matmul (what prompt chunks
-//! and non-f32 caches do), on one layer of Phi-3-mini's shape (32 heads, head_dim 96).
+//! and the GPU do), on one layer of Phi-3-mini's shape (32 heads, head_dim 96).
 //!
-//! - `decode_attention/ctx_{256,1024,4000}/batch_{1,16}/{paged,gather}`: one new query per
-//!   sequence against `ctx` cached positions; throughput is the bytes of keys and values that
-//!   attention has to read (GB/s), so both are comparable with `memory_bandwidth`.
+//! - `decode_attention/ctx_{256,1024,4000}/batch_{1,16}/{f32,f16}/{paged,gather}`: one new query
+//!   per sequence against `ctx` cached positions, the cache in `f32` or `f16` (gather only for
+//!   `f32`); throughput is the bytes of keys and values that attention has to read (GB/s), so
+//!   the figures are comparable with `memory_bandwidth`.
 //!
 //! `cargo bench -p phi-serve-benches --bench attention`; `cargo test --benches` runs each
 //! routine once on small shapes.
@@ -46,7 +47,7 @@ fn gather_attention(caches: &[SequenceCache], queries: &[Tensor], scale: f64) ->
         .iter()
         .zip(queries)
         .map(|(c, q)| {
-            let (k, v) = c.gather(0, 0, c.len()).unwrap();
+            let (k, v) = c.gather(0, 0, c.len(), DType::F32).unwrap();
             let s = (q.matmul(&k.transpose(1, 2).unwrap()).unwrap() * scale).unwrap();
             let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
             p.matmul(&v).unwrap()
@@ -66,61 +67,56 @@ fn main() {
         Heads { n_heads: HEADS, n_kv_heads: HEADS, head_dim: HEAD_DIM, scale: scale as f32 };
     for &ctx in contexts {
         for &batch in batches {
-            let geometry = PoolGeometry {
-                num_layers: 1,
-                n_kv_heads: HEADS,
-                head_dim: HEAD_DIM,
-                dtype: DType::F32,
-            };
-            let pool = KvPool::new(geometry, batch * (ctx + 16), 0, &Device::Cpu).unwrap();
-            let caches = caches(&pool, batch, ctx);
-            let q: Vec<Vec<f32>> = (0..batch)
-                .map(|_| {
-                    Tensor::randn(0f32, 1.0, HEADS * HEAD_DIM, &Device::Cpu)
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                })
-                .collect();
-            let q_tensors: Vec<Tensor> = q
-                .iter()
-                .map(|q| Tensor::from_vec(q.clone(), (HEADS, 1, HEAD_DIM), &Device::Cpu).unwrap())
-                .collect();
-            let mut g = c.benchmark_group(format!("decode_attention/ctx_{ctx}/batch_{batch}"));
-            g.sampling_mode(SamplingMode::Flat)
-                .sample_size(10)
-                .warm_up_time(Duration::from_millis(300))
-                .measurement_time(Duration::from_secs(2));
-            let bytes = (batch * ctx * 2 * HEADS * HEAD_DIM * 4) as u64;
-            g.throughput(Throughput::BytesDecimal(bytes));
-            let (pk, pv) = pool.layer(0);
-            g.bench_function("paged", |b| {
-                b.iter(|| {
-                    let queries: Vec<DecodeQuery> = caches
-                        .iter()
-                        .zip(&q)
-                        .map(|(c, q)| DecodeQuery { q: q.clone(), slots: c.slots(0, c.len()) })
-                        .collect();
-                    black_box(decode_attention(pk, pv, &queries, heads).unwrap())
-                })
-            });
-            g.bench_function("gather", |b| {
-                b.iter(|| black_box(gather_attention(&caches, &q_tensors, scale)))
-            });
-            g.finish();
-            // Both paths give the same attention.
-            let queries: Vec<DecodeQuery> = caches
-                .iter()
-                .zip(&q)
-                .map(|(c, q)| DecodeQuery { q: q.clone(), slots: c.slots(0, c.len()) })
-                .collect();
-            let paged = decode_attention(pk, pv, &queries, heads).unwrap();
-            for (p, g) in paged.iter().zip(gather_attention(&caches, &q_tensors, scale)) {
-                let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-                let diff = p.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-4, "paged and gathered attention differ by {diff}");
+            for dtype in [DType::F32, DType::F16] {
+                bench_one(&mut c, ctx, batch, dtype, heads, scale);
             }
         }
     }
     c.final_summary();
+}
+
+fn bench_one(c: &mut Criterion, ctx: usize, batch: usize, dtype: DType, heads: Heads, scale: f64) {
+    let geometry = PoolGeometry { num_layers: 1, n_kv_heads: HEADS, head_dim: HEAD_DIM, dtype };
+    let pool = KvPool::new(geometry, batch * (ctx + 16), 0, &Device::Cpu).unwrap();
+    let caches = caches(&pool, batch, ctx);
+    let q: Vec<Vec<f32>> = (0..batch)
+        .map(|_| Tensor::randn(0f32, 1.0, HEADS * HEAD_DIM, &Device::Cpu).unwrap().to_vec1())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let q_tensors: Vec<Tensor> = q
+        .iter()
+        .map(|q| Tensor::from_vec(q.clone(), (HEADS, 1, HEAD_DIM), &Device::Cpu).unwrap())
+        .collect();
+    let name = if dtype == DType::F32 { "f32" } else { "f16" };
+    let mut g = c.benchmark_group(format!("decode_attention/ctx_{ctx}/batch_{batch}/{name}"));
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let bytes = (batch * ctx * 2 * HEADS * HEAD_DIM * dtype.size_in_bytes()) as u64;
+    g.throughput(Throughput::BytesDecimal(bytes));
+    let (pk, pv) = pool.layer(0);
+    let queries = || -> Vec<DecodeQuery> {
+        caches
+            .iter()
+            .zip(&q)
+            .map(|(c, q)| DecodeQuery { q: q.clone(), slots: c.slots(0, c.len()) })
+            .collect()
+    };
+    g.bench_function("paged", |b| {
+        b.iter(|| black_box(decode_attention(pk, pv, &queries(), heads).unwrap()))
+    });
+    if dtype == DType::F32 {
+        g.bench_function("gather", |b| {
+            b.iter(|| black_box(gather_attention(&caches, &q_tensors, scale)))
+        });
+    }
+    g.finish();
+    // Both paths give the same attention over the same cached values.
+    let paged = decode_attention(pk, pv, &queries(), heads).unwrap();
+    for (p, g) in paged.iter().zip(gather_attention(&caches, &q_tensors, scale)) {
+        let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let diff = p.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "paged and gathered attention differ by {diff}");
+    }
 }

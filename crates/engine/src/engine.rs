@@ -51,6 +51,10 @@ pub struct LoadOptions {
     /// Quantize a safetensors checkpoint's matrices to this GGUF block format as they load
     /// (`--quantize q8_0`, ...); `None` keeps them dense.
     pub quantize: Option<QuantScheme>,
+    /// Element type of the KV cache; `None` for the default: `f16` on the CPU when the
+    /// matrices are block-quantized (as llama.cpp caches; the cache is then a large share of
+    /// what a decode step reads), otherwise the activation dtype, as the reference caches.
+    pub kv_cache_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -64,6 +68,7 @@ impl Default for LoadOptions {
             prefix_cache_bytes: 0,
             kv_cache_tokens: None,
             quantize: None,
+            kv_cache_dtype: None,
         }
     }
 }
@@ -342,6 +347,15 @@ impl Engine {
         let template = ChatTemplate::from_tokenizer(&tokenizer, opts.system_role)?;
         model.set_long_rope_policy(opts.long_rope);
         model.set_prefix_cache_bytes(opts.prefix_cache_bytes);
+        let quantized_on_cpu = opts.device.is_cpu() && model.quantization().is_some();
+        let kv_dtype = match opts.kv_cache_dtype {
+            Some(dtype) => Some(dtype),
+            None if quantized_on_cpu && opts.dtype == DType::F32 => Some(DType::F16),
+            None => None,
+        };
+        if let Some(dtype) = kv_dtype {
+            model.set_kv_cache_dtype(dtype)?;
+        }
         if let Some(tokens) = opts.kv_cache_tokens {
             model.set_kv_pool_tokens(tokens)?;
         }
@@ -377,6 +391,7 @@ impl Engine {
             origin = %files.origin,
             params = cfg.num_parameters(),
             dtype = ?opts.dtype,
+            kv_cache_dtype = ?model.kv_geometry().dtype,
             quantization = model.quantization().map(crate::quantize::dtype_name).unwrap_or("none"),
             system_role = template.resolved_system_role().as_str(),
             "model loaded"

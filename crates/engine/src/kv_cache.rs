@@ -7,10 +7,11 @@
 //! ([`SequenceCache::share`]) takes hold of its blocks without copying; the one block that
 //! either side then writes into is copied first if someone else still holds it.
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
-use crate::kv_pool::{BlockId, KvPool, BLOCK_SIZE};
+use crate::kv_pool::{zeroed, BlockId, KvPool, BLOCK_SIZE};
+use crate::kv_rows::{GatherSlots, SlotRows, WriteSlots};
 use crate::rope::RopeFactors;
 
 /// The cache of one sequence across all layers. Not `Clone`: two holders of a table would both
@@ -157,8 +158,9 @@ impl SequenceCache {
     }
 
     /// Writes the keys and values of positions `len..len + n` of `layer` (`k`, `v`: `[n,
-    /// n_kv_heads, head_dim]`, contiguous) into their blocks, which [`Self::reserve`] made room
-    /// for. Call [`Self::advance`] once all layers have written.
+    /// n_kv_heads, head_dim]`, contiguous, in any of the cache's element types) into their
+    /// blocks, which [`Self::reserve`] made room for. Call [`Self::advance`] once all layers
+    /// have written.
     pub fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let n = k.dim(0)?;
         let end = self.len + n;
@@ -168,31 +170,80 @@ impl SequenceCache {
             )));
         }
         let (pk, pv) = self.pool.layer(layer);
+        let (nkv, hd) = (self.pool.n_kv_heads(), self.pool.head_dim());
+        if pk.device().is_cpu() {
+            let slots = self.slots(self.len, end);
+            let op = WriteSlots(SlotRows { slots: &slots, n_kv_heads: nkv, head_dim: hd });
+            pk.inplace_op2(&k.contiguous()?, &op)?;
+            pv.inplace_op2(&v.contiguous()?, &op)?;
+            return Ok(());
+        }
+        self.write_by_runs(pk, pv, k, v)
+    }
+
+    /// [`Self::write`] with candle's own copies (the GPU's way; on the CPU only in tests): one
+    /// per run of positions within a block, each head's rows of the run together.
+    fn write_by_runs(&self, pk: &Tensor, pv: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let end = self.len + k.dim(0)?;
+        let (k, v) = (k.to_dtype(pk.dtype())?, v.to_dtype(pv.dtype())?);
         let mut p = self.len;
         while p < end {
             let run = (BLOCK_SIZE - p % BLOCK_SIZE).min(end - p);
-            let slot = self.blocks[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE;
+            let block = self.blocks[p / BLOCK_SIZE] as usize;
             let rows = p - self.len;
-            pk.slice_set(&k.narrow(0, rows, run)?, 0, slot)?;
-            pv.slice_set(&v.narrow(0, rows, run)?, 0, slot)?;
+            for (pool, src) in [(pk, &k), (pv, &v)] {
+                let src = src.narrow(0, rows, run)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+                pool.narrow(0, block, 1)?.slice_set(&src, 2, p % BLOCK_SIZE)?;
+            }
             p += run;
         }
         Ok(())
     }
 
     /// The keys and values of positions `first..end` of `layer` as contiguous `[n_kv_heads,
-    /// end - first, head_dim]` tensors (copies gathered from the blocks).
-    pub fn gather(&self, layer: usize, first: usize, end: usize) -> Result<(Tensor, Tensor)> {
+    /// end - first, head_dim]` tensors of `dtype` (copies gathered from the blocks).
+    pub fn gather(
+        &self,
+        layer: usize,
+        first: usize,
+        end: usize,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         let (pk, pv) = self.pool.layer(layer);
-        let slots = self.slots(first, end);
+        let (nkv, hd) = (self.pool.n_kv_heads(), self.pool.head_dim());
         if pk.device().is_cpu() {
-            let (nkv, hd) = (self.pool.n_kv_heads(), self.pool.head_dim());
-            return Ok((gather_cpu(pk, &slots, nkv, hd)?, gather_cpu(pv, &slots, nkv, hd)?));
+            let slots = self.slots(first, end);
+            let op = GatherSlots(SlotRows { slots: &slots, n_kv_heads: nkv, head_dim: hd });
+            let gather = |pool: &Tensor| -> Result<Tensor> {
+                let out = zeroed((nkv, slots.len(), hd), dtype, pk.device())?;
+                out.inplace_op2(pool, &op)?;
+                Ok(out)
+            };
+            return Ok((gather(pk)?, gather(pv)?));
         }
-        let n = slots.len();
-        let ids = Tensor::from_vec(slots, n, pk.device())?;
-        let gather = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?)
+        self.gather_by_blocks(pk, pv, first, end, dtype)
+    }
+
+    /// [`Self::gather`] with candle's own ops (the GPU's way; on the CPU only in tests): the
+    /// whole blocks the range touches, heads first, then the range's part of them.
+    fn gather_by_blocks(
+        &self,
+        pk: &Tensor,
+        pv: &Tensor,
+        first: usize,
+        end: usize,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let (nkv, hd) = (self.pool.n_kv_heads(), self.pool.head_dim());
+        let (b0, b1) = (first / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
+        let ids = Tensor::new(&self.blocks[b0..b1], pk.device())?;
+        let gather = |pool: &Tensor| -> Result<Tensor> {
+            let blocks = pool.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?;
+            let rows = blocks.reshape((nkv, (b1 - b0) * BLOCK_SIZE, hd))?;
+            Ok(rows
+                .narrow(1, first - b0 * BLOCK_SIZE, end - first)?
+                .contiguous()?
+                .to_dtype(dtype)?)
         };
         Ok((gather(pk)?, gather(pv)?))
     }
@@ -228,49 +279,13 @@ impl SequenceCache {
         self.len += n_new;
     }
 
-    /// Whether the cache lives on the CPU in `f32` (what the paged decode kernel reads).
-    pub fn is_cpu_f32(&self) -> bool {
+    /// Whether the cache lives on the CPU in a type the paged decode kernel reads (`f32`,
+    /// `f16` or `bf16`).
+    pub fn is_paged_on_cpu(&self) -> bool {
         let (k, _) = self.pool.layer(0);
-        matches!(k.device(), Device::Cpu) && k.dtype() == DType::F32
+        matches!(k.device(), Device::Cpu)
+            && matches!(k.dtype(), DType::F32 | DType::F16 | DType::BF16)
     }
-}
-
-/// [`SequenceCache::gather`] on the CPU: one pass that copies each slot's head rows straight
-/// into their `[n_kv_heads, slots, head_dim]` places (candle's `index_select` and transposing
-/// copy take several times as long).
-fn gather_cpu(pool: &Tensor, slots: &[u32], nkv: usize, hd: usize) -> Result<Tensor> {
-    fn rows<T: Copy + Default>(src: &[T], slots: &[u32], nkv: usize, hd: usize) -> Vec<T> {
-        let n = slots.len();
-        let mut out = vec![T::default(); nkv * n * hd];
-        for (j, &s) in slots.iter().enumerate() {
-            let row = &src[s as usize * nkv * hd..(s as usize + 1) * nkv * hd];
-            for h in 0..nkv {
-                out[(h * n + j) * hd..(h * n + j + 1) * hd]
-                    .copy_from_slice(&row[h * hd..(h + 1) * hd]);
-            }
-        }
-        out
-    }
-    let shape = (nkv, slots.len(), hd);
-    let (storage, layout) = pool.storage_and_layout();
-    let o = layout.start_offset();
-    let t = match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            Tensor::from_vec(rows(&v[o..], slots, nkv, hd), shape, &Device::Cpu)?
-        }
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            Tensor::from_vec(rows(&v[o..], slots, nkv, hd), shape, &Device::Cpu)?
-        }
-        Storage::Cpu(CpuStorage::F16(v)) => {
-            Tensor::from_vec(rows(&v[o..], slots, nkv, hd), shape, &Device::Cpu)?
-        }
-        _ => {
-            drop(storage);
-            let ids = Tensor::from_vec(slots.to_vec(), slots.len(), pool.device())?;
-            return Ok(pool.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?);
-        }
-    };
-    Ok(t)
 }
 
 #[cfg(test)]
@@ -297,7 +312,7 @@ mod tests {
     }
 
     fn keys(c: &SequenceCache) -> Vec<f32> {
-        let (k, _) = c.gather(0, 0, c.len()).unwrap();
+        let (k, _) = c.gather(0, 0, c.len(), DType::F32).unwrap();
         k.flatten_all().unwrap().to_vec1().unwrap()
     }
 
@@ -362,5 +377,64 @@ mod tests {
         drop(a);
         append(&mut b, 1);
         assert_eq!(keys(&b), expected(1));
+    }
+
+    /// A half-precision pool with several heads: rows written in `f32` come back from a gather
+    /// (as `f32`, and as `f16`) rounded to `f16`, each head's positions in order, across a
+    /// block boundary and a write that starts mid-block.
+    #[test]
+    fn a_half_precision_pool_holds_rows_per_head() {
+        let g = PoolGeometry { num_layers: 2, n_kv_heads: 3, head_dim: 4, dtype: DType::F16 };
+        let p = KvPool::new(g, 4 * BLOCK_SIZE, 0, &Device::Cpu).unwrap();
+        let mut c = SequenceCache::new(p.clone());
+        let all = Tensor::randn(0f32, 1.0, (21, 3, 4), &Device::Cpu).unwrap();
+        for (from, n) in [(0, 5), (5, 13), (18, 3)] {
+            c.reserve(from + n).unwrap();
+            let rows = all.narrow(0, from, n).unwrap();
+            c.write(1, &rows, &(&rows * 2.0).unwrap()).unwrap();
+            c.advance(n);
+        }
+        let want = all.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
+        let want = want.narrow(0, 2, 17).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+        let (k, v) = c.gather(1, 2, 19, DType::F32).unwrap();
+        assert_eq!(k.dims(), &[3, 17, 4]);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&k), flat(&want));
+        assert_eq!(flat(&v), flat(&(&want * 2.0).unwrap()));
+        let (k16, _) = c.gather(1, 2, 19, DType::F16).unwrap();
+        assert_eq!(flat(&k16.to_dtype(DType::F32).unwrap()), flat(&want));
+        let (other, _) = c.gather(0, 0, 21, DType::F32).unwrap();
+        assert_eq!(other.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    /// The GPU's write and gather (candle's copies by block run) agree with the CPU's, so the
+    /// path this machine cannot run is still checked here.
+    #[test]
+    fn the_device_path_matches_the_cpu_path() {
+        let g = PoolGeometry { num_layers: 1, n_kv_heads: 2, head_dim: 8, dtype: DType::F16 };
+        let a = KvPool::new(g, 4 * BLOCK_SIZE, 0, &Device::Cpu).unwrap();
+        let b = KvPool::new(g, 4 * BLOCK_SIZE, 0, &Device::Cpu).unwrap();
+        let (mut ca, mut cb) = (SequenceCache::new(a.clone()), SequenceCache::new(b.clone()));
+        let all = Tensor::randn(0f32, 1.0, (40, 2, 8), &Device::Cpu).unwrap();
+        for (from, n) in [(0, 7), (7, 20), (27, 1), (28, 12)] {
+            let rows = all.narrow(0, from, n).unwrap();
+            ca.reserve(from + n).unwrap();
+            cb.reserve(from + n).unwrap();
+            ca.write(0, &rows, &rows).unwrap();
+            let (pk, pv) = b.layer(0);
+            cb.write_by_runs(pk, pv, &rows, &rows).unwrap();
+            ca.advance(n);
+            cb.advance(n);
+        }
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap();
+        assert_eq!(flat(&a.layer(0).0), flat(&b.layer(0).0), "the pools hold the same");
+        let (pk, pv) = b.layer(0);
+        for (first, end) in [(0, 40), (3, 17), (16, 32), (20, 21)] {
+            let (k1, _) = ca.gather(0, first, end, DType::F32).unwrap();
+            let (k2, _) = cb.gather_by_blocks(pk, pv, first, end, DType::F32).unwrap();
+            assert_eq!(k1.dims(), k2.dims());
+            let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(f(&k1), f(&k2), "positions {first}..{end}");
+        }
     }
 }

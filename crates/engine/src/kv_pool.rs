@@ -10,6 +10,12 @@
 //! [`crate::prefix_cache`] entries that hold a block each count once, and a holder that must
 //! write into a block someone else also holds copies it first (copy on write).
 //!
+//! A layer's buffer is `[num_blocks, n_kv_heads, BLOCK_SIZE, head_dim]`: within a block, each
+//! head's keys for the block's positions lie next to each other, so decode attention, which
+//! reads one head's keys for every position in turn, reads whole runs of memory (with the
+//! heads innermost it would jump the width of all heads between two keys, on a new page each
+//! time).
+//!
 //! On the CPU the buffers are allocated zeroed, which the OS hands out lazily, so a pool sized
 //! for the whole memory budget only takes memory as its blocks are first written; free blocks
 //! are handed out lowest id first to keep the used part compact.
@@ -17,9 +23,10 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::huge_pages::huge_pages;
 use crate::prefix_cache::PrefixCache;
 
 /// Token positions per block.
@@ -27,6 +34,14 @@ pub const BLOCK_SIZE: usize = 16;
 
 /// The index of a block in the pool.
 pub type BlockId = u32;
+
+/// Where the `head_dim` values of `head` at pool slot `slot` (`block * BLOCK_SIZE + offset`)
+/// start in a layer's buffer, in elements.
+#[inline]
+pub fn slot_offset(slot: u32, head: usize, n_kv_heads: usize, head_dim: usize) -> usize {
+    let (block, offset) = (slot as usize / BLOCK_SIZE, slot as usize % BLOCK_SIZE);
+    ((block * n_kv_heads + head) * BLOCK_SIZE + offset) * head_dim
+}
 
 /// Counters of the pool, for metrics and admission.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -213,7 +228,7 @@ impl KvPool {
             )));
         }
         let PoolGeometry { num_layers, n_kv_heads, head_dim, dtype } = geometry;
-        let shape = (num_blocks * BLOCK_SIZE, n_kv_heads, head_dim);
+        let shape = (num_blocks, n_kv_heads, BLOCK_SIZE, head_dim);
         let layers = (0..num_layers)
             .map(|_| Ok((zeroed(shape, dtype, device)?, zeroed(shape, dtype, device)?)))
             .collect::<Result<Vec<_>>>()?;
@@ -255,7 +270,7 @@ impl KvPool {
         self.0.head_dim
     }
 
-    /// Layer `layer`'s key and value buffers, `[num_blocks * BLOCK_SIZE, n_kv_heads, head_dim]`.
+    /// Layer `layer`'s key and value buffers, `[num_blocks, n_kv_heads, BLOCK_SIZE, head_dim]`.
     pub fn layer(&self, layer: usize) -> &(Tensor, Tensor) {
         &self.0.layers[layer]
     }
@@ -287,9 +302,9 @@ impl KvPool {
         for (k, v) in &self.0.layers {
             for t in [k, v] {
                 // A new tensor of just these rows (`copy` would clone the whole pool buffer).
-                let rows = t.narrow(0, from as usize * BLOCK_SIZE, slots)?;
+                let rows = t.narrow(0, from as usize, 1)?.narrow(2, 0, slots)?;
                 let src = rows.zeros_like()?.add(&rows)?;
-                t.slice_set(&src, 0, to as usize * BLOCK_SIZE)?;
+                t.narrow(0, to as usize, 1)?.slice_set(&src, 2, 0)?;
             }
         }
         Ok(())
@@ -299,19 +314,22 @@ impl KvPool {
 /// A zero-filled tensor that, on the CPU, takes memory only as it is written: the allocation
 /// is requested zeroed from the allocator (candle's own `zeros` writes the half-precision
 /// types element by element, which commits every page at once).
-fn zeroed(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
-    let n = shape.0 * shape.1 * shape.2;
+pub(crate) fn zeroed<S: Into<Shape>>(shape: S, dtype: DType, device: &Device) -> Result<Tensor> {
+    let shape: Shape = shape.into();
+    let n = shape.elem_count();
     if !device.is_cpu() {
         return Ok(Tensor::zeros(shape, dtype, device)?);
     }
     use half::vec::HalfBitsVecExt;
     let t = match dtype {
-        DType::F32 => Tensor::from_vec(vec![0f32; n], shape, device)?,
+        DType::F32 => Tensor::from_vec(huge_pages(vec![0f32; n]), shape, device)?,
         DType::BF16 => {
-            Tensor::from_vec(vec![0u16; n].reinterpret_into::<half::bf16>(), shape, device)?
+            let v = huge_pages(vec![0u16; n]);
+            Tensor::from_vec(v.reinterpret_into::<half::bf16>(), shape, device)?
         }
         DType::F16 => {
-            Tensor::from_vec(vec![0u16; n].reinterpret_into::<half::f16>(), shape, device)?
+            let v = huge_pages(vec![0u16; n]);
+            Tensor::from_vec(v.reinterpret_into::<half::f16>(), shape, device)?
         }
         other => Tensor::zeros(shape, other, device)?,
     };
@@ -364,14 +382,22 @@ mod tests {
     fn a_block_is_copied_in_every_layer() {
         let p = pool(2 * BLOCK_SIZE, 0);
         let (k, v) = p.layer(1);
-        let src =
-            Tensor::arange(0f32, 3.0 * 8.0, &Device::Cpu).unwrap().reshape((3, 2, 4)).unwrap();
+        // Block 0 filled with its element numbers; 3 of its 16 slots are copied.
+        let n = 2 * BLOCK_SIZE * 4;
+        let src = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+        let src = src.reshape((1, 2, BLOCK_SIZE, 4)).unwrap();
         k.slice_set(&src, 0, 0).unwrap();
         v.slice_set(&(&src * 2.0).unwrap(), 0, 0).unwrap();
         p.copy_block(0, 1, 3).unwrap();
-        let got = k.narrow(0, BLOCK_SIZE, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>();
-        assert_eq!(got.unwrap(), src.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let got = v.narrow(0, BLOCK_SIZE, 3).unwrap().sum_all().unwrap().to_scalar::<f32>();
-        assert_eq!(got.unwrap(), 2.0 * (0..24).sum::<i32>() as f32);
+        let slots = |t: &Tensor, b: usize| {
+            let t = t.narrow(0, b, 1).unwrap().narrow(2, 0, 3).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(slots(k, 1), slots(k, 0));
+        assert_eq!(slots(v, 1), slots(v, 0));
+        let rest = k.narrow(0, 1, 1).unwrap().narrow(2, 3, BLOCK_SIZE - 3).unwrap();
+        assert_eq!(rest.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let first = slot_offset(BLOCK_SIZE as u32 + 2, 1, 2, 4);
+        assert_eq!(first, ((2 + 1) * BLOCK_SIZE + 2) * 4, "block 1, head 1, offset 2");
     }
 }

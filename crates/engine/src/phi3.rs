@@ -104,6 +104,8 @@ pub struct Phi3 {
 struct PoolSlot {
     pool: Option<KvPool>,
     prefix_cache_bytes: usize,
+    /// Element type of pools made from now on; `None` for the activation dtype.
+    dtype: Option<DType>,
 }
 
 /// The pool size (tokens) of a model whose user set none: room for four full-context sequences
@@ -292,12 +294,31 @@ impl Phi3 {
 
     /// The shape of the keys and values this model caches.
     pub fn kv_geometry(&self) -> PoolGeometry {
+        let dtype = self.kv_pool.lock().unwrap_or_else(|e| e.into_inner()).dtype;
+        self.geometry_with(dtype)
+    }
+
+    fn geometry_with(&self, kv_dtype: Option<DType>) -> PoolGeometry {
         PoolGeometry {
             num_layers: self.cfg.num_hidden_layers,
             n_kv_heads: self.cfg.num_key_value_heads,
             head_dim: self.cfg.head_dim,
-            dtype: self.dtype,
+            dtype: kv_dtype.unwrap_or(self.dtype),
         }
+    }
+
+    /// Element type of the keys and values that pools made from now on hold: the activation
+    /// dtype (the default, what the reference caches), or a narrower one to halve the bytes
+    /// decode attention reads (`f16` for an `f32` model on the CPU). Only `f32`, `f16` and
+    /// `bf16` are cache types.
+    pub fn set_kv_cache_dtype(&self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(EngineError::InvalidRequest(format!(
+                "{dtype:?} is not a KV cache type (f32, f16 or bf16)"
+            )));
+        }
+        self.kv_pool.lock().unwrap_or_else(|e| e.into_inner()).dtype = Some(dtype);
+        Ok(())
     }
 
     /// Makes a pool of `tokens` positions the one new caches draw on (caches made before keep
@@ -306,7 +327,8 @@ impl Phi3 {
     pub fn set_kv_pool_tokens(&self, tokens: usize) -> Result<()> {
         let mut slot = self.kv_pool.lock().unwrap_or_else(|e| e.into_inner());
         slot.pool = None;
-        let pool = KvPool::new(self.kv_geometry(), tokens, slot.prefix_cache_bytes, &self.device)?;
+        let geometry = self.geometry_with(slot.dtype);
+        let pool = KvPool::new(geometry, tokens, slot.prefix_cache_bytes, &self.device)?;
         slot.pool = Some(pool);
         Ok(())
     }
@@ -323,7 +345,7 @@ impl Phi3 {
         if let Some(pool) = slot.pool.as_ref() {
             return Ok(pool.clone());
         }
-        let geometry = self.kv_geometry();
+        let geometry = self.geometry_with(slot.dtype);
         let tokens =
             default_pool_tokens(self.cfg.max_position_embeddings, geometry.bytes_per_token());
         let pool = KvPool::new(geometry, tokens, slot.prefix_cache_bytes, &self.device)?;
@@ -487,7 +509,7 @@ impl Phi3 {
             let (first_key, n_keys) = self.key_range(span);
 
             let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
-            if paged && l == 1 && mask.is_none() && item.cache.is_cpu_f32() && same_pool {
+            if paged && l == 1 && mask.is_none() && item.cache.is_paged_on_cpu() && same_pool {
                 decode_pool.get_or_insert_with(|| item.cache.pool().clone());
                 let q = q_rows.flatten_all()?.to_vec1::<f32>()?;
                 queries.push(DecodeQuery { q, slots: item.cache.slots(first_key, span.end) });
@@ -495,7 +517,7 @@ impl Phi3 {
                 outputs.push(None);
                 continue;
             }
-            let (k_all, v_all) = item.cache.gather(layer_idx, first_key, span.end)?; // [nkv, n_keys, hd]
+            let (k_all, v_all) = item.cache.gather(layer_idx, first_key, span.end, q.dtype())?; // [nkv, n_keys, hd]
 
             #[cfg(feature = "flash-attn")]
             if self.uses_flash_attn() {

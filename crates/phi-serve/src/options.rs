@@ -61,6 +61,24 @@ pub struct ModelArgs {
     /// share a core's execution units and only add contention to memory-bound decode).
     #[arg(long, env = "PHI_SERVE_THREADS")]
     pub threads: Option<usize>,
+    /// Element type of the KV cache: `auto` is f16 on the CPU for block-quantized weights
+    /// (what llama.cpp caches; it halves the bytes that attention reads per generated token)
+    /// and otherwise the activation dtype (what the reference caches).
+    #[arg(long, env = "PHI_SERVE_KV_CACHE_DTYPE", value_enum, default_value = "auto")]
+    pub kv_cache_dtype: KvDTypeArg,
+}
+
+/// `--kv-cache-dtype` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KvDTypeArg {
+    /// f16 for quantized weights on the CPU, else the activation dtype.
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
 }
 
 /// `--quantize` / `--type` values.
@@ -166,6 +184,12 @@ impl ModelArgs {
             // `serve` sizes the pool from the memory left after loading.
             kv_cache_tokens: None,
             quantize: self.quantize,
+            kv_cache_dtype: match self.kv_cache_dtype {
+                KvDTypeArg::Auto => None,
+                KvDTypeArg::F32 => Some(DType::F32),
+                KvDTypeArg::Bf16 => Some(DType::BF16),
+                KvDTypeArg::F16 => Some(DType::F16),
+            },
         };
         let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
         Ok(Engine::load(&source, &opts)?)

@@ -651,9 +651,9 @@ fn kv_cache_budget_is_logged_reported_and_enforced() {
         .into_iter()
         .map(|t| t.join().unwrap())
         .collect();
-    for (a, t) in alone.iter().zip(&together) {
-        let (a, t) = (&a["choices"][0], &t["choices"][0]);
-        assert_eq!(a["message"]["content"], t["message"]["content"], "{t}");
+    for (a, body) in alone.iter().zip(&together) {
+        let (a, t) = (&a["choices"][0], &body["choices"][0]);
+        assert_eq!(a["message"]["content"], t["message"]["content"], "{body}");
         assert_eq!(a["finish_reason"], t["finish_reason"]);
     }
     let page = s.get("/metrics").text().unwrap();
