@@ -5,8 +5,9 @@
 //!   (`[16384, 3072]`), what a decode step does per matrix, through candle's kernels. The
 //!   weights of one iteration are spread over copies totalling more than 1 GB, so no cache
 //!   holds them; throughput is the bytes of blocks read (GB/s).
-//! - `qmatvec/{q4_0,q8_0}/packed`: the same through `phi_engine::qgemm`'s repacked weights, the
-//!   path the engine takes for those formats (compare with `memory_bandwidth`).
+//! - `qmatvec/{format}/packed`: the same through `phi_engine::qgemm`'s repacked weights, the
+//!   path the engine takes for the formats it has a kernel for (compare with
+//!   `memory_bandwidth`).
 //! - `quantized_decode/{format}`: one decode token of the 438M-parameter bench model (context
 //!   128), quantized at load as `--quantize` does; throughput is the bytes of weights a step
 //!   reads (GB/s).
@@ -38,6 +39,10 @@ use phi_serve_benches::{ensure_bench_model, parallel_sum, prompt_tokens, BenchMo
 
 /// The formats measured, as `--quantize` names them (f32 is the dense baseline).
 const FORMATS: &[&str] = &["f32", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"];
+
+/// The formats `prompt_matmul` measures, candle's product against `phi_engine::qgemm`'s (where
+/// the CPU and the kernel list allow), one matrix at a time.
+const PACKED_FORMATS: &[&str] = &["q4_0", "q8_0", "q4_k", "q5_k", "q6_k"];
 
 struct Plan {
     rows: usize,
@@ -174,7 +179,7 @@ fn prompt_matmul(c: &mut Criterion, plan: &Plan) {
         let x = Tensor::randn(0f32, 1.0, (m, plan.cols), &Device::Cpu).expect("rows");
         let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("rows");
         g.throughput(Throughput::Elements(m as u64));
-        for format in ["q4_0", "q8_0"] {
+        for &format in PACKED_FORMATS {
             let d = ggml(format);
             let q = Arc::new(QTensor::quantize(&w, d).expect("quantize"));
             let mm = QMatMul::from_arc(q.clone()).expect("matmul");
@@ -320,7 +325,7 @@ fn mean_ns(group: &str, id: &str, since: std::time::SystemTime) -> Option<f64> {
 /// the packed one-row product's read rate against the bandwidth.
 fn summary(plan: &Plan, since: std::time::SystemTime) {
     let mut lines = Vec::new();
-    for format in ["q4_0", "q8_0"] {
+    for &format in PACKED_FORMATS {
         for m in [1, 4, 128] {
             let t =
                 |kind: &str| mean_ns("prompt_matmul", &format!("{format}/rows_{m}/{kind}"), since);
@@ -336,7 +341,7 @@ fn summary(plan: &Plan, since: std::time::SystemTime) {
     }
     let bw = mean_ns("memory_bandwidth", "read_2_threads", since)
         .map(|ns| plan.bandwidth_bytes as f64 / ns);
-    for format in ["q4_0", "q8_0"] {
+    for &format in PACKED_FORMATS {
         let d = ggml(format);
         let bytes = (plan.rows * plan.cols / d.block_size() * d.type_size()) as f64;
         let rate = |id: &str| mean_ns("qmatvec", id, since).map(|ns| bytes / ns);

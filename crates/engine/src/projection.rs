@@ -19,18 +19,18 @@ use crate::qgemm;
 pub enum Projection {
     /// A dense matrix in the activation dtype.
     Dense(Linear),
-    /// Block-quantized weights (Q4_K, Q6_K, ...; Q4_0 and Q8_0 where [`qgemm`] cannot run),
-    /// multiplied by candle's kernels.
+    /// Block-quantized weights in a format [`qgemm`] has no kernel for, on a device or CPU
+    /// where it cannot run, or shared (the tied embedding), multiplied by candle's kernels.
     Quantized {
         /// The multiplication kernel over the blocks.
         matmul: QMatMul,
         /// The block format, reported in logs and `/info`-style summaries.
         dtype: GgmlDType,
     },
-    /// Q4_0 or Q8_0 weights repacked for [`qgemm`]'s kernels (CPU with AVX2), for every number
-    /// of rows: the GGUF blocks are dropped once repacked, so the weights are held once
-    /// (`cargo bench --bench quantized -- prompt_matmul`: against candle on a Phi-3-mini
-    /// `gate_up` matrix, see benches/README.md).
+    /// Weights in a format of [`qgemm::supported`] (Q4_0, Q8_0, K-quants) repacked for its
+    /// kernels (CPU with AVX2), for every number of rows: the GGUF blocks are dropped once
+    /// repacked, so the weights are held once (`cargo bench --bench quantized --
+    /// prompt_matmul`: against candle on a Phi-3-mini `gate_up` matrix, see benches/README.md).
     Packed(Arc<qgemm::PackedWeights>),
 }
 
@@ -42,9 +42,9 @@ impl Projection {
 
     /// A quantized projection over `weight`.
     ///
-    /// Q4_0 and Q8_0 blocks on the CPU are repacked for [`qgemm`] when `weight` is not shared;
-    /// a shared one (the tied embedding and `lm_head`, one copy for both) stays as it is, with
-    /// candle's kernels, rather than be held twice.
+    /// Blocks [`qgemm`] has a kernel for, on the CPU, are repacked for it when `weight` is not
+    /// shared; a shared one (the tied embedding and `lm_head`, one copy for both) stays as it
+    /// is, with candle's kernels, rather than be held twice.
     pub fn quantized(weight: Arc<QTensor>) -> Result<Self> {
         let dtype = weight.dtype();
         let weight = if qgemm::supported(dtype) && weight.device().is_cpu() {

@@ -8,7 +8,8 @@
 //! the mean per-token KL divergence KL(reference || quantized) — the figure llama.cpp's
 //! `perplexity --kl-divergence` reports. It prints the table; it requires Q8_0 to agree on at
 //! least 99% of the positions, every format to stay within a KL bound about three times what
-//! it measures here, and more bits never to be worse than fewer.
+//! it measures here, and more bits never to be worse than fewer. A second test runs token by
+//! token with an `f32` and an `f16` KV cache, under the dense and the Q8_0 weights.
 
 use std::path::{Path, PathBuf};
 
@@ -112,6 +113,84 @@ fn compare(model: &Phi3, cases: &[Case]) -> Measured {
     }
     Measured { agree: agree as f64 / positions as f64, positions, kl: kl / rows as f64, rows }
 }
+
+/// [`compare`] one token at a time, as generation runs: every position after the first is a
+/// decode step, whose attention reads the cache through the paged decode kernel.
+fn compare_stepwise(model: &Phi3, cases: &[Case]) -> Measured {
+    let (mut agree, mut positions, mut kl, mut rows) = (0usize, 0usize, 0f64, 0usize);
+    for case in cases {
+        let mut cache = model.new_cache().unwrap();
+        for t in 0..case.input.len() {
+            let item = BatchItem {
+                tokens: &case.input[..=t],
+                cache: &mut cache,
+                max_new_tokens: None,
+                all_logits: false,
+            };
+            let got = model.forward(&mut [item]).unwrap().logits.to_vec2::<f32>().unwrap();
+            let row = got.last().unwrap();
+            agree += usize::from(argmax(row) == case.top[t]);
+            positions += 1;
+            if let Some(i) = case.positions.iter().position(|&p| p == t) {
+                let (lp, lq) = (log_softmax(&case.want[i]), log_softmax(row));
+                kl += lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+                rows += 1;
+            }
+        }
+    }
+    Measured { agree: agree as f64 / positions as f64, positions, kl: kl / rows as f64, rows }
+}
+
+/// The half-precision KV cache (the default for quantized weights on the CPU), run a token at
+/// a time so that decode attention reads `f16` keys and values: under the dense model it must
+/// agree with the reference as Q8_0 does, and under Q8_0 add little to Q8_0's own KL.
+#[test]
+fn a_half_precision_kv_cache_against_the_float32_reference() {
+    let cases = cases();
+    let dir = root().join("models/tiny").join(VARIANT);
+    let files = ModelSource::parse(dir.to_str().unwrap(), None).unwrap().resolve().unwrap();
+    let tmp = std::env::temp_dir().join(format!("phi-quant-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let path = tmp.join("q8_0.gguf");
+    quantize_checkpoint(&files, QuantScheme::parse("q8_0").unwrap(), &path).unwrap();
+    let dense = Phi3::from_checkpoint(&files, DType::F32, &Device::Cpu).unwrap();
+    let q8 = Phi3::from_gguf(&GgufFile::open(&path).unwrap(), DType::F32, &Device::Cpu).unwrap();
+    println!("{:<22} {:>9} {:>12}", "weights / KV cache", "argmax", "mean KL");
+    let mut measured = Vec::new();
+    for (name, model) in [("f32", &dense), ("q8_0", &q8)] {
+        for kv in [DType::F32, DType::F16] {
+            model.set_kv_cache_dtype(kv).unwrap();
+            model.set_kv_pool_tokens(4096).unwrap();
+            assert_eq!(model.kv_geometry().dtype, kv);
+            let m = compare_stepwise(model, &cases);
+            println!(
+                "{:<22} {:>8.2}% {:>12.2e}",
+                format!("{name} / {kv:?}"),
+                100.0 * m.agree,
+                m.kl
+            );
+            measured.push((name, kv, m));
+        }
+    }
+    let get =
+        |n: &str, kv: DType| &measured.iter().find(|(a, b, _)| *a == n && *b == kv).unwrap().2;
+    let exact = get("f32", DType::F32);
+    assert!(exact.agree == 1.0 && exact.kl < 1e-6, "token by token, f32 must match the reference");
+    let half = get("f32", DType::F16);
+    assert!(half.agree >= 0.99, "an f16 cache agrees on only {:.2}%", 100.0 * half.agree);
+    assert!(half.kl < HALF_KV_KL_BOUND, "an f16 cache: mean KL {:.3e}", half.kl);
+    let (q8_f32, q8_f16) = (get("q8_0", DType::F32), get("q8_0", DType::F16));
+    assert!(q8_f16.agree >= 0.99, "q8_0 with an f16 cache agrees on {:.2}%", 100.0 * q8_f16.agree);
+    assert!(
+        q8_f16.kl < q8_f32.kl + HALF_KV_KL_BOUND,
+        "q8_0 with an f16 cache: mean KL {:.3e} against {:.3e} with f32",
+        q8_f16.kl,
+        q8_f32.kl
+    );
+}
+
+/// About three times the KL divergence an `f16` cache added (1.5e-7) when this test was written.
+const HALF_KV_KL_BOUND: f64 = 5e-7;
 
 #[test]
 fn quantized_formats_against_the_float32_reference() {
