@@ -523,6 +523,36 @@ impl Worker {
         self.preempted.push_front(job);
     }
 
+    /// The lone running request ran out of KV blocks while requests that have not started hold
+    /// some: the prefix-cache blocks a request takes when it is made, before it queues. Every
+    /// waiting request (the one held for admission, those still in the channel, the preempted
+    /// ones) gives them back and waits in the preempted line, in arrival order; each looks its
+    /// prefix up again when it starts. Returns whether any block came free.
+    fn release_waiting(&mut self) -> bool {
+        let before = self.engine.kv_stats().available_blocks();
+        let mut waiting: Vec<Job> = self.held.take().into_iter().collect();
+        while let Ok(job) = self.rx.try_recv() {
+            waiting.push(job);
+        }
+        for job in waiting {
+            self.dequeued(&job);
+            self.preempted.push_back(job);
+        }
+        for job in self.preempted.iter_mut() {
+            for seq in &mut job.sequences {
+                self.engine.preempt(seq);
+            }
+        }
+        let freed = self.engine.kv_stats().available_blocks() > before;
+        if freed {
+            tracing::info!(
+                preempted = self.preempted.len(),
+                "KV cache full: waiting requests gave back their prefix-cache blocks"
+            );
+        }
+        freed
+    }
+
     /// Whether a job whose sequences need `blocks` more KV blocks fits now: the pool must
     /// also keep one block for each running sequence's next step.
     fn has_room_for(&self, blocks: usize) -> bool {
@@ -611,6 +641,7 @@ impl Worker {
                     self.preempt_newest();
                     continue;
                 }
+                Err(Some(EngineError::KvCacheFull { .. })) if self.release_waiting() => continue,
                 Err(Some(e)) => format!("the engine failed: {e}"),
                 Err(None) => "the engine panicked".to_string(),
             };
