@@ -3,7 +3,14 @@
 //! For each concurrency level it keeps that many streaming chat requests in flight (one client
 //! thread each) until the level's requests are done, and reports requests/s, output tokens/s,
 //! time to first token and inter-token latency (p50, p99). Prompts are English-like text of
-//! varying length drawn from a fixed seed, so every run sends the same requests.
+//! varying length, and each request asks for a number of tokens drawn from a range, both from a
+//! fixed seed, so every run sends the same requests.
+//!
+//! All clients start at once, so every level begins with a burst of `concurrency` prompts that
+//! queue for prefill together. Time to first token is reported over all requests and, as
+//! "steady", over the requests each client sends after its first: those arrive when an earlier
+//! one finishes, as requests to a busy endpoint do, and their TTFT p99 is the figure compared
+//! with a lone request's TTFT (`p99/lone`).
 //!
 //! ```text
 //! cargo run --release -p phi-serve-benches --bin loadgen -- \
@@ -35,12 +42,13 @@ struct Args {
     /// Concurrency levels to sweep, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     concurrency: Vec<usize>,
-    /// Requests per level (default: 2 per concurrent client, at least 4).
+    /// Requests per level (default: 3 per concurrent client, at least 4).
     #[arg(long)]
     requests: Option<usize>,
-    /// Tokens to generate per request (`max_tokens`).
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
+    /// Tokens to generate per request (`max_tokens`): one number, or the shortest and longest
+    /// of a uniform range (`32,96`).
+    #[arg(long, value_delimiter = ',', default_value = "32,96")]
+    max_tokens: Vec<usize>,
     /// Shortest and longest prompt, in words (about 1.3 tokens each).
     #[arg(long, value_delimiter = ',', default_value = "24,96")]
     prompt_words: Vec<usize>,
@@ -124,14 +132,15 @@ fn prompt(rng: &mut ChaCha8Rng, min: usize, max: usize) -> String {
 /// The results of one concurrency level.
 struct Level {
     concurrency: usize,
-    runs: Vec<StreamTimings>,
+    /// Each finished request, and whether it was its client's first.
+    runs: Vec<(StreamTimings, bool)>,
     failures: usize,
     wall: Duration,
 }
 
 impl Level {
     fn output_tokens(&self) -> u64 {
-        self.runs.iter().map(|r| r.completion_tokens.unwrap_or(r.texts as u64)).sum()
+        self.runs.iter().map(|(r, _)| r.completion_tokens.unwrap_or(r.texts as u64)).sum()
     }
 }
 
@@ -148,11 +157,13 @@ fn run_level(args: &Args, concurrency: usize, bodies: &[Value]) -> Level {
                     .timeout(Duration::from_secs(3600))
                     .build()
                     .expect("an HTTP client");
+                let mut first = true;
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(body) = bodies.get(i) else { break };
+                    let sent_first = std::mem::replace(&mut first, false);
                     match stream_chat(&client, &url, args.api_key.as_deref(), body) {
-                        Ok(t) => results.lock().unwrap().push(t),
+                        Ok(t) => results.lock().unwrap().push((t, sent_first)),
                         Err(e) => {
                             eprintln!("request {i} failed: {e:#}");
                             failures.fetch_add(1, Ordering::Relaxed);
@@ -178,19 +189,30 @@ fn main() -> Result<()> {
     if min_words == 0 || min_words > max_words {
         bail!("--prompt-words {min_words},{max_words}: need 1 <= shortest <= longest");
     }
+    let (min_out, max_out) = match args.max_tokens[..] {
+        [n] => (n, n),
+        [a, b] => (a, b),
+        _ => bail!("--max-tokens takes one number or two: shortest,longest"),
+    };
+    if min_out == 0 || min_out > max_out {
+        bail!("--max-tokens {min_out},{max_out}: need 1 <= shortest <= longest");
+    }
     let mut levels = Vec::new();
     for &c in &args.concurrency {
         if c == 0 {
             bail!("a concurrency level must be at least 1");
         }
-        let n = args.requests.unwrap_or((2 * c).max(4));
+        let n = args.requests.unwrap_or((3 * c).max(4));
         // The same seed for every level: level k's requests are a prefix of level k+1's.
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
         let bodies: Vec<Value> = (0..n)
             .map(|_| {
+                let content = prompt(&mut rng, min_words, max_words);
+                let max_tokens =
+                    min_out + (rng.next_u64() % (max_out - min_out + 1) as u64) as usize;
                 json!({"model": "phi", "stream": true, "stream_options": {"include_usage": true},
-                       "temperature": 0, "max_tokens": args.max_tokens,
-                       "messages": [{"role": "user", "content": prompt(&mut rng, min_words, max_words)}]})
+                       "temperature": 0, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": content}]})
             })
             .collect();
         eprintln!("concurrency {c}: {n} requests ...");
@@ -200,11 +222,11 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "\nload: {} , max_tokens {}, prompts of {min_words}-{max_words} words, streaming",
-        args.url, args.max_tokens
+        "\nload: {} , max_tokens {min_out}-{max_out}, prompts of {min_words}-{max_words} words, streaming",
+        args.url
     );
     println!(
-        "{:>5} {:>5} {:>4} {:>8} {:>10} {:>7} {:>10} {:>10} {:>9} {:>9} {:>10}",
+        "{:>5} {:>5} {:>4} {:>8} {:>10} {:>7} {:>10} {:>10} {:>12} {:>9} {:>9} {:>10}",
         "conc",
         "reqs",
         "fail",
@@ -213,6 +235,7 @@ fn main() -> Result<()> {
         "vs c=1",
         "ttft p50",
         "ttft p99",
+        "steady p99",
         "itl p50",
         "itl p99",
         "p99/lone"
@@ -222,14 +245,18 @@ fn main() -> Result<()> {
     for l in &levels {
         let secs = l.wall.as_secs_f64();
         let tps = l.output_tokens() as f64 / secs;
-        let mut ttft: Vec<Duration> = l.runs.iter().map(|r| r.ttft).collect();
-        let mut itl: Vec<Duration> = l.runs.iter().flat_map(|r| r.gaps.iter().copied()).collect();
+        let mut ttft: Vec<Duration> = l.runs.iter().map(|(r, _)| r.ttft).collect();
+        let mut steady: Vec<Duration> =
+            l.runs.iter().filter(|(_, first)| !first).map(|(r, _)| r.ttft).collect();
+        let mut itl: Vec<Duration> =
+            l.runs.iter().flat_map(|(r, _)| r.gaps.iter().copied()).collect();
         let (t50, t99) = (percentile_ms(&mut ttft, 50.0), percentile_ms(&mut ttft, 99.0));
+        let s99 = (!steady.is_empty()).then(|| percentile_ms(&mut steady, 99.0));
         if l.concurrency == 1 {
             lone_ttft = Some(t50);
         }
         println!(
-            "{:>5} {:>5} {:>4} {:>8.2} {:>10.1} {:>6.2}x {:>7.0} ms {:>7.0} ms {:>6.0} ms {:>6.0} ms {:>9}",
+            "{:>5} {:>5} {:>4} {:>8.2} {:>10.1} {:>6.2}x {:>7.0} ms {:>7.0} ms {:>12} {:>6.0} ms {:>6.0} ms {:>9}",
             l.concurrency,
             l.runs.len(),
             l.failures,
@@ -238,12 +265,19 @@ fn main() -> Result<()> {
             base_tps.map_or(0.0, |b| tps / b),
             t50,
             t99,
+            s99.map_or("-".to_string(), |s| format!("{s:.0} ms")),
             percentile_ms(&mut itl, 50.0),
             percentile_ms(&mut itl, 99.0),
-            lone_ttft.map_or("-".to_string(), |lone| format!("{:.2}x", t99 / lone)),
+            match (lone_ttft, s99) {
+                (Some(lone), Some(s)) => format!("{:.2}x", s / lone),
+                _ => "-".to_string(),
+            },
         );
     }
-    println!("(vs c=1: output tokens/s over the first level's; p99/lone: TTFT p99 over the c=1 TTFT p50)");
+    println!(
+        "(vs c=1: output tokens/s over the first level's; steady p99: TTFT p99 of the requests \
+         sent after each client's first; p99/lone: steady p99 over the c=1 TTFT p50)"
+    );
     if levels.iter().any(|l| l.failures > 0) {
         bail!("some requests failed");
     }
