@@ -901,8 +901,8 @@ mod tests {
     }
 
     /// Against candle's own quantized product on the same blocks: every tile shape, odd sizes.
-    /// (Candle quantizes the activations for K-quants in blocks of 256, this kernel in blocks
-    /// of 32, hence a tolerance in the activations' rounding.)
+    /// (Candle quantizes the activations for K-quants, and on VNNI CPUs for Q8_0, in blocks of
+    /// 256, this kernel in blocks of 32, hence a tolerance in the activations' rounding.)
     #[test]
     fn agrees_with_candle() {
         for &(dtype, _) in FORMATS {
@@ -940,7 +940,10 @@ mod tests {
                     for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
                         // K-quants: the two activation roundings (steps of about 3.5/127 and
                         // 2.5/127 for unit normals) differ by about 0.01 * sqrt(k) (one sigma).
-                        let tol = if bk == QK_K {
+                        // Candle 0.11 on a CPU with AVX-512 VNNI or AVX-VNNI runs Q8_0 (n a
+                        // multiple of 16, k of 256) through its own repacked kernel, which
+                        // also rounds the activations in blocks of 256.
+                        let tol = if bk == QK_K || dtype == GgmlDType::Q8_0 {
                             0.05 * (k as f32).sqrt()
                         } else {
                             1e-3 * (1.0 + b.abs()) * (k as f32).sqrt()
