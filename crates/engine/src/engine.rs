@@ -557,7 +557,9 @@ impl Engine {
     /// everything again, or takes it back from the prefix cache if its blocks are still there.
     /// Its output is unchanged (the same tokens give the same keys and values).
     pub fn preempt(&self, seq: &mut Sequence) {
-        if seq.is_finished() || seq.cache.is_empty() {
+        // A cache can hold blocks with no position written yet (reserved for the first
+        // chunk): those go back too.
+        if seq.is_finished() || (seq.cache.is_empty() && seq.cache.allocated_bytes() == 0) {
             return;
         }
         self.offer_to_prefix_cache(seq);

@@ -268,6 +268,10 @@ impl WorkerStats {
 /// for): a system prompt, not the few tokens of the chat template every prompt starts with.
 pub const MIN_SHARED_PREFIX: usize = 16;
 
+/// How long the lone running request waits for KV blocks that a request not yet queued holds
+/// (see `Worker::wait_for_outside_blocks`) before its step fails.
+const OUTSIDE_BLOCKS_WAIT: Duration = Duration::from_secs(2);
+
 /// The sending side of the worker; cheap to clone, shared by all handlers.
 #[derive(Debug, Clone)]
 pub struct WorkerHandle {
@@ -553,6 +557,24 @@ impl Worker {
         freed
     }
 
+    /// The lone running request ran out of KV blocks and no waiting request held any: the
+    /// missing blocks are held outside the worker, by a request whose handler has taken its
+    /// prefix-cache blocks and not yet queued it (microseconds, longer on a loaded machine).
+    /// Every request fits the pool alone, so they come back: waits up to
+    /// [`OUTSIDE_BLOCKS_WAIT`] for that request to arrive (and give them back) or to be dropped.
+    /// Returns whether any block came free.
+    fn wait_for_outside_blocks(&mut self) -> bool {
+        let deadline = Instant::now() + OUTSIDE_BLOCKS_WAIT;
+        let before = self.engine.kv_stats().available_blocks();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            if self.release_waiting() || self.engine.kv_stats().available_blocks() > before {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether a job whose sequences need `blocks` more KV blocks fits now: the pool must
     /// also keep one block for each running sequence's next step.
     fn has_room_for(&self, blocks: usize) -> bool {
@@ -642,6 +664,9 @@ impl Worker {
                     continue;
                 }
                 Err(Some(EngineError::KvCacheFull { .. })) if self.release_waiting() => continue,
+                Err(Some(EngineError::KvCacheFull { .. })) if self.wait_for_outside_blocks() => {
+                    continue
+                }
                 Err(Some(e)) => format!("the engine failed: {e}"),
                 Err(None) => "the engine panicked".to_string(),
             };
