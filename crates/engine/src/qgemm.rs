@@ -95,6 +95,54 @@ fn has_kernel(dtype: GgmlDType) -> bool {
     }
 }
 
+/// The instruction set a product's inner loop runs with: the 8-bit dot products as AVX2's
+/// `maddubs` and `madd` pairs, or as one VNNI `dpbusd` (AVX-VNNI, or AVX-512 VNNI on 256-bit
+/// registers), which also spares the 16-bit partial sums and their widening.
+///
+/// Exists because most CPUs that serve (Ice Lake and later Xeons, Zen 4 and later) have VNNI,
+/// and llama.cpp uses it where they do; [`Isa::best`] is what [`PackedWeights::matmul`] takes,
+/// and the others stay callable so tests and benches can hold each against the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// The same with AVX-VNNI.
+    AvxVnni,
+    /// The same with AVX-512 VNNI and VL (256-bit registers).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The variants this CPU can run, the plainest first (none without AVX2, FMA and F16C).
+    pub fn available() -> Vec<Isa> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                out.push(Isa::Avx2);
+                if has!("avxvnni") {
+                    out.push(Isa::AvxVnni);
+                }
+                if has!("avx512vnni") && has!("avx512vl") {
+                    out.push(Isa::Avx512Vnni);
+                }
+            }
+        }
+        out
+    }
+
+    /// The variant [`PackedWeights::matmul`] runs: VNNI where the CPU has it (AVX-VNNI before
+    /// AVX-512 VNNI, whose encoding is longer), else AVX2.
+    pub fn best() -> Option<Isa> {
+        static BEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let all = Isa::available();
+            all.iter().copied().find(|&i| i == Isa::AvxVnni).or(all.last().copied())
+        })
+    }
+}
+
 /// Whether Q6_K runs through this kernel: only where `PHI_QGEMM_Q6K=1` is set, so it can be
 /// measured and tested while candle's product stays the faster one for it (see [`supported`]).
 pub fn q6k_enabled() -> bool {
@@ -227,7 +275,15 @@ impl PackedWeights {
     /// workers split the 8-row groups. Call only where [`supported`] says so (or for Q6_K on a
     /// CPU with AVX2, FMA and F16C).
     pub fn matmul(&self, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
+        let isa = Isa::best().expect("qgemm without AVX2, FMA and F16C");
+        self.matmul_with(isa, x, m, threads)
+    }
+
+    /// [`Self::matmul`] with the inner loop of `isa`, which must be one of
+    /// [`Isa::available`].
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
         assert!(has_kernel(self.dtype), "qgemm without AVX2 or for {:?}", self.dtype);
+        assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
         assert_eq!(x.len(), m * self.k, "x is not {m} rows of {}", self.k);
         let mut out = vec![0f32; m * self.n];
         if m == 0 || self.n == 0 {
@@ -245,15 +301,20 @@ impl PackedWeights {
             let g0 = t * per;
             let g1 = (g0 + per).min(groups);
             let out_ptr = &out_ptr;
-            // SAFETY: `has_kernel` checked AVX2, FMA and F16C; part `t` writes only the output
-            // columns of its groups `g0..g1`, which no other part writes, and `out` outlives
-            // the pool call.
+            // SAFETY: `has_kernel` checked AVX2, FMA and F16C, and `Isa::available` the VNNI
+            // extension `isa` needs; part `t` writes only the output columns of its groups
+            // `g0..g1`, which no other part writes, and `out` outlives the pool call.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx2::groups(self, f, kb, &xq, m, g0, g1, out_ptr.0)
+                let o = out_ptr.0;
+                match isa {
+                    Isa::Avx2 => avx2::groups(self, f, kb, &xq, m, g0, g1, o),
+                    Isa::AvxVnni => avx2::groups_avx_vnni(self, f, kb, &xq, m, g0, g1, o),
+                    Isa::Avx512Vnni => avx2::groups_avx512_vnni(self, f, kb, &xq, m, g0, g1, o),
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (g0, g1, out_ptr, f, kb);
+            let _ = (g0, g1, out_ptr, f, kb, isa);
         };
         qgemm_pool::run(parts, &job);
         out
@@ -411,8 +472,13 @@ mod avx2 {
     use super::{F_Q4K, F_Q4_0, F_Q5K, F_Q6K, F_Q8_0, ROWS, TILE_M};
     use super::{K45_MIN, K45_QH, K45_QS, K45_SC, K6_QH, K6_QS, K6_SC};
 
+    /// Inner-loop variants, as const generic parameters: AVX2 only, AVX-VNNI, AVX-512 VNNI.
+    const V_AVX2: u8 = 0;
+    const V_AVX_VNNI: u8 = 1;
+    const V_AVX512_VNNI: u8 = 2;
+
     /// Groups `g0..g1` of `w` (kernel variant `f`, `kb` block columns) against all `m`
-    /// activation rows, into `out` (`[m, n]`).
+    /// activation rows, into `out` (`[m, n]`), with AVX2's 8-bit products.
     ///
     /// The groups go in chunks of about [`GROUP_CHUNK_BYTES`]; each tile of up to 4 activation
     /// rows runs over a whole chunk, so the chunk's weights come from memory once and the
@@ -429,17 +495,64 @@ mod avx2 {
         g1: usize,
         out: *mut f32,
     ) {
+        groups_in::<V_AVX2>(w, f, kb, xq, m, g0, g1, out)
+    }
+
+    /// [`groups`] with AVX-VNNI's `dpbusd`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn groups_avx_vnni(
+        w: &PackedWeights,
+        f: u8,
+        kb: usize,
+        xq: &QuantizedRows,
+        m: usize,
+        g0: usize,
+        g1: usize,
+        out: *mut f32,
+    ) {
+        groups_in::<V_AVX_VNNI>(w, f, kb, xq, m, g0, g1, out)
+    }
+
+    /// [`groups`] with AVX-512 VNNI's `dpbusd` on 256-bit registers.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub(super) unsafe fn groups_avx512_vnni(
+        w: &PackedWeights,
+        f: u8,
+        kb: usize,
+        xq: &QuantizedRows,
+        m: usize,
+        g0: usize,
+        g1: usize,
+        out: *mut f32,
+    ) {
+        groups_in::<V_AVX512_VNNI>(w, f, kb, xq, m, g0, g1, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn groups_in<const V: u8>(
+        w: &PackedWeights,
+        f: u8,
+        kb: usize,
+        xq: &QuantizedRows,
+        m: usize,
+        g0: usize,
+        g1: usize,
+        out: *mut f32,
+    ) {
         match f {
-            F_Q4_0 => groups_of::<F_Q4_0>(w, kb, xq, m, g0, g1, out),
-            F_Q8_0 => groups_of::<F_Q8_0>(w, kb, xq, m, g0, g1, out),
-            F_Q4K => groups_of::<F_Q4K>(w, kb, xq, m, g0, g1, out),
-            F_Q5K => groups_of::<F_Q5K>(w, kb, xq, m, g0, g1, out),
-            _ => groups_of::<F_Q6K>(w, kb, xq, m, g0, g1, out),
+            F_Q4_0 => groups_of::<F_Q4_0, V>(w, kb, xq, m, g0, g1, out),
+            F_Q8_0 => groups_of::<F_Q8_0, V>(w, kb, xq, m, g0, g1, out),
+            F_Q4K => groups_of::<F_Q4K, V>(w, kb, xq, m, g0, g1, out),
+            F_Q5K => groups_of::<F_Q5K, V>(w, kb, xq, m, g0, g1, out),
+            _ => groups_of::<F_Q6K, V>(w, kb, xq, m, g0, g1, out),
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn groups_of<const F: u8>(
+    #[inline(always)]
+    unsafe fn groups_of<const F: u8, const V: u8>(
         w: &PackedWeights,
         kb: usize,
         xq: &QuantizedRows,
@@ -460,10 +573,10 @@ mod avx2 {
                     let gp = w.data.as_ptr().add(g * group_bytes);
                     let mut res = [_mm256_setzero_ps(); TILE_M];
                     match rm {
-                        1 => tile::<F, 1>(gp, kb, xq, i, &mut res),
-                        2 => tile::<F, 2>(gp, kb, xq, i, &mut res),
-                        3 => tile::<F, 3>(gp, kb, xq, i, &mut res),
-                        _ => tile::<F, 4>(gp, kb, xq, i, &mut res),
+                        1 => tile::<F, V, 1>(gp, kb, xq, i, &mut res),
+                        2 => tile::<F, V, 2>(gp, kb, xq, i, &mut res),
+                        3 => tile::<F, V, 3>(gp, kb, xq, i, &mut res),
+                        _ => tile::<F, V, 4>(gp, kb, xq, i, &mut res),
                     }
                     let cols = (w.n - g * ROWS).min(ROWS);
                     for r in 0..rm {
@@ -483,6 +596,17 @@ mod avx2 {
         }
     }
 
+    /// `acc` plus, in each 32-bit lane, the four products of the unsigned bytes of `w` with the
+    /// signed bytes of `x` (VNNI's `dpbusd`; `V` names which encoding the caller has).
+    #[inline(always)]
+    unsafe fn dpbusd<const V: u8>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        if V == V_AVX_VNNI {
+            _mm256_dpbusd_avx_epi32(acc, w, x)
+        } else {
+            _mm256_dpbusd_epi32(acc, w, x)
+        }
+    }
+
     /// The 4 quants of activation row block `xb` at value `at`, in every 32-bit lane.
     #[inline(always)]
     unsafe fn bcast(xb: *const i8, at: usize) -> __m256i {
@@ -498,7 +622,7 @@ mod avx2 {
     /// One group (`gp`, its first block column) against `RM` activation rows from `i0`:
     /// `res[r]` lane `l` is row `i0 + r` times weight row `l` of the group.
     #[inline(always)]
-    unsafe fn tile<const F: u8, const RM: usize>(
+    unsafe fn tile<const F: u8, const V: u8, const RM: usize>(
         gp: *const u8,
         kb: usize,
         xq: &QuantizedRows,
@@ -506,7 +630,7 @@ mod avx2 {
         res: &mut [__m256; TILE_M],
     ) {
         if F != F_Q4_0 && F != F_Q8_0 {
-            return tile_k::<F, RM>(gp, kb, xq, i0, res);
+            return tile_k::<F, V, RM>(gp, kb, xq, i0, res);
         }
         let q4 = F == F_Q4_0;
         let gbb = group_block_bytes(F);
@@ -519,7 +643,25 @@ mod avx2 {
             let wd = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
             let qs = blk.add(16);
             let mut dots = [_mm256_setzero_si256(); RM];
-            if q4 {
+            if q4 && V != V_AVX2 {
+                // Unsigned nibbles straight into dpbusd; the offset of 8 comes off through
+                // the activations' sum.
+                let mut s = [_mm256_setzero_si256(); RM];
+                for p in 0..4 {
+                    let raw = _mm256_loadu_si256(qs.add(32 * p) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    for r in 0..RM {
+                        let xb = xrow(r, b);
+                        s[r] = dpbusd::<V>(s[r], lo, bcast(xb, 4 * p));
+                        s[r] = dpbusd::<V>(s[r], hi, bcast(xb, 16 + 4 * p));
+                    }
+                }
+                for r in 0..RM {
+                    let sums8 = _mm256_set1_epi32(xq.sums8[(i0 + r) * kb + b]);
+                    dots[r] = _mm256_sub_epi32(s[r], sums8);
+                }
+            } else if q4 {
                 // Unsigned nibbles straight into maddubs; the offset of 8 is taken off once per
                 // block through the activations' sum. Each 16-bit lane gathers 8 pair sums of
                 // at most 2 * 15 * 127, so it cannot overflow before the final madd.
@@ -547,8 +689,12 @@ mod avx2 {
                     let qabs = _mm256_sign_epi8(q, q);
                     for r in 0..RM {
                         let sx = _mm256_sign_epi8(bcast(xrow(r, b), 4 * c), q);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, sx), ones);
-                        dots[r] = _mm256_add_epi32(dots[r], p);
+                        dots[r] = if V != V_AVX2 {
+                            dpbusd::<V>(dots[r], qabs, sx)
+                        } else {
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, sx), ones);
+                            _mm256_add_epi32(dots[r], p)
+                        };
                     }
                 }
             }
@@ -563,13 +709,16 @@ mod avx2 {
     /// [`tile`] for K-quants (`kb` super-blocks): 32-value sub-blocks `c` against activation
     /// blocks `8 * sb + c`, two at a time (the low and high nibbles of the same pieces).
     ///
-    /// A sub-block's quants are the nibbles of 8 pieces, each with its high bits from the sub-block's bit planes moved to bits 4 (and 5). maddubs pair
-    /// sums reach 2 * 15 * 127 (Q4_K), 2 * 31 * 127 (Q5_K), 2 * 63 * 127 (Q6_K), so a 16-bit lane
-    /// takes 8, 4 or 2 pieces before it widens to 32 bits. Q4_K/Q5_K: `d * sc * dot - dmin * m
-    /// * (activation sum)`; Q6_K: `d * (sc_a * dot_a + sc_b * dot_b - 32 * (sc_a * sum_a + sc_b
-    /// * sum_b))` over the two halves of 16, all in integers before `d`.
+    /// A sub-block's quants are the nibbles of 8 pieces, each with its high bits from the
+    /// sub-block's bit planes moved to bits 4 (and 5). AVX2: maddubs pair sums reach
+    /// 2 * 15 * 127 (Q4_K), 2 * 31 * 127 (Q5_K), 2 * 63 * 127 (Q6_K), so a 16-bit lane takes
+    /// 8, 4 or 2 pieces before it widens to 32 bits (Q6_K: through `madd` with its scales).
+    /// VNNI: `dpbusd` sums into 32 bits at once; Q6_K's two runs of 4 pieces (one scale each)
+    /// are multiplied by their scales in 32 bits. Q4_K/Q5_K: `d * sc * dot - dmin * m *
+    /// (activation sum)`; Q6_K: `d * (sc_a * dot_a + sc_b * dot_b - 32 * (sc_a * sum_a + sc_b *
+    /// sum_b))` over the two halves of 16, all in integers before `d`.
     #[inline(always)]
-    unsafe fn tile_k<const F: u8, const RM: usize>(
+    unsafe fn tile_k<const F: u8, const V: u8, const RM: usize>(
         gp: *const u8,
         kb: usize,
         xq: &QuantizedRows,
@@ -577,11 +726,16 @@ mod avx2 {
         res: &mut [__m256; TILE_M],
     ) {
         let gbb = group_block_bytes(F);
-        let span = match F {
-            F_Q4K => 8,
-            F_Q5K => 4,
+        let vnni = V != V_AVX2;
+        // Pieces summed before they widen (AVX2) or are scaled (VNNI, Q6_K).
+        let span = match (F, vnni) {
+            (F_Q4K, _) | (F_Q5K, true) => 8,
+            (F_Q5K, false) | (F_Q6K, true) => 4,
             _ => 2,
         };
+        // Pieces whose high bits one load of the bit planes serves: Q5_K's bit p of a byte
+        // stays in its 16-bit lane for 4 shifts, Q6_K's bits 2p and 2p + 1 for 2.
+        let plane_span = if F == F_Q6K { 2 } else { 4 };
         let kx = kb * 8;
         let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0f);
@@ -615,17 +769,18 @@ mod avx2 {
                 };
                 let mut dots_a = [_mm256_setzero_si256(); RM];
                 let mut dots_b = [_mm256_setzero_si256(); RM];
-                let mut p0 = 0;
-                while p0 < 8 {
-                    let (mut ha, mut hb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                    if F == F_Q5K || F == F_Q6K {
+                let mut sa = [_mm256_setzero_si256(); RM];
+                let mut sb16 = [_mm256_setzero_si256(); RM];
+                let (mut ha, mut hb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for p in 0..8 {
+                    if (F == F_Q5K || F == F_Q6K) && p % plane_span == 0 {
                         // The planes of this run of pieces, its first piece's bits moved to
                         // bit 4: they sit at bit 0 or 4 (Q5_K pieces 0 and 4, Q6_K pieces 0
                         // and 2 of each of its two planes).
                         let (at, bit) = if F == F_Q6K {
-                            (K6_QH + 64 * ca + 32 * (p0 / 4), 2 * (p0 % 4))
+                            (K6_QH + 64 * ca + 32 * (p / 4), 2 * (p % 4))
                         } else {
-                            (K45_QH + 32 * ca, p0)
+                            (K45_QH + 32 * ca, p)
                         };
                         let step = if F == F_Q6K { 64 } else { 32 };
                         let pa = _mm256_loadu_si256(blk.add(at) as *const __m256i);
@@ -636,42 +791,71 @@ mod avx2 {
                             (pa, pb)
                         };
                     }
-                    let mut sa = [_mm256_setzero_si256(); RM];
-                    let mut sb16 = [_mm256_setzero_si256(); RM];
-                    for p in p0..p0 + span {
-                        let raw = _mm256_loadu_si256(pieces.add(32 * p) as *const __m256i);
-                        let mut lo = _mm256_and_si256(raw, low);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                        if F == F_Q5K || F == F_Q6K {
-                            lo = _mm256_or_si256(lo, _mm256_and_si256(ha, high));
-                            hi = _mm256_or_si256(hi, _mm256_and_si256(hb, high));
-                            if F == F_Q6K {
-                                ha = _mm256_srli_epi16(ha, 2);
-                                hb = _mm256_srli_epi16(hb, 2);
-                            } else {
-                                ha = _mm256_srli_epi16(ha, 1);
-                                hb = _mm256_srli_epi16(hb, 1);
-                            }
-                        }
-                        for r in 0..RM {
-                            let pa = _mm256_maddubs_epi16(lo, bcast(xa(r), 4 * p));
-                            let pb = _mm256_maddubs_epi16(hi, bcast(xb(r), 4 * p));
-                            sa[r] = _mm256_add_epi16(sa[r], pa);
-                            sb16[r] = _mm256_add_epi16(sb16[r], pb);
+                    let raw = _mm256_loadu_si256(pieces.add(32 * p) as *const __m256i);
+                    let mut lo = _mm256_and_si256(raw, low);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    if F == F_Q5K || F == F_Q6K {
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(ha, high));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(hb, high));
+                        if F == F_Q6K {
+                            ha = _mm256_srli_epi16(ha, 2);
+                            hb = _mm256_srli_epi16(hb, 2);
+                        } else {
+                            ha = _mm256_srli_epi16(ha, 1);
+                            hb = _mm256_srli_epi16(hb, 1);
                         }
                     }
-                    let (wa, wb) = if F != F_Q6K {
-                        (ones, ones)
-                    } else if p0 < 4 {
-                        (_mm256_shuffle_epi8(sca, dup_a), _mm256_shuffle_epi8(scb, dup_a))
-                    } else {
-                        (_mm256_shuffle_epi8(sca, dup_b), _mm256_shuffle_epi8(scb, dup_b))
-                    };
                     for r in 0..RM {
-                        dots_a[r] = _mm256_add_epi32(dots_a[r], _mm256_madd_epi16(sa[r], wa));
-                        dots_b[r] = _mm256_add_epi32(dots_b[r], _mm256_madd_epi16(sb16[r], wb));
+                        let (xa, xb) = (bcast(xa(r), 4 * p), bcast(xb(r), 4 * p));
+                        if vnni {
+                            sa[r] = dpbusd::<V>(sa[r], lo, xa);
+                            sb16[r] = dpbusd::<V>(sb16[r], hi, xb);
+                        } else {
+                            sa[r] = _mm256_add_epi16(sa[r], _mm256_maddubs_epi16(lo, xa));
+                            sb16[r] = _mm256_add_epi16(sb16[r], _mm256_maddubs_epi16(hi, xb));
+                        }
                     }
-                    p0 += span;
+                    if (p + 1) % span != 0 {
+                        continue;
+                    }
+                    // The run ends: widen (AVX2) or scale (Q6_K) its sums into the dots.
+                    let first_half = p < 4;
+                    if vnni && F == F_Q6K {
+                        // Lane l holds row l's two scales as i16: the first or the second.
+                        let pick = |sc: __m256i| {
+                            if first_half {
+                                _mm256_srai_epi32(_mm256_slli_epi32(sc, 16), 16)
+                            } else {
+                                _mm256_srai_epi32(sc, 16)
+                            }
+                        };
+                        let (wa, wb) = (pick(sca), pick(scb));
+                        for r in 0..RM {
+                            let ta = _mm256_mullo_epi32(sa[r], wa);
+                            let tb = _mm256_mullo_epi32(sb16[r], wb);
+                            dots_a[r] = _mm256_add_epi32(dots_a[r], ta);
+                            dots_b[r] = _mm256_add_epi32(dots_b[r], tb);
+                        }
+                    } else if vnni {
+                        dots_a = sa;
+                        dots_b = sb16;
+                    } else {
+                        let (wa, wb) = if F != F_Q6K {
+                            (ones, ones)
+                        } else if first_half {
+                            (_mm256_shuffle_epi8(sca, dup_a), _mm256_shuffle_epi8(scb, dup_a))
+                        } else {
+                            (_mm256_shuffle_epi8(sca, dup_b), _mm256_shuffle_epi8(scb, dup_b))
+                        };
+                        for r in 0..RM {
+                            let ta = _mm256_madd_epi16(sa[r], wa);
+                            let tb = _mm256_madd_epi16(sb16[r], wb);
+                            dots_a[r] = _mm256_add_epi32(dots_a[r], ta);
+                            dots_b[r] = _mm256_add_epi32(dots_b[r], tb);
+                        }
+                    }
+                    sa = [_mm256_setzero_si256(); RM];
+                    sb16 = [_mm256_setzero_si256(); RM];
                 }
                 for (c, scab, dots) in [(ca, sca, &dots_a), (cb, scb, &dots_b)] {
                     let bx = sb * 8 + c;
@@ -764,6 +948,13 @@ mod tests {
         (GgmlDType::Q6K, &[256, 512]),
     ];
 
+    /// Every instruction-set variant this CPU runs, each with 1, 2 and 3 threads.
+    fn isas_and_threads() -> Vec<(Isa, usize)> {
+        let isas = Isa::available();
+        assert!(!isas.is_empty() || !has_kernel(GgmlDType::Q4_0));
+        isas.into_iter().flat_map(|i| [(i, 1), (i, 2), (i, 3)]).collect()
+    }
+
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
         let t = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
         // A different spread per seed, so scales vary between calls.
@@ -798,8 +989,8 @@ mod tests {
                     let xd: Vec<f64> =
                         (0..m * k).map(|i| xq.q[i] as f64 * xq.d[i / QK] as f64).collect();
                     let packed = PackedWeights::new(dtype, &q.data().unwrap(), n, k);
-                    for threads in [1, 2, 3] {
-                        let got = packed.matmul(&x, m, threads);
+                    for (isa, threads) in isas_and_threads() {
+                        let got = packed.matmul_with(isa, &x, m, threads);
                         assert_eq!(got.len(), m * n);
                         for i in 0..m {
                             for j in 0..n {
@@ -809,7 +1000,7 @@ mod tests {
                                 let a = got[i * n + j] as f64;
                                 assert!(
                                     (a - want).abs() <= 1e-5 * size + 1e-30,
-                                    "{dtype:?} m{m} n{n} k{k} t{threads} [{i},{j}]: {a} vs {want}"
+                                    "{dtype:?} {isa:?} m{m} n{n} k{k} t{threads} [{i},{j}]: {a} vs {want}"
                                 );
                             }
                         }
@@ -859,17 +1050,19 @@ mod tests {
                 }
                 x[k..2 * k].iter_mut().for_each(|v| *v = 1.0);
                 let packed = PackedWeights::new(dtype, &blocks, n, k);
-                let got = packed.matmul(&x, 3, 2);
-                for i in 0..3 {
-                    for j in 0..n {
-                        let terms = (0..k).map(|c| x[i * k + c] as f64 * wd[j * k + c] as f64);
-                        let want: f64 = terms.clone().sum();
-                        let size: f64 = terms.map(f64::abs).sum();
-                        let a = got[i * n + j] as f64;
-                        assert!(
-                            (a - want).abs() <= 1e-5 * size + 1e-30,
-                            "{dtype:?} fill {fill:#x} [{i},{j}]: {a} vs {want}"
-                        );
+                for isa in Isa::available() {
+                    let got = packed.matmul_with(isa, &x, 3, 2);
+                    for i in 0..3 {
+                        for j in 0..n {
+                            let terms = (0..k).map(|c| x[i * k + c] as f64 * wd[j * k + c] as f64);
+                            let want: f64 = terms.clone().sum();
+                            let size: f64 = terms.map(f64::abs).sum();
+                            let a = got[i * n + j] as f64;
+                            assert!(
+                                (a - want).abs() <= 1e-5 * size + 1e-30,
+                                "{dtype:?} {isa:?} fill {fill:#x} [{i},{j}]: {a} vs {want}"
+                            );
+                        }
                     }
                 }
             }
@@ -935,8 +1128,8 @@ mod tests {
                     .unwrap();
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let packed = PackedWeights::new(dtype, &q.data().unwrap(), n, k);
-                for threads in [1, 2, 3] {
-                    let got = packed.matmul(&xs, m, threads);
+                for (isa, threads) in isas_and_threads() {
+                    let got = packed.matmul_with(isa, &xs, m, threads);
                     for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
                         // K-quants: the two activation roundings (steps of about 3.5/127 and
                         // 2.5/127 for unit normals) differ by about 0.01 * sqrt(k) (one sigma).
@@ -950,7 +1143,7 @@ mod tests {
                         };
                         assert!(
                             (a - b).abs() <= tol,
-                            "{dtype:?} m{m} n{n} k{k} t{threads} [{idx}]: {a} vs {b}"
+                            "{dtype:?} {isa:?} m{m} n{n} k{k} t{threads} [{idx}]: {a} vs {b}"
                         );
                     }
                 }
