@@ -14,7 +14,9 @@
 //! reduction) and the 8 scales convert in one instruction. The activations are quantized once
 //! to 8-bit blocks of 32 (as ggml does for Q4_0). A tile is 8 weight rows by up to 4 activation
 //! rows: each weight register is unpacked once for the 4 rows. The work is split by 8-row
-//! groups across a persistent pool of threads (`qgemm_pool.rs`).
+//! groups across a persistent pool of threads (`qgemm_pool.rs`). On CPUs with AVX-512
+//! ([`Isa::Avx512`]) the same layout holds groups of 16 rows for 512-bit registers; the kernels
+//! are written once over the register width (`qgemm/simd.rs`).
 //!
 //! K-quants (super-blocks of 256 values) go the same way, one 32-value sub-block at a time
 //! against one activation block: their quants are stored as unsigned values (Q6_K's offset of
@@ -33,12 +35,13 @@ use rayon::prelude::*;
 use crate::huge_pages::huge_pages;
 use crate::qgemm_pool;
 
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
 /// Values per block (Q4_0, Q8_0, the 8-bit activation blocks and K-quant sub-blocks).
 const QK: usize = 32;
 /// Values per K-quant super-block.
 const QK_K: usize = 256;
-/// Weight rows interleaved in one group.
-const ROWS: usize = 8;
 /// Activation rows of a prompt tile.
 const TILE_M: usize = 4;
 /// Bytes of one group's weights that a prompt pass keeps hot in the cache while every tile of
@@ -52,27 +55,37 @@ const F_Q4K: u8 = 2;
 const F_Q5K: u8 = 3;
 const F_Q6K: u8 = 4;
 
-/// Bytes of one repacked 8-row super-block column of 32-value nibble pairs (4 pairs of 8
-/// pieces of 32 bytes), common to the three K-quant layouts.
-const K_NIBBLES: usize = 4 * 8 * 32;
-/// Q4_K/Q5_K group super-block: 8 f16 `d` at 0, 8 f16 `dmin` at 16, then the scales and mins
-/// (one byte per sub-block and row, sub-block-major), the nibbles, and (Q5_K) the fifth bits.
-const K45_SC: usize = 32;
-const K45_MIN: usize = K45_SC + 64;
-const K45_QS: usize = K45_MIN + 64;
-const K45_QH: usize = K45_QS + K_NIBBLES;
-/// Q6_K group super-block: 8 f16 `d` at 0, then per sub-block of 32 the 8 rows' two int8 scales
-/// (16 bytes), the nibbles, and the two high bits.
-const K6_SC: usize = 16;
-const K6_QS: usize = K6_SC + 8 * 16;
-const K6_QH: usize = K6_QS + K_NIBBLES;
+/// Offsets in one K-quant group super-block of `r` rows. Q4_K/Q5_K: `r` f16 `d` at 0, `r` f16
+/// `dmin`, then the scales and mins (one byte per sub-block and row, sub-block-major), the
+/// nibbles (4 pairs of 8 pieces of `4r` bytes), and (Q5_K) the fifth bits (8 planes of `4r`).
+const fn k45_sc(r: usize) -> usize {
+    4 * r
+}
+const fn k45_min(r: usize) -> usize {
+    k45_sc(r) + 8 * r
+}
+const fn k45_qs(r: usize) -> usize {
+    k45_min(r) + 8 * r
+}
+const fn k45_qh(r: usize) -> usize {
+    k45_qs(r) + 128 * r
+}
+/// Q6_K: `r` f16 `d` at 0, then per sub-block of 32 the rows' two int8 scales (`2r` bytes), the
+/// nibbles, and the two high bits (two planes of `4r` bytes per sub-block).
+const fn k6_sc(r: usize) -> usize {
+    2 * r
+}
+const fn k6_qs(r: usize) -> usize {
+    k6_sc(r) + 16 * r
+}
+const fn k6_qh(r: usize) -> usize {
+    k6_qs(r) + 128 * r
+}
 
 /// Whether the engine should run matrices of `dtype` through [`PackedWeights`] on this CPU
 /// (Q4_0, Q8_0, Q4_K, Q5_K with AVX2, FMA, F16C): it repacks them at load where this says so.
 ///
-/// Q6_K has a kernel here but is left to candle unless [`q6k_enabled`]: on the bench's
-/// `[16384, 3072]` matrix its one-row product took 3.75 ms against candle's 2.15 ms and 128
-/// rows 211 ms against 193 ms (`--bench quantized`, the same run).
+/// Q6_K runs here only where [`q6k_enabled`] says so (on CPUs with AVX-512, by default).
 pub fn supported(dtype: GgmlDType) -> bool {
     has_kernel(dtype) && (dtype != GgmlDType::Q6K || q6k_enabled())
 }
@@ -110,6 +123,9 @@ pub enum Isa {
     AvxVnni,
     /// The same with AVX-512 VNNI and VL (256-bit registers).
     Avx512Vnni,
+    /// AVX-512 F, BW, VL and VNNI on 512-bit registers, in groups of 16 rows: one `dpbusd`
+    /// does the work of two, and the per-block float arithmetic covers twice the rows.
+    Avx512,
 }
 
 impl Isa {
@@ -126,27 +142,67 @@ impl Isa {
                 }
                 if has!("avx512vnni") && has!("avx512vl") {
                     out.push(Isa::Avx512Vnni);
+                    if has!("avx512f") && has!("avx512bw") {
+                        out.push(Isa::Avx512);
+                    }
                 }
             }
         }
         out
     }
 
-    /// The variant [`PackedWeights::matmul`] runs: VNNI where the CPU has it (AVX-VNNI before
-    /// AVX-512 VNNI, whose encoding is longer), else AVX2.
+    /// The variant [`PackedWeights::new`] packs for and [`PackedWeights::matmul`] runs:
+    /// 512-bit AVX-512 where the CPU has it, else AVX-VNNI, else the last available.
+    /// `PHI_QGEMM_ISA` (`avx2`, `avx-vnni`, `avx512-vnni`, `avx512`) picks another one the CPU
+    /// has, so whole models can be measured with each.
     pub fn best() -> Option<Isa> {
         static BEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             let all = Isa::available();
-            all.iter().copied().find(|&i| i == Isa::AvxVnni).or(all.last().copied())
+            if let Some(want) = std::env::var("PHI_QGEMM_ISA").ok().and_then(|v| Isa::parse(&v)) {
+                if all.contains(&want) {
+                    return Some(want);
+                }
+            }
+            [Isa::Avx512, Isa::AvxVnni]
+                .into_iter()
+                .find(|i| all.contains(i))
+                .or(all.last().copied())
         })
+    }
+
+    /// The variant a name of `PHI_QGEMM_ISA` stands for.
+    pub fn parse(name: &str) -> Option<Isa> {
+        match name {
+            "avx2" => Some(Isa::Avx2),
+            "avx-vnni" => Some(Isa::AvxVnni),
+            "avx512-vnni" => Some(Isa::Avx512Vnni),
+            "avx512" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Weight rows per group in the packing this variant runs on (one per 32-bit lane).
+    pub fn group_rows(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            _ => 8,
+        }
     }
 }
 
-/// Whether Q6_K runs through this kernel: only where `PHI_QGEMM_Q6K=1` is set, so it can be
-/// measured and tested while candle's product stays the faster one for it (see [`supported`]).
+/// Whether Q6_K runs through this kernel rather than candle's: by default where
+/// [`Isa::best`] is [`Isa::Avx512`], whose Q6_K product took 0.83 ms against candle's 0.88 ms
+/// for one row of a `[16384, 3072]` matrix, 1.01 against 2.75 for 4 rows and 15.3 against 24.0
+/// for 128 (best of 40 or 8 alternating calls on a Zen 5 EPYC, 2 threads). With 256-bit
+/// registers it was slower than candle for prompts (53.5 ms for 128 rows), so the others keep
+/// candle's. `PHI_QGEMM_Q6K=1` (or `0`) turns it on (or off) everywhere, for measuring.
 pub fn q6k_enabled() -> bool {
-    std::env::var_os("PHI_QGEMM_Q6K").is_some_and(|v| v == "1")
+    match std::env::var("PHI_QGEMM_Q6K").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => Isa::best() == Some(Isa::Avx512),
+    }
 }
 
 /// The kernel variant of `dtype`.
@@ -172,21 +228,22 @@ const fn gguf_block(f: u8) -> (usize, usize) {
     }
 }
 
-/// Bytes of one block column of one group of variant `f` (Q4_0/Q8_0: 8 f16 scales, then 8 rows
-/// of quants; K-quants: see the `K45_*` and `K6_*` offsets).
-const fn group_block_bytes(f: u8) -> usize {
+/// Bytes of one block column of one group of `r` rows of variant `f` (Q4_0/Q8_0: `r` f16
+/// scales, then `r` rows of quants; K-quants: see [`k45_sc`] and [`k6_sc`]).
+const fn group_block_bytes(f: u8, r: usize) -> usize {
     match f {
-        F_Q4_0 => 2 * ROWS + ROWS * QK / 2,
-        F_Q8_0 => 2 * ROWS + ROWS * QK,
-        F_Q4K => K45_QH,
-        F_Q5K => K45_QH + ROWS * QK_K / 8,
-        _ => K6_QH + ROWS * QK_K / 4,
+        F_Q4_0 => 2 * r + r * QK / 2,
+        F_Q8_0 => 2 * r + r * QK,
+        F_Q4K => k45_qh(r),
+        F_Q5K => k45_qh(r) + r * QK_K / 8,
+        _ => k6_qh(r) + r * QK_K / 4,
     }
 }
 
-/// A quantized matrix `[n, k]` in 8-row groups (module docs). Group `g`, block column `b`
-/// sits at `(g * k / block + b) * group_block_bytes`. For Q4_0 and Q8_0: 8 f16 scales (rows
-/// `8g..8g+8`), then 32-byte pieces whose 32-bit lane `l` holds 4 quant bytes of row `8g + l`:
+/// A quantized matrix `[n, k]` in groups of `r` = 8 (or 16) rows (module docs). Group `g`,
+/// block column `b` sits at `(g * k / block + b) * group_block_bytes`. For Q4_0 and Q8_0: `r`
+/// f16 scales (rows `rg..rg+r`), then `4r`-byte pieces whose 32-bit lane `l` holds 4 quant bytes
+/// of row `rg + l`:
 ///
 /// - Q8_0: piece `c` (0..8) holds the row's values `4c..4c+4`;
 /// - Q4_0: piece `p` (0..4) holds the row's bytes `4p..4p+4`, so its low nibbles are values
@@ -195,7 +252,7 @@ const fn group_block_bytes(f: u8) -> usize {
 /// For K-quants, per super-block: the rows' f16 `d` (and `dmin`), their scales (and mins) as
 /// bytes, then for each pair `i` of 32-value sub-blocks 8 pieces `p`, whose lane `l` byte `b`
 /// holds the low 4 bits of row `l`'s unsigned quants `64i + 4p + b` (low nibble) and
-/// `64i + 32 + 4p + b` (high nibble); then, Q5_K, one 32-byte plane per sub-block `c` whose
+/// `64i + 32 + 4p + b` (high nibble); then, Q5_K, one `4r`-byte plane per sub-block `c` whose
 /// lane `l` byte `b` has at bit `p` the fifth bit of value `32c + 4p + b`; Q6_K, two planes per
 /// sub-block (pieces 0..4 and 4..8), bits `2p, 2p + 1` holding bits 4 and 5 of that piece's value.
 ///
@@ -204,6 +261,8 @@ pub struct PackedWeights {
     dtype: GgmlDType,
     n: usize,
     k: usize,
+    /// Rows per group: 8, or 16 for [`Isa::Avx512`].
+    group: usize,
     data: Vec<u8>,
 }
 
@@ -213,6 +272,7 @@ impl std::fmt::Debug for PackedWeights {
             .field("dtype", &self.dtype)
             .field("n", &self.n)
             .field("k", &self.k)
+            .field("group", &self.group)
             .field("bytes", &self.data.len())
             .finish()
     }
@@ -221,33 +281,41 @@ impl std::fmt::Debug for PackedWeights {
 impl PackedWeights {
     /// Repacks `blocks`, the `n` rows of `W` in GGUF layout (`k / 32` or `k / 256` blocks a row).
     pub fn new(dtype: GgmlDType, blocks: &[u8], n: usize, k: usize) -> Self {
+        let isa = Isa::best().unwrap_or(Isa::Avx2);
+        Self::new_for(isa, dtype, blocks, n, k)
+    }
+
+    /// [`Self::new`] in the group size of `isa` ([`Isa::group_rows`]), for
+    /// [`Self::matmul_with`] that `isa`.
+    pub fn new_for(isa: Isa, dtype: GgmlDType, blocks: &[u8], n: usize, k: usize) -> Self {
+        let rows = isa.group_rows();
         let f = variant(dtype);
         let (bk, bb) = gguf_block(f);
         assert!(k.is_multiple_of(bk), "k = {k} is not a multiple of {bk}");
         let kb = k / bk;
         assert_eq!(blocks.len(), n * kb * bb, "blocks are not {n} rows of {k} values");
-        let gbb = group_block_bytes(f);
-        let groups = n.div_ceil(ROWS);
+        let gbb = group_block_bytes(f, rows);
+        let groups = n.div_ceil(rows);
         // Decode streams every matrix once a token: 2 MiB pages spare it a TLB miss per 4 KiB.
         let mut data = huge_pages(vec![0u8; groups * kb * gbb]);
         // Groups are independent; a 3.8B-parameter file has millions of them to unpack.
         data.par_chunks_exact_mut(kb * gbb).enumerate().for_each(|(g, group)| {
             for (b, dst) in group.chunks_exact_mut(gbb).enumerate() {
-                for l in 0..ROWS.min(n - g * ROWS) {
-                    let src = &blocks[((g * ROWS + l) * kb + b) * bb..][..bb];
+                for l in 0..rows.min(n - g * rows) {
+                    let src = &blocks[((g * rows + l) * kb + b) * bb..][..bb];
                     if f == F_Q4_0 || f == F_Q8_0 {
                         dst[2 * l..2 * l + 2].copy_from_slice(&src[..2]);
                         for piece in 0..(bb - 2) / 4 {
-                            let at = 2 * ROWS + 32 * piece + 4 * l;
+                            let at = 2 * rows + 4 * rows * piece + 4 * l;
                             dst[at..at + 4].copy_from_slice(&src[2 + 4 * piece..2 + 4 * piece + 4]);
                         }
                     } else {
-                        pack_k_row(f, src, dst, l);
+                        pack_k_row(f, rows, src, dst, l);
                     }
                 }
             }
         });
-        Self { dtype, n, k, data }
+        Self { dtype, n, k, group: rows, data }
     }
 
     /// The block format.
@@ -280,10 +348,11 @@ impl PackedWeights {
     }
 
     /// [`Self::matmul`] with the inner loop of `isa`, which must be one of
-    /// [`Isa::available`].
+    /// [`Isa::available`] and have the group size these weights were packed in.
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
         assert!(has_kernel(self.dtype), "qgemm without AVX2 or for {:?}", self.dtype);
         assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
+        assert_eq!(isa.group_rows(), self.group, "{isa:?} runs other groups than these weights'");
         assert_eq!(x.len(), m * self.k, "x is not {m} rows of {}", self.k);
         let mut out = vec![0f32; m * self.n];
         if m == 0 || self.n == 0 {
@@ -292,7 +361,7 @@ impl PackedWeights {
         let xq = quantize_rows(x, self.k);
         let f = variant(self.dtype);
         let kb = self.k / gguf_block(f).0;
-        let groups = self.n.div_ceil(ROWS);
+        let groups = self.n.div_ceil(self.group);
         let parts = threads.clamp(1, groups);
         let per = groups.div_ceil(parts);
         let parts = groups.div_ceil(per);
@@ -308,9 +377,10 @@ impl PackedWeights {
             unsafe {
                 let o = out_ptr.0;
                 match isa {
-                    Isa::Avx2 => avx2::groups(self, f, kb, &xq, m, g0, g1, o),
-                    Isa::AvxVnni => avx2::groups_avx_vnni(self, f, kb, &xq, m, g0, g1, o),
-                    Isa::Avx512Vnni => avx2::groups_avx512_vnni(self, f, kb, &xq, m, g0, g1, o),
+                    Isa::Avx2 => kernels::groups_avx2(self, f, kb, &xq, m, g0, g1, o),
+                    Isa::AvxVnni => kernels::groups_avx_vnni(self, f, kb, &xq, m, g0, g1, o),
+                    Isa::Avx512Vnni => kernels::groups_avx512_vnni(self, f, kb, &xq, m, g0, g1, o),
+                    Isa::Avx512 => kernels::groups_avx512(self, f, kb, &xq, m, g0, g1, o),
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -337,15 +407,16 @@ fn scales_mins(p: &[u8]) -> ([u8; 8], [u8; 8]) {
 
 /// Writes row `l` of one K-quant GGUF block `src` into the group super-block `dst` (layout in
 /// [`PackedWeights`]).
-fn pack_k_row(f: u8, src: &[u8], dst: &mut [u8], l: usize) {
+fn pack_k_row(f: u8, rows: usize, src: &[u8], dst: &mut [u8], l: usize) {
+    let piece = 4 * rows;
     // The row's 256 quants as unsigned values (Q4_K 0..16, Q5_K 0..32, Q6_K 0..64).
     let mut v = [0u8; QK_K];
     if f == F_Q6K {
         let (ql, qh, sc) = (&src[..128], &src[128..192], &src[192..208]);
         dst[2 * l..2 * l + 2].copy_from_slice(&src[208..210]);
         for c in 0..8 {
-            dst[K6_SC + 16 * c + 2 * l] = sc[2 * c];
-            dst[K6_SC + 16 * c + 2 * l + 1] = sc[2 * c + 1];
+            dst[k6_sc(rows) + 2 * rows * c + 2 * l] = sc[2 * c];
+            dst[k6_sc(rows) + 2 * rows * c + 2 * l + 1] = sc[2 * c + 1];
         }
         for h in 0..2 {
             for t in 0..32 {
@@ -358,11 +429,11 @@ fn pack_k_row(f: u8, src: &[u8], dst: &mut [u8], l: usize) {
         }
     } else {
         dst[2 * l..2 * l + 2].copy_from_slice(&src[..2]);
-        dst[16 + 2 * l..16 + 2 * l + 2].copy_from_slice(&src[2..4]);
+        dst[2 * rows + 2 * l..2 * rows + 2 * l + 2].copy_from_slice(&src[2..4]);
         let (sc, mn) = scales_mins(&src[4..16]);
         for j in 0..8 {
-            dst[K45_SC + 8 * j + l] = sc[j];
-            dst[K45_MIN + 8 * j + l] = mn[j];
+            dst[k45_sc(rows) + rows * j + l] = sc[j];
+            dst[k45_min(rows) + rows * j + l] = mn[j];
         }
         let qs = if f == F_Q5K { &src[48..176] } else { &src[16..144] };
         for i in 0..4 {
@@ -381,12 +452,12 @@ fn pack_k_row(f: u8, src: &[u8], dst: &mut [u8], l: usize) {
             }
         }
     }
-    let qs = if f == F_Q6K { K6_QS } else { K45_QS };
+    let qs = if f == F_Q6K { k6_qs(rows) } else { k45_qs(rows) };
     for i in 0..4 {
         for p in 0..8 {
             for b in 0..4 {
                 let (lo, hi) = (v[64 * i + 4 * p + b], v[64 * i + 32 + 4 * p + b]);
-                dst[qs + 32 * (8 * i + p) + 4 * l + b] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                dst[qs + piece * (8 * i + p) + 4 * l + b] = (lo & 0x0f) | ((hi & 0x0f) << 4);
             }
         }
     }
@@ -395,9 +466,10 @@ fn pack_k_row(f: u8, src: &[u8], dst: &mut [u8], l: usize) {
             for b in 0..4 {
                 let high = v[32 * c + 4 * p + b] >> 4;
                 if f == F_Q5K {
-                    dst[K45_QH + 32 * c + 4 * l + b] |= high << p;
+                    dst[k45_qh(rows) + piece * c + 4 * l + b] |= high << p;
                 } else if f == F_Q6K {
-                    dst[K6_QH + 64 * c + 32 * (p / 4) + 4 * l + b] |= high << (2 * (p % 4));
+                    let plane = k6_qh(rows) + 2 * piece * c + piece * (p / 4);
+                    dst[plane + 4 * l + b] |= high << (2 * (p % 4));
                 }
             }
         }
@@ -448,7 +520,7 @@ fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, i32, i32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present.
-        return unsafe { avx2::quantize_block(src, dst) };
+        return unsafe { kernels::quantize_block(src, dst) };
     }
     let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
@@ -465,27 +537,39 @@ fn quantize_block(src: &[f32; QK], dst: &mut [i8; QK]) -> (f32, i32, i32) {
 // Register tiles are indexed by row: index loops say what the kernel does.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod kernels {
     use std::arch::x86_64::*;
 
+    use super::simd::{Simd, V_AVX2, V_AVX512_VNNI, V_AVX_VNNI, W256, W512};
     use super::{group_block_bytes, PackedWeights, QuantizedRows, GROUP_CHUNK_BYTES, QK};
-    use super::{F_Q4K, F_Q4_0, F_Q5K, F_Q6K, F_Q8_0, ROWS, TILE_M};
-    use super::{K45_MIN, K45_QH, K45_QS, K45_SC, K6_QH, K6_QS, K6_SC};
+    use super::{k45_min, k45_qh, k45_qs, k45_sc, k6_qh, k6_qs, k6_sc};
+    use super::{F_Q4K, F_Q4_0, F_Q5K, F_Q6K, F_Q8_0, TILE_M};
 
-    /// Inner-loop variants, as const generic parameters: AVX2 only, AVX-VNNI, AVX-512 VNNI.
-    const V_AVX2: u8 = 0;
-    const V_AVX_VNNI: u8 = 1;
-    const V_AVX512_VNNI: u8 = 2;
+    /// Blocks (Q4_0, Q8_0) the prefetch runs ahead of the kernel.
+    const PF_BLOCKS: usize = 32;
+
+    /// Asks for the cache lines of `len` bytes from `p` (`p` may lie past the weights: a
+    /// prefetch never faults). Decode streams the weights once, and the hardware prefetchers
+    /// alone left it at about 45-65% of the bandwidth (`ab` runs of one `[16384, 3072]` product);
+    /// two super-blocks (or 32 blocks) ahead brought it to 90% or more.
+    #[inline(always)]
+    unsafe fn prefetch_span(p: *const u8, len: usize) {
+        let mut o = 0;
+        while o < len {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8);
+            o += 64;
+        }
+    }
 
     /// Groups `g0..g1` of `w` (kernel variant `f`, `kb` block columns) against all `m`
-    /// activation rows, into `out` (`[m, n]`), with AVX2's 8-bit products.
+    /// activation rows, into `out` (`[m, n]`), with AVX2's 8-bit products (groups of 8).
     ///
     /// The groups go in chunks of about [`GROUP_CHUNK_BYTES`]; each tile of up to 4 activation
     /// rows runs over a whole chunk, so the chunk's weights come from memory once and the
     /// activations once per chunk.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn groups(
+    pub(super) unsafe fn groups_avx2(
         w: &PackedWeights,
         f: u8,
         kb: usize,
@@ -495,10 +579,10 @@ mod avx2 {
         g1: usize,
         out: *mut f32,
     ) {
-        groups_in::<V_AVX2>(w, f, kb, xq, m, g0, g1, out)
+        groups_in::<W256<V_AVX2>>(w, f, kb, xq, m, g0, g1, out)
     }
 
-    /// [`groups`] with AVX-VNNI's `dpbusd`.
+    /// [`groups_avx2`] with AVX-VNNI's `dpbusd`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     pub(super) unsafe fn groups_avx_vnni(
@@ -511,10 +595,10 @@ mod avx2 {
         g1: usize,
         out: *mut f32,
     ) {
-        groups_in::<V_AVX_VNNI>(w, f, kb, xq, m, g0, g1, out)
+        groups_in::<W256<V_AVX_VNNI>>(w, f, kb, xq, m, g0, g1, out)
     }
 
-    /// [`groups`] with AVX-512 VNNI's `dpbusd` on 256-bit registers.
+    /// [`groups_avx2`] with AVX-512 VNNI's `dpbusd` on 256-bit registers.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn groups_avx512_vnni(
@@ -527,12 +611,13 @@ mod avx2 {
         g1: usize,
         out: *mut f32,
     ) {
-        groups_in::<V_AVX512_VNNI>(w, f, kb, xq, m, g0, g1, out)
+        groups_in::<W256<V_AVX512_VNNI>>(w, f, kb, xq, m, g0, g1, out)
     }
 
+    /// [`groups_avx2`] on 512-bit registers with AVX-512 VNNI (groups of 16).
     #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn groups_in<const V: u8>(
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn groups_avx512(
         w: &PackedWeights,
         f: u8,
         kb: usize,
@@ -542,17 +627,33 @@ mod avx2 {
         g1: usize,
         out: *mut f32,
     ) {
+        groups_in::<W512>(w, f, kb, xq, m, g0, g1, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn groups_in<S: Simd>(
+        w: &PackedWeights,
+        f: u8,
+        kb: usize,
+        xq: &QuantizedRows,
+        m: usize,
+        g0: usize,
+        g1: usize,
+        out: *mut f32,
+    ) {
+        debug_assert_eq!(w.group, S::LANES);
         match f {
-            F_Q4_0 => groups_of::<F_Q4_0, V>(w, kb, xq, m, g0, g1, out),
-            F_Q8_0 => groups_of::<F_Q8_0, V>(w, kb, xq, m, g0, g1, out),
-            F_Q4K => groups_of::<F_Q4K, V>(w, kb, xq, m, g0, g1, out),
-            F_Q5K => groups_of::<F_Q5K, V>(w, kb, xq, m, g0, g1, out),
-            _ => groups_of::<F_Q6K, V>(w, kb, xq, m, g0, g1, out),
+            F_Q4_0 => groups_of::<F_Q4_0, S>(w, kb, xq, m, g0, g1, out),
+            F_Q8_0 => groups_of::<F_Q8_0, S>(w, kb, xq, m, g0, g1, out),
+            F_Q4K => groups_of::<F_Q4K, S>(w, kb, xq, m, g0, g1, out),
+            F_Q5K => groups_of::<F_Q5K, S>(w, kb, xq, m, g0, g1, out),
+            _ => groups_of::<F_Q6K, S>(w, kb, xq, m, g0, g1, out),
         }
     }
 
     #[inline(always)]
-    unsafe fn groups_of<const F: u8, const V: u8>(
+    unsafe fn groups_of<const F: u8, S: Simd>(
         w: &PackedWeights,
         kb: usize,
         xq: &QuantizedRows,
@@ -561,7 +662,8 @@ mod avx2 {
         g1: usize,
         out: *mut f32,
     ) {
-        let group_bytes = kb * group_block_bytes(F);
+        let rows = S::LANES;
+        let group_bytes = kb * group_block_bytes(F, rows);
         let chunk = (GROUP_CHUNK_BYTES / group_bytes).max(1);
         let mut c0 = g0;
         while c0 < g1 {
@@ -571,21 +673,24 @@ mod avx2 {
                 let rm = (m - i).min(TILE_M);
                 for g in c0..c1 {
                     let gp = w.data.as_ptr().add(g * group_bytes);
-                    let mut res = [_mm256_setzero_ps(); TILE_M];
+                    let mut res = [S::zero_f(); TILE_M];
+                    // The first tile of a chunk brings its weights from memory; the others find
+                    // them in the cache.
+                    let pf = i == 0;
                     match rm {
-                        1 => tile::<F, V, 1>(gp, kb, xq, i, &mut res),
-                        2 => tile::<F, V, 2>(gp, kb, xq, i, &mut res),
-                        3 => tile::<F, V, 3>(gp, kb, xq, i, &mut res),
-                        _ => tile::<F, V, 4>(gp, kb, xq, i, &mut res),
+                        1 => tile::<F, S, 1>(gp, kb, xq, i, pf, &mut res),
+                        2 => tile::<F, S, 2>(gp, kb, xq, i, pf, &mut res),
+                        3 => tile::<F, S, 3>(gp, kb, xq, i, pf, &mut res),
+                        _ => tile::<F, S, 4>(gp, kb, xq, i, pf, &mut res),
                     }
-                    let cols = (w.n - g * ROWS).min(ROWS);
+                    let cols = (w.n - g * rows).min(rows);
                     for r in 0..rm {
-                        let dst = out.add((i + r) * w.n + g * ROWS);
-                        if cols == ROWS {
-                            _mm256_storeu_ps(dst, res[r]);
+                        let dst = out.add((i + r) * w.n + g * rows);
+                        if cols == rows {
+                            S::store(dst, res[r]);
                         } else {
-                            let mut tmp = [0f32; ROWS];
-                            _mm256_storeu_ps(tmp.as_mut_ptr(), res[r]);
+                            let mut tmp = [0f32; 16];
+                            S::store(tmp.as_mut_ptr(), res[r]);
                             std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, cols);
                         }
                     }
@@ -596,111 +701,102 @@ mod avx2 {
         }
     }
 
-    /// `acc` plus, in each 32-bit lane, the four products of the unsigned bytes of `w` with the
-    /// signed bytes of `x` (VNNI's `dpbusd`; `V` names which encoding the caller has).
-    #[inline(always)]
-    unsafe fn dpbusd<const V: u8>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        if V == V_AVX_VNNI {
-            _mm256_dpbusd_avx_epi32(acc, w, x)
-        } else {
-            _mm256_dpbusd_epi32(acc, w, x)
-        }
-    }
-
-    /// The 4 quants of activation row block `xb` at value `at`, in every 32-bit lane.
-    #[inline(always)]
-    unsafe fn bcast(xb: *const i8, at: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(xb.add(at) as *const i32))
-    }
-
-    /// The 8 unsigned bytes at `p` as floats.
-    #[inline(always)]
-    unsafe fn bytes_ps(p: *const u8) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-    }
-
     /// One group (`gp`, its first block column) against `RM` activation rows from `i0`:
     /// `res[r]` lane `l` is row `i0 + r` times weight row `l` of the group.
     #[inline(always)]
-    unsafe fn tile<const F: u8, const V: u8, const RM: usize>(
+    unsafe fn tile<const F: u8, S: Simd, const RM: usize>(
         gp: *const u8,
         kb: usize,
         xq: &QuantizedRows,
         i0: usize,
-        res: &mut [__m256; TILE_M],
+        prefetch: bool,
+        res: &mut [S::F; TILE_M],
     ) {
         if F != F_Q4_0 && F != F_Q8_0 {
-            return tile_k::<F, V, RM>(gp, kb, xq, i0, res);
+            return tile_k::<F, S, RM>(gp, kb, xq, i0, prefetch, res);
         }
         let q4 = F == F_Q4_0;
-        let gbb = group_block_bytes(F);
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); RM];
+        let rows = S::LANES;
+        let piece = 4 * rows;
+        let gbb = group_block_bytes(F, rows);
+        let ones = S::splat32(0x0001_0001);
+        let low = S::splat8(0x0f);
+        let mut acc = [S::zero_f(); RM];
         let xrow = |r: usize, b: usize| xq.q.as_ptr().add(((i0 + r) * kb + b) * QK);
         for b in 0..kb {
             let blk = gp.add(b * gbb);
-            let wd = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-            let qs = blk.add(16);
-            let mut dots = [_mm256_setzero_si256(); RM];
-            if q4 && V != V_AVX2 {
+            if prefetch {
+                prefetch_span(blk.wrapping_add(PF_BLOCKS * gbb), gbb);
+            }
+            let wd = S::f16s(blk);
+            let qs = blk.add(2 * rows);
+            let mut dots = [S::zero(); RM];
+            if q4 && S::VNNI {
                 // Unsigned nibbles straight into dpbusd; the offset of 8 comes off through
                 // the activations' sum.
-                let mut s = [_mm256_setzero_si256(); RM];
+                let mut s = [S::zero(); RM];
                 for p in 0..4 {
-                    let raw = _mm256_loadu_si256(qs.add(32 * p) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    let raw = S::load(qs.add(piece * p));
+                    let lo = S::and(raw, low);
+                    let hi = S::and(S::shr16_4(raw), low);
                     for r in 0..RM {
                         let xb = xrow(r, b);
-                        s[r] = dpbusd::<V>(s[r], lo, bcast(xb, 4 * p));
-                        s[r] = dpbusd::<V>(s[r], hi, bcast(xb, 16 + 4 * p));
+                        s[r] = S::dpbusd(s[r], lo, S::bcast4(xb.add(4 * p)));
+                        s[r] = S::dpbusd(s[r], hi, S::bcast4(xb.add(16 + 4 * p)));
                     }
                 }
                 for r in 0..RM {
-                    let sums8 = _mm256_set1_epi32(xq.sums8[(i0 + r) * kb + b]);
-                    dots[r] = _mm256_sub_epi32(s[r], sums8);
+                    let sums8 = S::splat32(xq.sums8[(i0 + r) * kb + b]);
+                    dots[r] = S::sub32(s[r], sums8);
                 }
             } else if q4 {
                 // Unsigned nibbles straight into maddubs; the offset of 8 is taken off once per
                 // block through the activations' sum. Each 16-bit lane gathers 8 pair sums of
                 // at most 2 * 15 * 127, so it cannot overflow before the final madd.
-                let mut s = [_mm256_setzero_si256(); RM];
+                let mut s = [S::zero(); RM];
                 for p in 0..4 {
-                    let raw = _mm256_loadu_si256(qs.add(32 * p) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    let raw = S::load(qs.add(piece * p));
+                    let lo = S::and(raw, low);
+                    let hi = S::and(S::shr16_4(raw), low);
                     for r in 0..RM {
                         let xb = xrow(r, b);
-                        s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, bcast(xb, 4 * p)));
-                        s[r] =
-                            _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, bcast(xb, 16 + 4 * p)));
+                        s[r] = S::add16(s[r], S::maddubs(lo, S::bcast4(xb.add(4 * p))));
+                        s[r] = S::add16(s[r], S::maddubs(hi, S::bcast4(xb.add(16 + 4 * p))));
                     }
                 }
                 for r in 0..RM {
-                    let sums8 = _mm256_set1_epi32(xq.sums8[(i0 + r) * kb + b]);
-                    dots[r] = _mm256_sub_epi32(_mm256_madd_epi16(s[r], ones), sums8);
+                    let sums8 = S::splat32(xq.sums8[(i0 + r) * kb + b]);
+                    dots[r] = S::sub32(S::madd(s[r], ones), sums8);
+                }
+            } else if S::VNNI {
+                // The weights plus 128 as unsigned bytes (one xor, shared by all rows) into
+                // dpbusd; 128 times the activations' sum (16 * sums8) comes off after.
+                let flip = S::splat8(i8::MIN);
+                for c in 0..8 {
+                    let u = S::xor(S::load(qs.add(piece * c)), flip);
+                    for r in 0..RM {
+                        dots[r] = S::dpbusd(dots[r], u, S::bcast4(xrow(r, b).add(4 * c)));
+                    }
+                }
+                for r in 0..RM {
+                    let sums128 = S::splat32(16 * xq.sums8[(i0 + r) * kb + b]);
+                    dots[r] = S::sub32(dots[r], sums128);
                 }
             } else {
                 // |w| * (x with w's sign): maddubs needs an unsigned left operand. A pair sum
                 // reaches 2 * 127 * 127, so each piece widens to 32 bits at once.
                 for c in 0..8 {
-                    let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                    let qabs = _mm256_sign_epi8(q, q);
+                    let q = S::load(qs.add(piece * c));
+                    let qabs = S::sign8(q, q);
                     for r in 0..RM {
-                        let sx = _mm256_sign_epi8(bcast(xrow(r, b), 4 * c), q);
-                        dots[r] = if V != V_AVX2 {
-                            dpbusd::<V>(dots[r], qabs, sx)
-                        } else {
-                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, sx), ones);
-                            _mm256_add_epi32(dots[r], p)
-                        };
+                        let sx = S::sign8(S::bcast4(xrow(r, b).add(4 * c)), q);
+                        dots[r] = S::add32(dots[r], S::madd(S::maddubs(qabs, sx), ones));
                     }
                 }
             }
             for r in 0..RM {
-                let d = _mm256_mul_ps(wd, _mm256_set1_ps(xq.d[(i0 + r) * kb + b]));
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dots[r]), acc[r]);
+                let d = S::mul(wd, S::splat_f(xq.d[(i0 + r) * kb + b]));
+                acc[r] = S::fmadd(d, S::to_f(dots[r]), acc[r]);
             }
         }
         res[..RM].copy_from_slice(&acc);
@@ -718,15 +814,18 @@ mod avx2 {
     /// (activation sum)`; Q6_K: `d * (sc_a * dot_a + sc_b * dot_b - 32 * (sc_a * sum_a + sc_b *
     /// sum_b))` over the two halves of 16, all in integers before `d`.
     #[inline(always)]
-    unsafe fn tile_k<const F: u8, const V: u8, const RM: usize>(
+    unsafe fn tile_k<const F: u8, S: Simd, const RM: usize>(
         gp: *const u8,
         kb: usize,
         xq: &QuantizedRows,
         i0: usize,
-        res: &mut [__m256; TILE_M],
+        prefetch: bool,
+        res: &mut [S::F; TILE_M],
     ) {
-        let gbb = group_block_bytes(F);
-        let vnni = V != V_AVX2;
+        let rows = S::LANES;
+        let piece = 4 * rows;
+        let gbb = group_block_bytes(F, rows);
+        let vnni = S::VNNI;
         // Pieces summed before they widen (AVX2) or are scaled (VNNI, Q6_K).
         let span = match (F, vnni) {
             (F_Q4K, _) | (F_Q5K, true) => 8,
@@ -737,82 +836,77 @@ mod avx2 {
         // stays in its 16-bit lane for 4 shifts, Q6_K's bits 2p and 2p + 1 for 2.
         let plane_span = if F == F_Q6K { 2 } else { 4 };
         let kx = kb * 8;
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0f);
-        let high = _mm256_set1_epi8(if F == F_Q6K { 0x30 } else { 0x10 });
-        // Q6_K: each row's two scales (a 32-bit lane of two i16) to both halves of the lane.
-        let dup_a = _mm256_setr_epi8(
-            0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9,
-            12, 13, 12, 13,
-        );
-        let dup_b = _mm256_add_epi8(dup_a, _mm256_set1_epi8(2));
-        let mut acc = [_mm256_setzero_ps(); RM];
+        let ones = S::splat32(0x0001_0001);
+        let low = S::splat8(0x0f);
+        let high = S::splat8(if F == F_Q6K { 0x30 } else { 0x10 });
+        // Q6_K (AVX2): each row's two scales (a 32-bit lane of two i16) to both halves of the
+        // lane.
+        let dup_a = S::splat128(&[0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13]);
+        let dup_b = S::splat128(&[2, 3, 2, 3, 6, 7, 6, 7, 10, 11, 10, 11, 14, 15, 14, 15]);
+        let (sc_at, min_at) = (k45_sc(rows), k45_min(rows));
+        let mut acc = [S::zero_f(); RM];
         for sb in 0..kb {
             let blk = gp.add(sb * gbb);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i));
-            let qs = blk.add(if F == F_Q6K { K6_QS } else { K45_QS });
+            let d = S::f16s(blk);
+            let dmin = S::f16s(blk.add(2 * rows));
+            let qs = blk.add(if F == F_Q6K { k6_qs(rows) } else { k45_qs(rows) });
             // Sub-blocks 2i and 2i + 1 share their pieces: low nibbles and high nibbles.
             for i in 0..4 {
-                let pieces = qs.add(32 * 8 * i);
+                if prefetch {
+                    prefetch_span(blk.wrapping_add(2 * gbb + i * gbb / 4), gbb / 4);
+                }
+                let pieces = qs.add(piece * 8 * i);
                 let (ca, cb) = (2 * i, 2 * i + 1);
                 let xa = |r: usize| xq.q.as_ptr().add(((i0 + r) * kx + sb * 8 + ca) * QK);
                 let xb = |r: usize| xq.q.as_ptr().add(((i0 + r) * kx + sb * 8 + cb) * QK);
                 let (sca, scb) = if F == F_Q6K {
-                    let at = |c: usize| blk.add(K6_SC + 16 * c) as *const __m128i;
-                    (
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(at(ca))),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(at(cb))),
-                    )
+                    let at = |c: usize| blk.add(k6_sc(rows) + 2 * rows * c);
+                    (S::widen_i8(at(ca)), S::widen_i8(at(cb)))
                 } else {
-                    (_mm256_setzero_si256(), _mm256_setzero_si256())
+                    (S::zero(), S::zero())
                 };
-                let mut dots_a = [_mm256_setzero_si256(); RM];
-                let mut dots_b = [_mm256_setzero_si256(); RM];
-                let mut sa = [_mm256_setzero_si256(); RM];
-                let mut sb16 = [_mm256_setzero_si256(); RM];
-                let (mut ha, mut hb) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                let mut dots_a = [S::zero(); RM];
+                let mut dots_b = [S::zero(); RM];
+                let mut sa = [S::zero(); RM];
+                let mut sb16 = [S::zero(); RM];
+                let (mut ha, mut hb) = (S::zero(), S::zero());
                 for p in 0..8 {
                     if (F == F_Q5K || F == F_Q6K) && p % plane_span == 0 {
                         // The planes of this run of pieces, its first piece's bits moved to
                         // bit 4: they sit at bit 0 or 4 (Q5_K pieces 0 and 4, Q6_K pieces 0
                         // and 2 of each of its two planes).
-                        let (at, bit) = if F == F_Q6K {
-                            (K6_QH + 64 * ca + 32 * (p / 4), 2 * (p % 4))
+                        let (at, bit, step) = if F == F_Q6K {
+                            (k6_qh(rows) + 2 * piece * ca + piece * (p / 4), 2 * (p % 4), 2 * piece)
                         } else {
-                            (K45_QH + 32 * ca, p)
+                            (k45_qh(rows) + piece * ca, p, piece)
                         };
-                        let step = if F == F_Q6K { 64 } else { 32 };
-                        let pa = _mm256_loadu_si256(blk.add(at) as *const __m256i);
-                        let pb = _mm256_loadu_si256(blk.add(at + step) as *const __m256i);
-                        (ha, hb) = if bit == 0 {
-                            (_mm256_slli_epi16(pa, 4), _mm256_slli_epi16(pb, 4))
-                        } else {
-                            (pa, pb)
-                        };
+                        let pa = S::load(blk.add(at));
+                        let pb = S::load(blk.add(at + step));
+                        (ha, hb) =
+                            if bit == 0 { (S::shl16_4(pa), S::shl16_4(pb)) } else { (pa, pb) };
                     }
-                    let raw = _mm256_loadu_si256(pieces.add(32 * p) as *const __m256i);
-                    let mut lo = _mm256_and_si256(raw, low);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    let raw = S::load(pieces.add(piece * p));
+                    let mut lo = S::and(raw, low);
+                    let mut hi = S::and(S::shr16_4(raw), low);
                     if F == F_Q5K || F == F_Q6K {
-                        lo = _mm256_or_si256(lo, _mm256_and_si256(ha, high));
-                        hi = _mm256_or_si256(hi, _mm256_and_si256(hb, high));
+                        lo = S::or(lo, S::and(ha, high));
+                        hi = S::or(hi, S::and(hb, high));
                         if F == F_Q6K {
-                            ha = _mm256_srli_epi16(ha, 2);
-                            hb = _mm256_srli_epi16(hb, 2);
+                            ha = S::shr16_2(ha);
+                            hb = S::shr16_2(hb);
                         } else {
-                            ha = _mm256_srli_epi16(ha, 1);
-                            hb = _mm256_srli_epi16(hb, 1);
+                            ha = S::shr16_1(ha);
+                            hb = S::shr16_1(hb);
                         }
                     }
                     for r in 0..RM {
-                        let (xa, xb) = (bcast(xa(r), 4 * p), bcast(xb(r), 4 * p));
+                        let (xa, xb) = (S::bcast4(xa(r).add(4 * p)), S::bcast4(xb(r).add(4 * p)));
                         if vnni {
-                            sa[r] = dpbusd::<V>(sa[r], lo, xa);
-                            sb16[r] = dpbusd::<V>(sb16[r], hi, xb);
+                            sa[r] = S::dpbusd(sa[r], lo, xa);
+                            sb16[r] = S::dpbusd(sb16[r], hi, xb);
                         } else {
-                            sa[r] = _mm256_add_epi16(sa[r], _mm256_maddubs_epi16(lo, xa));
-                            sb16[r] = _mm256_add_epi16(sb16[r], _mm256_maddubs_epi16(hi, xb));
+                            sa[r] = S::add16(sa[r], S::maddubs(lo, xa));
+                            sb16[r] = S::add16(sb16[r], S::maddubs(hi, xb));
                         }
                     }
                     if (p + 1) % span != 0 {
@@ -822,19 +916,11 @@ mod avx2 {
                     let first_half = p < 4;
                     if vnni && F == F_Q6K {
                         // Lane l holds row l's two scales as i16: the first or the second.
-                        let pick = |sc: __m256i| {
-                            if first_half {
-                                _mm256_srai_epi32(_mm256_slli_epi32(sc, 16), 16)
-                            } else {
-                                _mm256_srai_epi32(sc, 16)
-                            }
-                        };
+                        let pick = |sc| if first_half { S::lo16(sc) } else { S::hi16(sc) };
                         let (wa, wb) = (pick(sca), pick(scb));
                         for r in 0..RM {
-                            let ta = _mm256_mullo_epi32(sa[r], wa);
-                            let tb = _mm256_mullo_epi32(sb16[r], wb);
-                            dots_a[r] = _mm256_add_epi32(dots_a[r], ta);
-                            dots_b[r] = _mm256_add_epi32(dots_b[r], tb);
+                            dots_a[r] = S::add32(dots_a[r], S::mullo32(sa[r], wa));
+                            dots_b[r] = S::add32(dots_b[r], S::mullo32(sb16[r], wb));
                         }
                     } else if vnni {
                         dots_a = sa;
@@ -843,38 +929,36 @@ mod avx2 {
                         let (wa, wb) = if F != F_Q6K {
                             (ones, ones)
                         } else if first_half {
-                            (_mm256_shuffle_epi8(sca, dup_a), _mm256_shuffle_epi8(scb, dup_a))
+                            (S::shuffle8(sca, dup_a), S::shuffle8(scb, dup_a))
                         } else {
-                            (_mm256_shuffle_epi8(sca, dup_b), _mm256_shuffle_epi8(scb, dup_b))
+                            (S::shuffle8(sca, dup_b), S::shuffle8(scb, dup_b))
                         };
                         for r in 0..RM {
-                            let ta = _mm256_madd_epi16(sa[r], wa);
-                            let tb = _mm256_madd_epi16(sb16[r], wb);
-                            dots_a[r] = _mm256_add_epi32(dots_a[r], ta);
-                            dots_b[r] = _mm256_add_epi32(dots_b[r], tb);
+                            dots_a[r] = S::add32(dots_a[r], S::madd(sa[r], wa));
+                            dots_b[r] = S::add32(dots_b[r], S::madd(sb16[r], wb));
                         }
                     }
-                    sa = [_mm256_setzero_si256(); RM];
-                    sb16 = [_mm256_setzero_si256(); RM];
+                    sa = [S::zero(); RM];
+                    sb16 = [S::zero(); RM];
                 }
                 for (c, scab, dots) in [(ca, sca, &dots_a), (cb, scb, &dots_b)] {
                     let bx = sb * 8 + c;
                     if F == F_Q6K {
                         for r in 0..RM {
                             let idx = (i0 + r) * kx + bx;
-                            let sums = _mm256_madd_epi16(scab, _mm256_set1_epi32(xq.sums16[idx]));
-                            let dot = _mm256_sub_epi32(dots[r], _mm256_slli_epi32(sums, 5));
-                            let da = _mm256_mul_ps(d, _mm256_set1_ps(xq.d[idx]));
-                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), da, acc[r]);
+                            let sums = S::madd(scab, S::splat32(xq.sums16[idx]));
+                            let dot = S::sub32(dots[r], S::shl32_5(sums));
+                            let da = S::mul(d, S::splat_f(xq.d[idx]));
+                            acc[r] = S::fmadd(S::to_f(dot), da, acc[r]);
                         }
                     } else {
-                        let dsc = _mm256_mul_ps(d, bytes_ps(blk.add(K45_SC + 8 * c)));
-                        let dmn = _mm256_mul_ps(dmin, bytes_ps(blk.add(K45_MIN + 8 * c)));
+                        let dsc = S::mul(d, S::u8s(blk.add(sc_at + rows * c)));
+                        let dmn = S::mul(dmin, S::u8s(blk.add(min_at + rows * c)));
                         for r in 0..RM {
                             let idx = (i0 + r) * kx + bx;
-                            let da = _mm256_mul_ps(dsc, _mm256_set1_ps(xq.d[idx]));
-                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), da, acc[r]);
-                            acc[r] = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(xq.dsum[idx]), acc[r]);
+                            let da = S::mul(dsc, S::splat_f(xq.d[idx]));
+                            acc[r] = S::fmadd(S::to_f(dots[r]), da, acc[r]);
+                            acc[r] = S::fnmadd(dmn, S::splat_f(xq.dsum[idx]), acc[r]);
                         }
                     }
                 }
@@ -988,8 +1072,9 @@ mod tests {
                     let xq = quantize_rows(&x, k);
                     let xd: Vec<f64> =
                         (0..m * k).map(|i| xq.q[i] as f64 * xq.d[i / QK] as f64).collect();
-                    let packed = PackedWeights::new(dtype, &q.data().unwrap(), n, k);
+                    let blocks = q.data().unwrap();
                     for (isa, threads) in isas_and_threads() {
+                        let packed = PackedWeights::new_for(isa, dtype, &blocks, n, k);
                         let got = packed.matmul_with(isa, &x, m, threads);
                         assert_eq!(got.len(), m * n);
                         for i in 0..m {
@@ -1049,8 +1134,8 @@ mod tests {
                     }
                 }
                 x[k..2 * k].iter_mut().for_each(|v| *v = 1.0);
-                let packed = PackedWeights::new(dtype, &blocks, n, k);
                 for isa in Isa::available() {
+                    let packed = PackedWeights::new_for(isa, dtype, &blocks, n, k);
                     let got = packed.matmul_with(isa, &x, 3, 2);
                     for i in 0..3 {
                         for j in 0..n {
@@ -1127,8 +1212,9 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let packed = PackedWeights::new(dtype, &q.data().unwrap(), n, k);
+                let blocks = q.data().unwrap();
                 for (isa, threads) in isas_and_threads() {
+                    let packed = PackedWeights::new_for(isa, dtype, &blocks, n, k);
                     let got = packed.matmul_with(isa, &xs, m, threads);
                     for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
                         // K-quants: the two activation roundings (steps of about 3.5/127 and
