@@ -1,5 +1,6 @@
 //! `phi-serve`: the command line of the Phi-3 inference server.
 
+mod allocator;
 mod config_file;
 mod generate;
 mod memory;
@@ -60,6 +61,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> std::process::ExitCode {
+    allocator::keep_freed_memory();
     let args = match config_file::with_config_file(&Cli::command(), std::env::args_os().collect()) {
         Ok(args) => args,
         Err(e) => {

@@ -192,6 +192,8 @@ impl ModelArgs {
             },
         };
         let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
-        Ok(Engine::load(&source, &opts)?)
+        let engine = Engine::load(&source, &opts)?;
+        crate::allocator::release_unused();
+        Ok(engine)
     }
 }
