@@ -1,0 +1,171 @@
+// Paged KV cache kernels for the GPU: writing a batch's new keys and values into the pool's
+// blocks, and decode attention that reads every sequence's keys and values where they lie.
+//
+// Why: without them a decode step on the GPU costs a handful of launches per sequence and layer
+// (a copy per run of positions to write, a gather of the whole cache, a matmul, a softmax and a
+// matmul to attend), so a batch of 64 streams made thousands of tiny launches per step, and the
+// gathers copied the whole cache every step. Here a layer's writes are one launch for the whole
+// batch, and its decode attention one more, whatever the batch size.
+//
+// Layout (crates/engine/src/kv_pool.rs): a layer's keys (and values) are
+// `[num_blocks, n_kv_heads, BLOCK_SIZE, head_dim]`; slot `s` is position `s % BLOCK_SIZE` of
+// block `s / BLOCK_SIZE`.
+//
+// Numerics follow the reference (transformers' eager attention): scores, softmax and the
+// weighted sum in float32, from the cache's element type; the result is rounded once to the
+// model's type. The softmax is computed online (running maximum and sum, rescaled as keys come),
+// so any number of keys fits in registers: each warp takes every `n_warps`-th key, and the warps'
+// partial results are merged at the end.
+//
+// The same source also compiles on the CPU against a small emulation of CUDA's thread model
+// (crates/engine/tests/cuda_emulation), which is how its logic is tested without a GPU: keep to
+// what that emulation provides (threadIdx/blockIdx/blockDim, static __shared__ arrays,
+// __syncthreads, __shfl_xor_sync with a full mask on warp-uniform control flow).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define PHI_BLOCK_SIZE 16u
+// Head sizes up to 256 (Phi-3: 96 and 128), 8 dimensions per lane.
+#define PHI_MAX_HEAD_DIM 256u
+#define PHI_MAX_PER_LANE (PHI_MAX_HEAD_DIM / 32u)
+// Threads of a decode block: 8 warps. The launcher must use exactly this many.
+#define PHI_DECODE_THREADS 256u
+#define PHI_DECODE_WARPS (PHI_DECODE_THREADS / 32u)
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+// Where head `head`'s `head_dim` values of pool slot `slot` start, in elements.
+__device__ __forceinline__ size_t slot_offset(uint32_t slot, uint32_t head, uint32_t n_kv_heads,
+                                              uint32_t head_dim) {
+  size_t block = slot / PHI_BLOCK_SIZE, offset = slot % PHI_BLOCK_SIZE;
+  return ((block * n_kv_heads + head) * PHI_BLOCK_SIZE + offset) * (size_t)head_dim;
+}
+
+// Row `r` of `rows` (`[n_rows, n_kv_heads, head_dim]`, contiguous) into pool slot `slots[r]`
+// (keys and values are two launches). Grid: (n_rows, n_kv_heads); any block width.
+template <typename T>
+__device__ void kv_write(const T *__restrict__ rows, T *__restrict__ pool,
+                         const uint32_t *__restrict__ slots, uint32_t n_kv_heads,
+                         uint32_t head_dim) {
+  const uint32_t r = blockIdx.x, h = blockIdx.y;
+  const size_t src = ((size_t)r * n_kv_heads + h) * head_dim;
+  const size_t dst = slot_offset(slots[r], h, n_kv_heads, head_dim);
+  for (uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) pool[dst + d] = rows[src + d];
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
+}
+
+// Decode attention of one query head of one sequence. Grid: (n_seqs, n_heads); block:
+// PHI_DECODE_THREADS threads.
+//   q       `[n_rows, n_heads, head_dim]`: the batch's queries after rotary embedding; sequence
+//           `s` uses row `q_rows[s]`.
+//   pool_k, pool_v  one layer of the pool.
+//   slots   every sequence's visible keys, oldest first, one after another: sequence `s` has
+//           `slots[starts[s] .. starts[s + 1]]` (its sliding window already applied).
+//   out     `[n_seqs, n_heads, head_dim]`.
+// Query head `h` reads key/value head `h / (n_heads / n_kv_heads)` (grouped-query attention).
+template <typename T>
+__device__ void paged_decode(const T *__restrict__ q, const T *__restrict__ pool_k,
+                             const T *__restrict__ pool_v, const uint32_t *__restrict__ slots,
+                             const uint32_t *__restrict__ starts,
+                             const uint32_t *__restrict__ q_rows, T *__restrict__ out,
+                             uint32_t n_heads, uint32_t n_kv_heads, uint32_t head_dim,
+                             float scale) {
+  __shared__ float part_max[PHI_DECODE_WARPS];
+  __shared__ float part_sum[PHI_DECODE_WARPS];
+  __shared__ float part_acc[PHI_DECODE_WARPS][PHI_MAX_HEAD_DIM];
+
+  const uint32_t seq = blockIdx.x, head = blockIdx.y;
+  const uint32_t kv_head = head / (n_heads / n_kv_heads);
+  const uint32_t lane = threadIdx.x % 32u, warp = threadIdx.x / 32u;
+  const uint32_t n_dims = (head_dim + 31u) / 32u; // dimensions per lane: lane, lane + 32, ...
+
+  // This lane's dimensions of the query, scaled once.
+  const T *qh = q + ((size_t)q_rows[seq] * n_heads + head) * head_dim;
+  float qr[PHI_MAX_PER_LANE], acc[PHI_MAX_PER_LANE];
+#pragma unroll
+  for (uint32_t i = 0; i < PHI_MAX_PER_LANE; ++i) {
+    const uint32_t d = lane + 32u * i;
+    qr[i] = (i < n_dims && d < head_dim) ? to_f32(qh[d]) * scale : 0.0f;
+    acc[i] = 0.0f;
+  }
+
+  // Online softmax over this warp's keys: running maximum `m`, running sum `l`.
+  float m = -INFINITY, l = 0.0f;
+  for (uint32_t j = starts[seq] + warp; j < starts[seq + 1]; j += PHI_DECODE_WARPS) {
+    const size_t base = slot_offset(slots[j], kv_head, n_kv_heads, head_dim);
+    float s = 0.0f;
+#pragma unroll
+    for (uint32_t i = 0; i < PHI_MAX_PER_LANE; ++i) {
+      const uint32_t d = lane + 32u * i;
+      if (i < n_dims && d < head_dim) s += qr[i] * to_f32(pool_k[base + d]);
+    }
+    s = warp_sum(s);
+    const float m_new = fmaxf(m, s);
+    const float rescale = (m == -INFINITY) ? 0.0f : expf(m - m_new);
+    const float p = expf(s - m_new);
+    l = l * rescale + p;
+#pragma unroll
+    for (uint32_t i = 0; i < PHI_MAX_PER_LANE; ++i) {
+      const uint32_t d = lane + 32u * i;
+      if (i < n_dims && d < head_dim) acc[i] = acc[i] * rescale + p * to_f32(pool_v[base + d]);
+    }
+    m = m_new;
+  }
+
+  // Merge the warps: each rescales to the common maximum.
+  if (lane == 0) {
+    part_max[warp] = m;
+    part_sum[warp] = l;
+  }
+#pragma unroll
+  for (uint32_t i = 0; i < PHI_MAX_PER_LANE; ++i) {
+    const uint32_t d = lane + 32u * i;
+    if (i < n_dims && d < head_dim) part_acc[warp][d] = acc[i];
+  }
+  __syncthreads();
+  const uint32_t d = threadIdx.x;
+  if (d < head_dim) {
+    float mx = -INFINITY;
+    for (uint32_t w = 0; w < PHI_DECODE_WARPS; ++w) mx = fmaxf(mx, part_max[w]);
+    float sum = 0.0f, o = 0.0f;
+    for (uint32_t w = 0; w < PHI_DECODE_WARPS; ++w) {
+      if (part_max[w] == -INFINITY) continue; // a warp that had no keys
+      const float f = expf(part_max[w] - mx);
+      sum += part_sum[w] * f;
+      o += part_acc[w][d] * f;
+    }
+    out[((size_t)seq * n_heads + head) * head_dim + d] = from_f32<T>(sum > 0.0f ? o / sum : 0.0f);
+  }
+}
+
+#define PHI_KERNELS(T, SUFFIX)                                                                    \
+  extern "C" __global__ void kv_write_##SUFFIX(const T *rows, T *pool, const uint32_t *slots,     \
+                                               uint32_t n_kv_heads, uint32_t head_dim) {         \
+    kv_write<T>(rows, pool, slots, n_kv_heads, head_dim);                                         \
+  }                                                                                               \
+  extern "C" __global__ void paged_decode_##SUFFIX(                                               \
+      const T *q, const T *pool_k, const T *pool_v, const uint32_t *slots,                        \
+      const uint32_t *starts, const uint32_t *q_rows, T *out, uint32_t n_heads,                   \
+      uint32_t n_kv_heads, uint32_t head_dim, float scale) {                                      \
+    paged_decode<T>(q, pool_k, pool_v, slots, starts, q_rows, out, n_heads, n_kv_heads,           \
+                    head_dim, scale);                                                             \
+  }
+
+PHI_KERNELS(float, f32)
+PHI_KERNELS(__half, f16)
+PHI_KERNELS(__nv_bfloat16, bf16)
