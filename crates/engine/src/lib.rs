@@ -2,6 +2,8 @@
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_paged;
 pub mod detokenizer;
 pub mod engine;
 pub mod error;

@@ -19,6 +19,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::CheckpointFiles;
 use crate::config::Phi3Config;
+#[cfg(feature = "cuda")]
+use crate::cuda_paged::{BatchSlots, DecodeSeq};
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, GgufWeights};
 use crate::kv_cache::SequenceCache;
@@ -28,6 +30,70 @@ use crate::projection::{Embedding, Projection};
 use crate::quantize::{QuantScheme, QuantizingWeights};
 use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
 use crate::weights::{ModelWeights, WeightStore};
+
+/// The paged cache's state on the GPU for one forward pass (see `Phi3::gpu_pass`): its slots
+/// on the device and the batch items that decode through the paged kernel, in its order.
+#[cfg(feature = "cuda")]
+struct GpuPass {
+    slots: BatchSlots,
+    decoding: Vec<usize>,
+}
+
+/// Without CUDA there is no GPU pass: the type has no values.
+#[cfg(not(feature = "cuda"))]
+enum GpuPass {}
+
+#[cfg(feature = "cuda")]
+impl GpuPass {
+    /// Whether batch item `i` decodes through the paged kernel.
+    fn decodes(&self, i: usize) -> bool {
+        self.decoding.contains(&i)
+    }
+
+    /// Writes the batch's keys and values of one layer into the pool.
+    fn write(&self, pool_k: &Tensor, pool_v: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.slots.write(pool_k, pool_v, k, v)
+    }
+
+    /// Decode attention of the decoding items over one layer, into their `outputs`.
+    fn decode(
+        &self,
+        q: &Tensor,
+        pool_k: &Tensor,
+        pool_v: &Tensor,
+        heads: Heads,
+        outputs: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        if let Some(out) = self.slots.decode(q, pool_k, pool_v, heads)? {
+            for (j, &i) in self.decoding.iter().enumerate() {
+                outputs[i] = Some(out.narrow(0, j, 1)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl GpuPass {
+    fn decodes(&self, _: usize) -> bool {
+        match *self {}
+    }
+
+    fn write(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
+        match *self {}
+    }
+
+    fn decode(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Heads,
+        _: &mut [Option<Tensor>],
+    ) -> Result<()> {
+        match *self {}
+    }
+}
 
 /// RMSNorm with the reference's rounding: normalise in float32, cast back, then scale.
 #[derive(Debug, Clone)]
@@ -426,10 +492,16 @@ impl Phi3 {
             .map(|(span, _)| if self.uses_flash_attn() { Ok(None) } else { self.mask_for(span) })
             .collect::<Result<Vec<Option<Tensor>>>>()?;
 
+        #[cfg(feature = "cuda")]
+        let gpu = self.gpu_pass(items, &spans)?;
+        #[cfg(not(feature = "cuda"))]
+        let gpu: Option<GpuPass> = None;
+
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
             let h = layer.input_norm.forward(&x)?;
-            let attn = self.attention(li, layer, &h, &cos, &sin, items, &spans, &masks)?;
+            let attn =
+                self.attention(li, layer, &h, &cos, &sin, items, &spans, &masks, gpu.as_ref())?;
             x = (residual + attn)?;
             let residual = x.clone();
             let h = layer.post_attention_norm.forward(&x)?;
@@ -477,6 +549,7 @@ impl Phi3 {
         items: &mut [BatchItem<'_>],
         spans: &[(Range<usize>, RopeFactors)],
         masks: &[Option<Tensor>],
+        gpu: Option<&GpuPass>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (hd, nq, nkv) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -493,6 +566,12 @@ impl Phi3 {
         let q = q.contiguous()?;
         let k = k.contiguous()?;
         let v = v.contiguous()?;
+        let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: scale as f32 };
+        // On the GPU the whole batch's keys and values go into the pool in one launch each.
+        if let (Some(gpu), Some(item)) = (gpu, items.first()) {
+            let (pool_k, pool_v) = item.cache.pool().layer(layer_idx);
+            gpu.write(pool_k, pool_v, &k, &v)?;
+        }
         // Decode queries whose cache the paged kernel reads in place; the rest gather their
         // keys and values into contiguous tensors.
         let paged = !self.uses_flash_attn();
@@ -504,9 +583,15 @@ impl Phi3 {
         for (i, ((item, (span, _)), mask)) in items.iter_mut().zip(spans).zip(masks).enumerate() {
             let l = span.len();
             let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
-            item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
+            if gpu.is_none() {
+                item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
+            }
             offset += l;
             let (first_key, n_keys) = self.key_range(span);
+            if gpu.is_some_and(|g| g.decodes(i)) {
+                outputs.push(None);
+                continue;
+            }
 
             let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
             if paged && l == 1 && mask.is_none() && item.cache.is_paged_on_cpu() && same_pool {
@@ -545,9 +630,12 @@ impl Phi3 {
             let out = out.reshape((nq, l, hd))?.transpose(0, 1)?.reshape((l, nq * hd))?;
             outputs.push(Some(out));
         }
+        if let (Some(gpu), Some(item)) = (gpu, items.first()) {
+            let (pool_k, pool_v) = item.cache.pool().layer(layer_idx);
+            gpu.decode(&q, pool_k, pool_v, heads, &mut outputs)?;
+        }
         if let Some(pool) = decode_pool {
             let (pool_k, pool_v) = pool.layer(layer_idx);
-            let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: scale as f32 };
             let results = decode_attention(pool_k, pool_v, &queries, heads)?;
             for (&i, out) in decode.iter().zip(results) {
                 outputs[i] = Some(Tensor::from_vec(out, (1, nq * hd), &self.device)?);
@@ -561,6 +649,35 @@ impl Phi3 {
             Tensor::cat(&outputs, 0)?
         };
         layer.o_proj.forward(&out)
+    }
+
+    /// The batch's slots on the GPU, when its cache is a pool the paged kernels serve: every
+    /// token's slot for the writes, and the decoding sequences (one query each) with their
+    /// visible keys. `None` sends the pass down the general path.
+    #[cfg(feature = "cuda")]
+    fn gpu_pass(
+        &self,
+        items: &[BatchItem<'_>],
+        spans: &[(Range<usize>, RopeFactors)],
+    ) -> Result<Option<GpuPass>> {
+        let Some(first) = items.first() else { return Ok(None) };
+        let pool = first.cache.pool();
+        if !crate::cuda_paged::supports(pool) || !items.iter().all(|i| i.cache.pool().same(pool)) {
+            return Ok(None);
+        }
+        let (mut write, mut decode, mut decoding) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row = 0u32;
+        for (i, (item, (span, _))) in items.iter().zip(spans).enumerate() {
+            write.extend(item.cache.slots(span.start, span.end));
+            if span.len() == 1 {
+                // A single query's keys never exceed its window (key_range): no mask.
+                let (first_key, _) = self.key_range(span);
+                decode.push(DecodeSeq { q_row: row, slots: item.cache.slots(first_key, span.end) });
+                decoding.push(i);
+            }
+            row += span.len() as u32;
+        }
+        Ok(Some(GpuPass { slots: BatchSlots::new(pool, write, &decode)?, decoding }))
     }
 
     /// Whether attention runs in the FlashAttention-2 kernel (built with `flash-attn`, on CUDA,

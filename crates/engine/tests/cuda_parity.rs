@@ -5,7 +5,10 @@
 //!   a small tolerance of the CPU's;
 //! - bf16 on `cuda:0` (the GPU default) tracks the reference as closely as bf16 on the CPU does,
 //!   and its greedy continuations equal the CPU bf16 ones up to the first step where the CPU's
-//!   top-2 margin is within bf16 rounding (past that, either choice is right).
+//!   top-2 margin is within bf16 rounding (past that, either choice is right);
+//! - the paged KV kernels (`kernels/paged_attention.cu`, which every decode step above runs
+//!   through) on their own: the GPU's writes land where the slots say, and its decode attention
+//!   equals the CPU's paged kernel over the same pool.
 //!
 //! Only built with `--features cuda`: `cargo test -p phi-engine --features cuda --test
 //! cuda_parity`. Without a usable GPU every test passes after printing `SKIPPED: no CUDA device`
@@ -18,6 +21,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use phi_engine::checkpoint::ModelSource;
+use phi_engine::cuda_paged::{BatchSlots, DecodeSeq};
+use phi_engine::kv_pool::{KvPool, PoolGeometry, BLOCK_SIZE};
+use phi_engine::paged_attention::{decode_attention, DecodeQuery, Heads};
 use phi_engine::phi3::{BatchItem, Phi3};
 use serde_json::Value;
 
@@ -234,4 +240,97 @@ fn bf16_on_cuda_tracks_the_cpu() {
         }
     }
     say("bf16_on_cuda_tracks_the_cpu: ran on cuda:0");
+}
+
+/// The paged kernels against the CPU's paged decode attention: sequences of 1, 40 and 300
+/// positions (the last seeing only its newest 100) in blocks scattered over the pool, grouped
+/// heads of Phi-3-mini's size, in each element type.
+#[test]
+fn paged_kernels_on_cuda_match_the_cpu_kernel() {
+    let Some(dev) = gpu("paged_kernels_on_cuda_match_the_cpu_kernel") else { return };
+    let (nq, nkv, hd) = (8, 2, 96);
+    let seqs = [(1usize, 1usize), (40, 40), (300, 100)];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let geometry = PoolGeometry { num_layers: 1, n_kv_heads: nkv, head_dim: hd, dtype };
+        let pool = KvPool::new(geometry, 64 * BLOCK_SIZE, 0, &dev).unwrap();
+        // Every position of every sequence, blocks handed out from the top of the pool down.
+        let mut next_block = pool.num_blocks() as u32;
+        let mut tables = Vec::new();
+        let mut write = Vec::new();
+        for &(len, _) in &seqs {
+            let table: Vec<u32> = (0..len.div_ceil(BLOCK_SIZE))
+                .map(|_| {
+                    next_block -= 1;
+                    next_block
+                })
+                .collect();
+            write.extend(
+                (0..len)
+                    .map(|p| table[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32),
+            );
+            tables.push(table);
+        }
+        let n = write.len();
+        let k = Tensor::randn(0f32, 1.0, (n, nkv, hd), &dev).unwrap().to_dtype(dtype).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (n, nkv, hd), &dev).unwrap().to_dtype(dtype).unwrap();
+        let q =
+            Tensor::randn(0f32, 2.0, (seqs.len(), nq, hd), &dev).unwrap().to_dtype(dtype).unwrap();
+        let decode: Vec<DecodeSeq> = seqs
+            .iter()
+            .zip(&tables)
+            .enumerate()
+            .map(|(i, (&(len, seen), table))| DecodeSeq {
+                q_row: i as u32,
+                slots: (len - seen..len)
+                    .map(|p| table[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
+                    .collect(),
+            })
+            .collect();
+        let slots = BatchSlots::new(&pool, write.clone(), &decode).unwrap();
+        let (pool_k, pool_v) = pool.layer(0);
+        slots.write(pool_k, pool_v, &k, &v).unwrap();
+        let heads =
+            Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+        let got = slots.decode(&q, pool_k, pool_v, heads).unwrap().unwrap();
+        let got = got.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+        let got = got.to_vec2::<f32>().unwrap();
+
+        // The writes: each row where its slot says.
+        let cpu_k = pool_k.to_device(&Device::Cpu).unwrap();
+        let cpu_v = pool_v.to_device(&Device::Cpu).unwrap();
+        let flat_k = cpu_k
+            .to_dtype(DType::F32)
+            .unwrap()
+            .reshape((pool.num_blocks(), nkv, BLOCK_SIZE, hd))
+            .unwrap();
+        let rows_k = k.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+        for (r, &slot) in write.iter().enumerate() {
+            let (b, o) = (slot as usize / BLOCK_SIZE, slot as usize % BLOCK_SIZE);
+            for h in 0..nkv {
+                let want = rows_k.get(r).unwrap().get(h).unwrap().to_vec1::<f32>().unwrap();
+                let at = flat_k.get(b).unwrap().get(h).unwrap().get(o).unwrap();
+                assert_eq!(at.to_vec1::<f32>().unwrap(), want, "{dtype:?}: row {r} head {h}");
+            }
+        }
+
+        // Decode attention: the CPU's paged kernel over a copy of the same pool.
+        let q_cpu = q.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+        let queries: Vec<DecodeQuery> = decode
+            .iter()
+            .map(|d| DecodeQuery {
+                q: q_cpu.get(d.q_row as usize).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                slots: d.slots.clone(),
+            })
+            .collect();
+        let want = decode_attention(&cpu_k, &cpu_v, &queries, heads).unwrap();
+        let tol = match dtype {
+            DType::F32 => 1e-4,
+            _ => 2e-2,
+        };
+        for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+            let d = max_abs_diff(g, w);
+            assert!(d < tol, "{dtype:?}: sequence {s}: paged decode |diff| {d}");
+        }
+    }
+    say("paged_kernels_on_cuda_match_the_cpu_kernel: ran on cuda:0");
 }
