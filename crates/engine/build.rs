@@ -1,12 +1,12 @@
-//! With the `cuda` feature, compiles the engine's own GPU kernels (`kernels/*.cu`) to PTX with
-//! nvcc, for the generation `CUDA_COMPUTE_CAP` names (default 90), as candle's kernels are. The
-//! PTX is embedded in the library (`include_str!`) and loaded by the driver at run time. nvcc is
-//! `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH (docker/cuda-toolchain.sh sets
-//! them all). Without the feature this does nothing.
+//! With the `cuda` feature, compiles the engine's own GPU kernels (`kernels/*.cu`, which share
+//! `kernels/common.cuh`) to PTX with nvcc, for the generation `CUDA_COMPUTE_CAP` names (default
+//! 90), as candle's kernels are. The PTX is embedded in the library (`include_str!`) and loaded
+//! by the driver at run time. nvcc is `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on the
+//! PATH (docker/cuda-toolchain.sh sets them all). Without the feature this does nothing.
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["paged_attention"];
+const KERNELS: &[&str] = &["layer_ops", "paged_attention"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -5,7 +5,8 @@
 // (a copy per run of positions to write, a gather of the whole cache, a matmul, a softmax and a
 // matmul to attend), so a batch of 64 streams made thousands of tiny launches per step, and the
 // gathers copied the whole cache every step. Here a layer's writes are one launch for the whole
-// batch, and its decode attention one more, whatever the batch size.
+// batch's keys (rotary embedding included) and one for its values, and its decode attention one
+// more, whatever the batch size.
 //
 // Layout (crates/engine/src/kv_pool.rs): a layer's keys (and values) are
 // `[num_blocks, n_kv_heads, BLOCK_SIZE, head_dim]`; slot `s` is position `s % BLOCK_SIZE` of
@@ -18,32 +19,17 @@
 // partial results are merged at the end.
 //
 // The same source also compiles on the CPU against a small emulation of CUDA's thread model
-// (crates/engine/tests/cuda_emulation), which is how its logic is tested without a GPU: keep to
-// what that emulation provides (threadIdx/blockIdx/blockDim, static __shared__ arrays,
-// __syncthreads, __shfl_xor_sync with a full mask on warp-uniform control flow).
+// (crates/engine/tests/cuda_emulation), which is how its logic is tested without a GPU (see
+// common.cuh for what the kernels may use).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
-#define PHI_BLOCK_SIZE 16u
 // Head sizes up to 256 (Phi-3: 96 and 128), 8 dimensions per lane.
 #define PHI_MAX_HEAD_DIM 256u
 #define PHI_MAX_PER_LANE (PHI_MAX_HEAD_DIM / 32u)
 // Threads of a decode block: 8 warps. The launcher must use exactly this many.
 #define PHI_DECODE_THREADS 256u
 #define PHI_DECODE_WARPS (PHI_DECODE_THREADS / 32u)
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
 
 // Where head `head`'s `head_dim` values of pool slot `slot` start, in elements.
 __device__ __forceinline__ size_t slot_offset(uint32_t slot, uint32_t head, uint32_t n_kv_heads,
@@ -52,21 +38,21 @@ __device__ __forceinline__ size_t slot_offset(uint32_t slot, uint32_t head, uint
   return ((block * n_kv_heads + head) * PHI_BLOCK_SIZE + offset) * (size_t)head_dim;
 }
 
-// Row `r` of `rows` (`[n_rows, n_kv_heads, head_dim]`, contiguous) into pool slot `slots[r]`
-// (keys and values are two launches). Grid: (n_rows, n_kv_heads); any block width.
+// Row `r` of a batch into pool slot `slots[r]` (keys and values are two launches). Head `h`
+// of row `r` is the `head_dim` values at `rows + r * row_stride + h * head_dim`, so that keys
+// and values are read straight out of the fused qkv projection's output. With `rot_dim > 0`
+// (keys) the head is rotated on the way (rope_head; `cos` and `sin` are `[n_rows, rot_dim / 2]`),
+// with 0 it is copied. Grid: (n_rows, n_kv_heads); any block width.
 template <typename T>
-__device__ void kv_write(const T *__restrict__ rows, T *__restrict__ pool,
-                         const uint32_t *__restrict__ slots, uint32_t n_kv_heads,
-                         uint32_t head_dim) {
+__device__ void kv_write(const T *__restrict__ rows, uint32_t row_stride, T *__restrict__ pool,
+                         const uint32_t *__restrict__ slots, const T *__restrict__ cos,
+                         const T *__restrict__ sin, uint32_t n_kv_heads, uint32_t head_dim,
+                         uint32_t rot_dim) {
   const uint32_t r = blockIdx.x, h = blockIdx.y;
-  const size_t src = ((size_t)r * n_kv_heads + h) * head_dim;
-  const size_t dst = slot_offset(slots[r], h, n_kv_heads, head_dim);
-  for (uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) pool[dst + d] = rows[src + d];
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
-  return x;
+  const T *src = rows + (size_t)r * row_stride + (size_t)h * head_dim;
+  T *dst = pool + slot_offset(slots[r], h, n_kv_heads, head_dim);
+  const size_t cs = (size_t)r * (rot_dim / 2u);
+  rope_head(src, dst, cos + cs, sin + cs, head_dim, rot_dim);
 }
 
 // Decode attention of one query head of one sequence. Grid: (n_seqs, n_heads); block:
@@ -154,9 +140,10 @@ __device__ void paged_decode(const T *__restrict__ q, const T *__restrict__ pool
 }
 
 #define PHI_KERNELS(T, SUFFIX)                                                                    \
-  extern "C" __global__ void kv_write_##SUFFIX(const T *rows, T *pool, const uint32_t *slots,     \
-                                               uint32_t n_kv_heads, uint32_t head_dim) {         \
-    kv_write<T>(rows, pool, slots, n_kv_heads, head_dim);                                         \
+  extern "C" __global__ void kv_write_##SUFFIX(                                                   \
+      const T *rows, uint32_t row_stride, T *pool, const uint32_t *slots, const T *cos,           \
+      const T *sin, uint32_t n_kv_heads, uint32_t head_dim, uint32_t rot_dim) {                   \
+    kv_write<T>(rows, row_stride, pool, slots, cos, sin, n_kv_heads, head_dim, rot_dim);          \
   }                                                                                               \
   extern "C" __global__ void paged_decode_##SUFFIX(                                               \
       const T *q, const T *pool_k, const T *pool_v, const uint32_t *slots,                        \

@@ -1,6 +1,7 @@
 //! The paged KV cache on the GPU: one launch per layer writes the whole batch's new keys (one
-//! more its values) into the pool's blocks, and one more runs decode attention for every
-//! decoding sequence of the batch, reading its keys and values where they lie in the pool.
+//! more its values) into the pool's blocks, rotating the keys on the way when they come straight
+//! from the fused qkv projection, and one more runs decode attention for every decoding sequence
+//! of the batch, reading its keys and values where they lie in the pool.
 //!
 //! Exists because the general path costs a handful of small launches per sequence and layer
 //! (copies per run of positions, a gather of the whole cache, two matmuls and a softmax), which
@@ -21,12 +22,12 @@ use candle_core::{
 };
 use half::{bf16, f16};
 
+use crate::cuda_kernels::{contiguous, load_kernel, u32_arg, PAGED_ATTENTION};
+use crate::cuda_layer_ops::RopeTables;
 use crate::error::{EngineError, Result};
 use crate::kv_pool::{KvPool, BLOCK_SIZE};
 use crate::paged_attention::Heads;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
-const MODULE: &str = "phi_engine_paged_attention";
 /// Threads of a decode block (`PHI_DECODE_THREADS` in the kernel source).
 const DECODE_THREADS: u32 = 256;
 /// The largest head the decode kernel takes (`PHI_MAX_HEAD_DIM`).
@@ -110,12 +111,36 @@ impl BatchSlots {
     }
 
     /// Writes the batch's keys and values of one layer (`k`, `v`: `[n_tokens, n_kv_heads,
-    /// head_dim]`) into their slots of `pool_k` and `pool_v`.
+    /// head_dim]`, already rotated) into their slots of `pool_k` and `pool_v`.
     pub fn write(&self, pool_k: &Tensor, pool_v: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         for (pool, rows) in [(pool_k, k), (pool_v, v)] {
             let rows = rows.to_dtype(pool.dtype())?.contiguous()?;
-            pool.inplace_op3(&rows, &self.write, &WriteRows)?;
+            let n = rows.dim(0)?;
+            let rows = rows.reshape((n, rows.elem_count() / n.max(1)))?;
+            let op = WriteRows { first: 0, rope: None };
+            pool.inplace_op3(&rows, &self.write, &op)?;
         }
+        Ok(())
+    }
+
+    /// Writes one layer's keys and values into their slots of `pool_k` and `pool_v` straight
+    /// from the fused qkv projection's output (`qkv`: `[n_tokens, (n_heads + 2 n_kv_heads)
+    /// head_dim]`, in the pool's type), rotating the keys with `rope` on the way: no copies of
+    /// the keys and values out of `qkv`, and no separate rotation.
+    pub fn write_qkv(
+        &self,
+        pool_k: &Tensor,
+        pool_v: &Tensor,
+        qkv: &Tensor,
+        heads: Heads,
+        rope: &RopeTables,
+    ) -> Result<()> {
+        let qkv = qkv.contiguous()?;
+        let hd = heads.head_dim;
+        let k = WriteRows { first: heads.n_heads * hd, rope: Some(rope.clone()) };
+        pool_k.inplace_op3(&qkv, &self.write, &k)?;
+        let v = WriteRows { first: (heads.n_heads + heads.n_kv_heads) * hd, rope: None };
+        pool_v.inplace_op3(&qkv, &self.write, &v)?;
         Ok(())
     }
 
@@ -146,25 +171,16 @@ impl BatchSlots {
     }
 }
 
-/// The kernels' name suffix for an element type.
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::F16 => Ok("f16"),
-        DType::BF16 => Ok("bf16"),
-        d => candle_core::bail!("the paged KV kernels take f32, f16 or bf16, not {d:?}"),
-    }
+/// `kv_write_*`: the pool (destination), the rows (`[n_rows, row_stride]`), their slots. Each
+/// row's `n_kv_heads * head_dim` values start at column `first`; `rope` rotates them (keys).
+struct WriteRows {
+    first: usize,
+    rope: Option<RopeTables>,
 }
-
-fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
-    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} not contiguous")))
-}
-
-/// `kv_write_*`: the pool (destination), the rows, their slots.
-struct WriteRows;
 
 impl WriteRows {
     fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
         pool: &mut CudaStorage,
         pl: &Layout,
         rows: &CudaStorage,
@@ -175,22 +191,35 @@ impl WriteRows {
         let dims = pl.shape().dims();
         let (nkv, hd) = (dims[1], dims[3]);
         let n_rows = sl.shape().elem_count();
-        if rl.shape().dims() != [n_rows, nkv, hd] {
-            candle_core::bail!("kv write: rows {:?} for {n_rows} slots of {nkv}x{hd}", rl.shape());
+        let (rows_n, stride) = rl.shape().dims2()?;
+        if rows_n != n_rows || self.first + nkv * hd > stride {
+            candle_core::bail!(
+                "kv write: rows {:?} from column {} for {n_rows} slots of {nkv}x{hd}",
+                rl.shape(),
+                self.first
+            );
         }
         if n_rows == 0 {
             return Ok(());
         }
         let dev = pool.device().clone();
-        let func =
-            dev.get_or_load_custom_func(&format!("kv_write_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let func = load_kernel!(dev, PAGED_ATTENTION, "kv_write", T::DTYPE)?;
         let (r0, r1) = contiguous(rl, "kv write rows")?;
         let (s0, s1) = contiguous(sl, "kv write slots")?;
         let (p0, p1) = contiguous(pl, "the KV pool")?;
-        let rows = rows.as_cuda_slice::<T>()?.slice(r0..r1);
+        let rows = rows.as_cuda_slice::<T>()?.slice(r0 + self.first..r1);
         let slots = slots.as_cuda_slice::<u32>()?.slice(s0..s1);
         let mut pool = pool.as_cuda_slice_mut::<T>()?.slice_mut(p0..p1);
-        let (nkv, hd) = (nkv as u32, hd as u32);
+        let tables = match &self.rope {
+            Some(rope) => Some(rope.storage(n_rows, hd, T::DTYPE)?),
+            None => None,
+        };
+        let (cos, sin, rot) = match &tables {
+            Some(t) => (t.cos::<T>()?, t.sin::<T>()?, t.rot_dim),
+            // Not read without rotation; any pointer of the type will do.
+            None => (rows.slice(..), rows.slice(..), 0),
+        };
+        let (stride, nkv, hd) = (u32_arg(stride, "a row")?, nkv as u32, hd as u32);
         let cfg = LaunchConfig {
             grid_dim: (n_rows as u32, nkv, 1),
             block_dim: (hd.div_ceil(32).min(4) * 32, 1, 1),
@@ -198,12 +227,17 @@ impl WriteRows {
         };
         let mut b = func.builder();
         b.arg(&rows);
+        b.arg(&stride);
         b.arg(&mut pool);
         b.arg(&slots);
+        b.arg(&cos);
+        b.arg(&sin);
         b.arg(&nkv);
         b.arg(&hd);
+        b.arg(&rot);
         // SAFETY: the arguments match the kernel's signature; every slot was checked against
-        // the pool's size (BatchSlots::new) and the rows' shape above.
+        // the pool's size (BatchSlots::new), the rows' shape above and the rotary tables'
+        // against the rows (RopeTables::storage).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
@@ -244,9 +278,9 @@ impl InplaceOp3 for WriteRows {
             );
         }
         match pool.dtype() {
-            DType::F32 => Self::launch::<f32>(pool, pl, rows, rl, slots, sl),
-            DType::F16 => Self::launch::<f16>(pool, pl, rows, rl, slots, sl),
-            DType::BF16 => Self::launch::<bf16>(pool, pl, rows, rl, slots, sl),
+            DType::F32 => self.launch::<f32>(pool, pl, rows, rl, slots, sl),
+            DType::F16 => self.launch::<f16>(pool, pl, rows, rl, slots, sl),
+            DType::BF16 => self.launch::<bf16>(pool, pl, rows, rl, slots, sl),
             d => candle_core::bail!("kv write: no kernel for {d:?}"),
         }
     }
@@ -298,11 +332,7 @@ impl PagedDecode {
         let starts = index.slice(i0 + s..i0 + s + n + 1);
         let q_rows = index.slice(i0 + s + n + 1..i0 + s + 2 * n + 1);
 
-        let func = dev.get_or_load_custom_func(
-            &format!("paged_decode_{}", suffix(T::DTYPE)?),
-            MODULE,
-            PTX,
-        )?;
+        let func = load_kernel!(dev, PAGED_ATTENTION, "paged_decode", T::DTYPE)?;
         let (q0, q1) = contiguous(ql, "paged decode queries")?;
         let (k0, k1) = contiguous(kl, "the KV pool's keys")?;
         let (v0, v1) = contiguous(vl, "the KV pool's values")?;

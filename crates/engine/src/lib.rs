@@ -3,6 +3,10 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
+mod cuda_kernels;
+#[cfg(feature = "cuda")]
+pub mod cuda_layer_ops;
+#[cfg(feature = "cuda")]
 pub mod cuda_paged;
 pub mod detokenizer;
 pub mod engine;

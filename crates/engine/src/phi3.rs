@@ -20,6 +20,8 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::checkpoint::CheckpointFiles;
 use crate::config::Phi3Config;
 #[cfg(feature = "cuda")]
+use crate::cuda_layer_ops::RopeTables;
+#[cfg(feature = "cuda")]
 use crate::cuda_paged::{BatchSlots, DecodeSeq};
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, GgufWeights};
@@ -32,11 +34,13 @@ use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
 use crate::weights::{ModelWeights, WeightStore};
 
 /// The paged cache's state on the GPU for one forward pass (see `Phi3::gpu_pass`): its slots
-/// on the device and the batch items that decode through the paged kernel, in its order.
+/// on the device, the batch items that decode through the paged kernel, in its order, and the
+/// pass's rotary tables.
 #[cfg(feature = "cuda")]
 struct GpuPass {
     slots: BatchSlots,
     decoding: Vec<usize>,
+    rope: RopeTables,
 }
 
 /// Without CUDA there is no GPU pass: the type has no values.
@@ -55,7 +59,26 @@ impl GpuPass {
         self.slots.write(pool_k, pool_v, k, v)
     }
 
-    /// Decode attention of the decoding items over one layer, into their `outputs`.
+    /// The fused path for the qkv projection's output `qkv`, where the pool and the rotary
+    /// tables are in its type: writes the rotated keys and the values into the pool and
+    /// returns the rotated queries (`[n_tokens, n_heads, head_dim]`). `None`: nothing done.
+    fn write_qkv(
+        &self,
+        qkv: &Tensor,
+        pool_k: &Tensor,
+        pool_v: &Tensor,
+        heads: Heads,
+    ) -> Result<Option<Tensor>> {
+        let dtype = qkv.dtype();
+        if pool_k.dtype() != dtype || self.rope.dtype() != dtype {
+            return Ok(None);
+        }
+        self.slots.write_qkv(pool_k, pool_v, qkv, heads, &self.rope)?;
+        Ok(Some(crate::cuda_layer_ops::rope_queries(qkv, &self.rope, heads)?))
+    }
+
+    /// Decode attention of the decoding items over one layer, into their `outputs`; when every
+    /// item decodes, the whole batch's output (`[n_items, n_heads * head_dim]`) instead.
     fn decode(
         &self,
         q: &Tensor,
@@ -63,13 +86,15 @@ impl GpuPass {
         pool_v: &Tensor,
         heads: Heads,
         outputs: &mut [Option<Tensor>],
-    ) -> Result<()> {
-        if let Some(out) = self.slots.decode(q, pool_k, pool_v, heads)? {
-            for (j, &i) in self.decoding.iter().enumerate() {
-                outputs[i] = Some(out.narrow(0, j, 1)?);
-            }
+    ) -> Result<Option<Tensor>> {
+        let Some(out) = self.slots.decode(q, pool_k, pool_v, heads)? else { return Ok(None) };
+        if self.decoding.len() == outputs.len() {
+            return Ok(Some(out));
         }
-        Ok(())
+        for (j, &i) in self.decoding.iter().enumerate() {
+            outputs[i] = Some(out.narrow(0, j, 1)?);
+        }
+        Ok(None)
     }
 }
 
@@ -83,6 +108,10 @@ impl GpuPass {
         match *self {}
     }
 
+    fn write_qkv(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: Heads) -> Result<Option<Tensor>> {
+        match *self {}
+    }
+
     fn decode(
         &self,
         _: &Tensor,
@@ -90,7 +119,7 @@ impl GpuPass {
         _: &Tensor,
         _: Heads,
         _: &mut [Option<Tensor>],
-    ) -> Result<()> {
+    ) -> Result<Option<Tensor>> {
         match *self {}
     }
 }
@@ -104,6 +133,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused(x) {
+            return crate::cuda_layer_ops::rms_norm(x, &self.weight, self.eps);
+        }
         if x.dtype() == DType::F32 {
             return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
         }
@@ -112,6 +145,42 @@ impl RmsNorm {
         let normed = xf.broadcast_mul(&inv)?.to_dtype(x.dtype())?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }
+
+    /// The residual connection and this norm: `(x + delta, norm(x + delta))`, in one pass on
+    /// the GPU.
+    fn forward_residual(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if self.fused(x) && delta.dtype() == x.dtype() {
+            return crate::cuda_layer_ops::add_rms_norm(x, delta, &self.weight, self.eps);
+        }
+        let sum = (x + delta)?;
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
+    }
+
+    /// Whether the GPU's fused kernel computes this norm of `x`.
+    #[cfg(feature = "cuda")]
+    fn fused(&self, x: &Tensor) -> bool {
+        crate::cuda_layer_ops::supports(x) && self.weight.dtype() == x.dtype()
+    }
+}
+
+/// The MLP's gate, `up * silu(gate)` of `gate_up` (`[rows, 2 * intermediate]`): SiLU computed
+/// in float32 and rounded to the model's type, as the reference's kernel does, then the product
+/// in the model's type. One fused launch on the GPU.
+fn gated(gate_up: &Tensor, intermediate: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda_layer_ops::supports(gate_up) {
+        return crate::cuda_layer_ops::silu_mul(gate_up);
+    }
+    let gate = gate_up.narrow(1, 0, intermediate)?;
+    let up = gate_up.narrow(1, intermediate, intermediate)?;
+    let act = if gate.dtype() == DType::F32 {
+        candle_nn::ops::silu(&gate)?
+    } else {
+        candle_nn::ops::silu(&gate.to_dtype(DType::F32)?)?.to_dtype(gate.dtype())?
+    };
+    Ok((up * act)?)
 }
 
 #[derive(Debug, Clone)]
@@ -493,24 +562,26 @@ impl Phi3 {
             .collect::<Result<Vec<Option<Tensor>>>>()?;
 
         #[cfg(feature = "cuda")]
-        let gpu = self.gpu_pass(items, &spans)?;
+        let gpu = self.gpu_pass(items, &spans, &cos, &sin)?;
         #[cfg(not(feature = "cuda"))]
         let gpu: Option<GpuPass> = None;
 
+        // Each residual add is done together with the norm after it (one pass on the GPU):
+        // `h` is the next sublayer's normalised input.
+        let mut h = match self.layers.first() {
+            Some(layer) => layer.input_norm.forward(&x)?,
+            None => x.clone(),
+        };
         for (li, layer) in self.layers.iter().enumerate() {
-            let residual = x.clone();
-            let h = layer.input_norm.forward(&x)?;
             let attn =
                 self.attention(li, layer, &h, &cos, &sin, items, &spans, &masks, gpu.as_ref())?;
-            x = (residual + attn)?;
-            let residual = x.clone();
-            let h = layer.post_attention_norm.forward(&x)?;
+            (x, h) = layer.post_attention_norm.forward_residual(&x, &attn)?;
             let gate_up = layer.gate_up_proj.forward(&h)?;
-            let i = self.cfg.intermediate_size;
-            let gate = gate_up.narrow(1, 0, i)?;
-            let up = gate_up.narrow(1, i, i)?;
-            let h = layer.down_proj.forward(&(up * candle_nn::ops::silu(&gate)?)?)?;
-            x = (residual + h)?;
+            let mlp = layer.down_proj.forward(&gated(&gate_up, self.cfg.intermediate_size)?)?;
+            match self.layers.get(li + 1) {
+                Some(next) => (x, h) = next.input_norm.forward_residual(&x, &mlp)?,
+                None => x = (x + mlp)?,
+            }
         }
         for (item, (span, _)) in items.iter_mut().zip(&spans) {
             item.cache.advance(span.len());
@@ -556,22 +627,30 @@ impl Phi3 {
         let group = nq / nkv;
         let n_tokens = h.dim(0)?;
         let qkv = layer.qkv_proj.forward(h)?;
-        let q = qkv.narrow(1, 0, nq * hd)?.reshape((n_tokens, nq, hd))?;
-        let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((n_tokens, nkv, hd))?;
-        let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((n_tokens, nkv, hd))?;
-        let q = self.rotary.apply(&q, cos, sin)?;
-        let k = self.rotary.apply(&k, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
-
-        let q = q.contiguous()?;
-        let k = k.contiguous()?;
-        let v = v.contiguous()?;
         let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: scale as f32 };
-        // On the GPU the whole batch's keys and values go into the pool in one launch each.
-        if let (Some(gpu), Some(item)) = (gpu, items.first()) {
-            let (pool_k, pool_v) = item.cache.pool().layer(layer_idx);
-            gpu.write(pool_k, pool_v, &k, &v)?;
-        }
+        // On the GPU the whole batch's keys and values go into the pool in one launch each,
+        // straight out of `qkv` where the types allow (the keys rotated on the way).
+        let pool = gpu.zip(items.first()).map(|(g, item)| (g, item.cache.pool().layer(layer_idx)));
+        let fused_q = match pool {
+            Some((gpu, (pool_k, pool_v))) => gpu.write_qkv(&qkv, pool_k, pool_v, heads)?,
+            None => None,
+        };
+        let (q, kv) = match fused_q {
+            Some(q) => (q, None),
+            None => {
+                let q = qkv.narrow(1, 0, nq * hd)?.reshape((n_tokens, nq, hd))?;
+                let k = qkv.narrow(1, nq * hd, nkv * hd)?.reshape((n_tokens, nkv, hd))?;
+                let v = qkv.narrow(1, (nq + nkv) * hd, nkv * hd)?.reshape((n_tokens, nkv, hd))?;
+                let q = self.rotary.apply(&q, cos, sin)?.contiguous()?;
+                let k = self.rotary.apply(&k, cos, sin)?.contiguous()?;
+                let v = v.contiguous()?;
+                if let Some((gpu, (pool_k, pool_v))) = pool {
+                    gpu.write(pool_k, pool_v, &k, &v)?;
+                }
+                (q, Some((k, v)))
+            }
+        };
         // Decode queries whose cache the paged kernel reads in place; the rest gather their
         // keys and values into contiguous tensors.
         let paged = !self.uses_flash_attn();
@@ -583,7 +662,7 @@ impl Phi3 {
         for (i, ((item, (span, _)), mask)) in items.iter_mut().zip(spans).zip(masks).enumerate() {
             let l = span.len();
             let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
-            if gpu.is_none() {
+            if let (None, Some((k, v))) = (gpu, &kv) {
                 item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
             }
             offset += l;
@@ -632,7 +711,10 @@ impl Phi3 {
         }
         if let (Some(gpu), Some(item)) = (gpu, items.first()) {
             let (pool_k, pool_v) = item.cache.pool().layer(layer_idx);
-            gpu.decode(&q, pool_k, pool_v, heads, &mut outputs)?;
+            if let Some(all) = gpu.decode(&q, pool_k, pool_v, heads, &mut outputs)? {
+                // Every item decoded: the kernel's output is the batch's, in order.
+                return layer.o_proj.forward(&all);
+            }
         }
         if let Some(pool) = decode_pool {
             let (pool_k, pool_v) = pool.layer(layer_idx);
@@ -659,6 +741,8 @@ impl Phi3 {
         &self,
         items: &[BatchItem<'_>],
         spans: &[(Range<usize>, RopeFactors)],
+        cos: &Tensor,
+        sin: &Tensor,
     ) -> Result<Option<GpuPass>> {
         let Some(first) = items.first() else { return Ok(None) };
         let pool = first.cache.pool();
@@ -677,7 +761,8 @@ impl Phi3 {
             }
             row += span.len() as u32;
         }
-        Ok(Some(GpuPass { slots: BatchSlots::new(pool, write, &decode)?, decoding }))
+        let slots = BatchSlots::new(pool, write, &decode)?;
+        Ok(Some(GpuPass { slots, decoding, rope: RopeTables::new(cos, sin)? }))
     }
 
     /// Whether attention runs in the FlashAttention-2 kernel (built with `flash-attn`, on CUDA,

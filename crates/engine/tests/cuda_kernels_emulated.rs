@@ -1,15 +1,20 @@
-//! The GPU's paged KV kernels (`kernels/paged_attention.cu`), run on the CPU under an emulation
-//! of CUDA's thread model (`tests/cuda_emulation`), against attention computed here in f64.
+//! The engine's GPU kernels (`kernels/*.cu`), run on the CPU under an emulation of CUDA's
+//! thread model (`tests/cuda_emulation`): the paged KV kernels against attention computed here
+//! in f64, the fused layer steps (RMSNorm, the residual add, the SiLU gate, rotary embedding)
+//! against the CPU path's candle ops or the reference's formulas.
 //!
 //! Exists because CI has no GPU: this is where the kernels' indexing into the pool's blocks,
-//! their online softmax and the merge of the warps' partial results are checked on every run,
-//! for each element type, grouped-query heads, head sizes that are not a multiple of a warp,
-//! sliding windows and blocks scattered over the pool. It says nothing of their speed; the GPU
-//! tests (`cuda_parity.rs`) run the same kernels on a real device when one is present.
+//! their online softmax, the merge of the warps' partial results, their block reductions and
+//! their rounding are checked on every run, for each element type, grouped-query heads, head
+//! sizes that are not a multiple of a warp, partial rotary embedding, sliding windows and blocks
+//! scattered over the pool. It says nothing of their speed; the GPU tests (`cuda_parity.rs`)
+//! run the same kernels on a real device when one is present.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
+use candle_core::{DType, Device, Tensor, D};
 use phi_engine::kv_pool::{slot_offset, BLOCK_SIZE};
 
 /// A small deterministic generator (no seeded-RNG crate needed for test data).
@@ -52,6 +57,14 @@ impl Elem {
         }
     }
 
+    fn dtype(self) -> DType {
+        match self {
+            Elem::F32 => DType::F32,
+            Elem::F16 => DType::F16,
+            Elem::Bf16 => DType::BF16,
+        }
+    }
+
     /// The relative error of one rounding to this type.
     fn rel_tol(self) -> f64 {
         match self {
@@ -79,12 +92,19 @@ struct Case {
 /// Compiles the harness once per test process; `None` (with a message) where no C++ compiler
 /// with C++20 is found.
 fn harness() -> Option<PathBuf> {
+    static HARNESS: OnceLock<Option<PathBuf>> = OnceLock::new();
+    HARNESS.get_or_init(compile_harness).clone()
+}
+
+fn compile_harness() -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("tests/cuda_emulation");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emulation_harness");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-I"])
+        .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas"])
+        // The kernels' `__f*_rn` arithmetic must not be fused into FMAs here either.
+        .args(["-ffp-contract=off", "-I"])
         .arg(&dir)
         .args(["-include", "cuda_emulation.h", "-x", "c++"])
         .arg(dir.join("harness.cpp"))
@@ -112,6 +132,19 @@ fn write_u32(path: &Path, v: &[u32]) {
 fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// A scratch folder for one harness run.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda_emulation_{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs kernel group `op` of the harness on the inputs in `dir`.
+fn run_harness(harness: &Path, op: &str, dir: &Path, elem: Elem, name: &str) {
+    let status = Command::new(harness).arg(op).arg(dir).arg(elem.name()).status().unwrap();
+    assert!(status.success(), "{name}: the harness failed ({status})");
 }
 
 fn run_case(harness: &Path, name: &str, case: &Case, seed: u64) {
@@ -158,8 +191,7 @@ fn run_case(harness: &Path, name: &str, case: &Case, seed: u64) {
     }
     let scale = 1.0 / (hd as f32).sqrt();
 
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cuda_emulation_{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch(name);
     let meta = format!(
         "{nq} {nkv} {hd} {num_blocks} {} {} {n_q} {scale:e}\n",
         write_slots.len(),
@@ -173,8 +205,7 @@ fn run_case(harness: &Path, name: &str, case: &Case, seed: u64) {
     write_u32(&dir.join("slots.u32"), &slots);
     write_u32(&dir.join("starts.u32"), &starts);
     write_u32(&dir.join("q_rows.u32"), &q_rows);
-    let status = Command::new(harness).arg(&dir).arg(elem.name()).status().unwrap();
-    assert!(status.success(), "{name}: the harness failed ({status})");
+    run_harness(harness, "paged", &dir, elem, name);
 
     // The pool: each written row where its slot says, rounded to the element type, and zeros
     // everywhere else.
@@ -308,5 +339,202 @@ fn paged_kernels_match_reference_attention() {
     ];
     for (i, (name, case)) in cases.iter().enumerate() {
         run_case(&harness, name, case, 0x5eed + i as u64);
+    }
+}
+
+/// `values` (float32) as a CPU tensor of `elem`'s type.
+fn tensor(values: &[f32], shape: &[usize], elem: Elem) -> Tensor {
+    Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap().to_dtype(elem.dtype()).unwrap()
+}
+
+/// A tensor's elements, widened to float32.
+fn elements(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Rotary embedding as the CPU path applies it (`Rotary::apply`): candle's `rope_thd` on the
+/// first `rot` dimensions of each head of `x` (`[n, heads, head_dim]`), the rest passed through.
+fn cpu_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Tensor {
+    let (n, h, d) = x.dims3().unwrap();
+    let rotated = x.narrow(2, 0, rot).unwrap().contiguous().unwrap().reshape((1, n, h, rot));
+    let rotated = candle_nn::rotary_emb::rope_thd(&rotated.unwrap(), cos, sin).unwrap();
+    let rotated = rotated.reshape((n, h, rot)).unwrap();
+    if rot == d {
+        return rotated;
+    }
+    Tensor::cat(&[&rotated, &x.narrow(2, rot, d - rot).unwrap()], 2).unwrap()
+}
+
+/// Checks `got` against `want` elementwise: within one rounding of the element type, and, in
+/// f16 and bf16, identical for at least `min_exact` of the elements (the kernels differ from
+/// candle's ops only in the order of a float32 sum or the last bit of `expf`, which a rounding
+/// to f16 or bf16 hides almost always; float32 results show them in their last bits).
+fn assert_close(name: &str, what: &str, got: &[f32], want: &[f32], elem: Elem, min_exact: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: {what} size");
+    let mut exact = 0usize;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-30 + elem.rel_tol() * w.abs() as f64;
+        assert!(
+            ((g - w).abs() as f64) <= tol,
+            "{name}: {what}[{i}] = {g}, candle's ops give {w} (tolerance {tol:e})"
+        );
+        exact += usize::from(g == w);
+    }
+    let fraction = exact as f64 / got.len() as f64;
+    assert!(
+        matches!(elem, Elem::F32) || fraction >= min_exact,
+        "{name}: {what}: only {:.1}% of the elements identical",
+        100.0 * fraction
+    );
+    eprintln!("{name}: {what}: {:.2}% identical", 100.0 * fraction);
+}
+
+/// The fused-qkv rotary kernels: `rope_queries` and `kv_write` with rotation (keys) and without
+/// (values), reading heads straight out of `[n, (nq + 2 nkv) * hd]` rows.
+fn rope_case(harness: &Path, name: &str, elem: Elem, sizes: [usize; 5], seed: u64) {
+    let [n, nq, nkv, hd, rot] = sizes;
+    let mut rng = Lcg(seed);
+    let stride = (nq + 2 * nkv) * hd;
+    let qkv: Vec<f32> = (0..n * stride).map(|_| rng.unit() * 2.0).collect();
+    // Real rotary tables at scattered positions, with an attention factor above 1 as LongRoPE's.
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for r in 0..n {
+        let pos = (r * 37 + 3) as f32;
+        for i in 0..rot / 2 {
+            let angle = pos * 10000f32.powf(-2.0 * i as f32 / rot as f32);
+            cos.push(angle.cos() * 1.19);
+            sin.push(angle.sin() * 1.19);
+        }
+    }
+    let num_blocks = n.div_ceil(BLOCK_SIZE) * 2 + 3;
+    let mut all: Vec<u32> = (0..(num_blocks * BLOCK_SIZE) as u32).collect();
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.next() as usize % (i + 1));
+    }
+    let slots: Vec<u32> = all[..n].to_vec();
+
+    let dir = scratch(name);
+    std::fs::write(dir.join("meta.txt"), format!("{n} {nq} {nkv} {hd} {rot} {num_blocks}\n"))
+        .unwrap();
+    write_f32(&dir.join("qkv.f32"), &qkv);
+    write_f32(&dir.join("cos.f32"), &cos);
+    write_f32(&dir.join("sin.f32"), &sin);
+    write_u32(&dir.join("slots.u32"), &slots);
+    run_harness(harness, "rope", &dir, elem, name);
+
+    // The CPU path: narrow the fused rows, rotate with candle's kernel.
+    let qkv_t = tensor(&qkv, &[n, stride], elem);
+    let (cos_t, sin_t) = (tensor(&cos, &[n, rot / 2], elem), tensor(&sin, &[n, rot / 2], elem));
+    let heads = |first: usize, count: usize| {
+        qkv_t.narrow(1, first * hd, count * hd).unwrap().reshape((n, count, hd)).unwrap()
+    };
+    let q_want = elements(&cpu_rope(&heads(0, nq), &cos_t, &sin_t, rot));
+    let k_want = elements(&cpu_rope(&heads(nq, nkv), &cos_t, &sin_t, rot));
+    let v_want = elements(&heads(nq + nkv, nkv));
+    assert!(read_f32(&dir.join("q.f32")) == q_want, "{name}: rotated queries differ from candle's");
+
+    let pool_len = num_blocks * nkv * BLOCK_SIZE * hd;
+    let (mut expect_k, mut expect_v) = (vec![0f32; pool_len], vec![0f32; pool_len]);
+    for (r, &slot) in slots.iter().enumerate() {
+        for h in 0..nkv {
+            let at = slot_offset(slot, h, nkv, hd);
+            let from = (r * nkv + h) * hd;
+            expect_k[at..at + hd].copy_from_slice(&k_want[from..from + hd]);
+            expect_v[at..at + hd].copy_from_slice(&v_want[from..from + hd]);
+        }
+    }
+    assert!(read_f32(&dir.join("pool_k.f32")) == expect_k, "{name}: rotated keys in the pool");
+    assert!(read_f32(&dir.join("pool_v.f32")) == expect_v, "{name}: values in the pool");
+    eprintln!("{name}: {n} rows of {nq}+{nkv}+{nkv} heads, identical to candle's rope");
+}
+
+#[test]
+fn rope_kernels_match_the_cpu_rotary_path() {
+    let Some(harness) = harness() else { return };
+    let cases = [
+        // Phi-3-mini's heads, every dimension rotated.
+        ("rope_f32", Elem::F32, [7, 4, 2, 96, 96]),
+        ("rope_bf16", Elem::Bf16, [7, 4, 2, 96, 96]),
+        ("rope_f16", Elem::F16, [3, 4, 4, 96, 96]),
+        // Phi-4-mini's partial rotary embedding (three quarters of a 128 head).
+        ("rope_bf16_partial", Elem::Bf16, [5, 6, 2, 128, 96]),
+        // A head that is no multiple of a warp, partially rotated.
+        ("rope_f32_partial_hd40", Elem::F32, [4, 3, 1, 40, 24]),
+    ];
+    for (i, (name, elem, sizes)) in cases.into_iter().enumerate() {
+        rope_case(&harness, name, elem, sizes, 0xa0e + i as u64);
+    }
+}
+
+/// RMSNorm as the CPU path computes it (`RmsNorm::forward`).
+fn cpu_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    if x.dtype() == DType::F32 {
+        return candle_nn::ops::rms_norm(x, weight, eps as f32).unwrap();
+    }
+    let xf = x.to_dtype(DType::F32).unwrap();
+    let mean = xf.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let inv = (mean + eps).unwrap().sqrt().unwrap().recip().unwrap();
+    let normed = xf.broadcast_mul(&inv).unwrap().to_dtype(x.dtype()).unwrap();
+    normed.broadcast_mul(weight).unwrap()
+}
+
+#[test]
+fn norm_kernels_match_the_cpu_rms_norm() {
+    let Some(harness) = harness() else { return };
+    // Phi-3-mini's hidden size, and one that no block width divides.
+    let cases = [
+        ("norm_f32", Elem::F32, 3, 3072),
+        ("norm_bf16", Elem::Bf16, 3, 3072),
+        ("norm_f16", Elem::F16, 2, 3072),
+        ("norm_bf16_odd", Elem::Bf16, 4, 203),
+    ];
+    let eps = 1e-5;
+    for (i, (name, elem, n, cols)) in cases.into_iter().enumerate() {
+        let mut rng = Lcg(0x4e0 + i as u64);
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.unit() * 3.0).collect();
+        let delta: Vec<f32> = (0..n * cols).map(|_| rng.unit()).collect();
+        let weight: Vec<f32> = (0..cols).map(|_| 1.0 + rng.unit() * 0.5).collect();
+        let dir = scratch(name);
+        std::fs::write(dir.join("meta.txt"), format!("{n} {cols} {eps:e}\n")).unwrap();
+        write_f32(&dir.join("x.f32"), &x);
+        write_f32(&dir.join("delta.f32"), &delta);
+        write_f32(&dir.join("weight.f32"), &weight);
+        run_harness(&harness, "norm", &dir, elem, name);
+
+        let (x, delta) = (tensor(&x, &[n, cols], elem), tensor(&delta, &[n, cols], elem));
+        let weight = tensor(&weight, &[cols], elem);
+        let sum = (&x + &delta).unwrap();
+        let got_sum = read_f32(&dir.join("sum.f32"));
+        assert!(got_sum == elements(&sum), "{name}: the residual sum differs from candle's add");
+        let want = elements(&cpu_rms_norm(&x, &weight, eps));
+        assert_close(name, "rms_norm", &read_f32(&dir.join("out.f32")), &want, elem, 0.98);
+        let want = elements(&cpu_rms_norm(&sum, &weight, eps));
+        assert_close(name, "add_rms_norm", &read_f32(&dir.join("add_out.f32")), &want, elem, 0.98);
+    }
+}
+
+#[test]
+fn silu_kernel_matches_the_cpu_gate() {
+    let Some(harness) = harness() else { return };
+    let cases = [
+        ("silu_f32", Elem::F32, 3, 300),
+        ("silu_bf16", Elem::Bf16, 4, 300),
+        ("silu_f16", Elem::F16, 2, 257),
+    ];
+    for (i, (name, elem, n, cols)) in cases.into_iter().enumerate() {
+        let mut rng = Lcg(0x51u64 + i as u64);
+        // Gates over the range where SiLU bends, and past it.
+        let gate_up: Vec<f32> = (0..n * 2 * cols).map(|_| rng.unit() * 8.0).collect();
+        let dir = scratch(name);
+        std::fs::write(dir.join("meta.txt"), format!("{n} {cols}\n")).unwrap();
+        write_f32(&dir.join("gate_up.f32"), &gate_up);
+        run_harness(&harness, "silu", &dir, elem, name);
+
+        // The CPU path (the reference's rounding): SiLU in float32, rounded, times up.
+        let gate_up = tensor(&gate_up, &[n, 2 * cols], elem);
+        let gate = gate_up.narrow(1, 0, cols).unwrap().to_dtype(DType::F32).unwrap();
+        let act = candle_nn::ops::silu(&gate).unwrap().to_dtype(elem.dtype()).unwrap();
+        let want = elements(&(gate_up.narrow(1, cols, cols).unwrap() * act).unwrap());
+        assert_close(name, "silu_mul", &read_f32(&dir.join("out.f32")), &want, elem, 0.98);
     }
 }

@@ -334,3 +334,123 @@ fn paged_kernels_on_cuda_match_the_cpu_kernel() {
     }
     say("paged_kernels_on_cuda_match_the_cpu_kernel: ran on cuda:0");
 }
+
+/// A tensor's elements, float32, on the CPU.
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `got` within `rel` of `want`, element by element.
+fn assert_rel_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-30 + rel * w.abs(), "{what}[{i}]: {g} against {w}");
+    }
+}
+
+/// The fused layer kernels (`cuda_layer_ops`, and the pool write of the keys rotated on the way)
+/// against the CPU path's candle ops on the same inputs: RMSNorm and the residual add, the SiLU
+/// gate, and the rotary embedding of Phi-3-mini's heads and of Phi-4-mini's partial rotation.
+#[test]
+fn fused_layer_kernels_on_cuda_match_the_cpu_ops() {
+    use phi_engine::cuda_layer_ops::{add_rms_norm, rms_norm, rope_queries, silu_mul, RopeTables};
+    let Some(dev) = gpu("fused_layer_kernels_on_cuda_match_the_cpu_ops") else { return };
+    let cpu = Device::Cpu;
+    let randn = |shape: &[usize], std: f32, dtype: DType| {
+        Tensor::randn(0f32, std, shape, &cpu).unwrap().to_dtype(dtype).unwrap()
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        // One rounding of the type; float32 sums in another order.
+        let rel = match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 1.0 / 1024.0,
+            _ => 1.0 / 128.0,
+        };
+        let gpu_of = |t: &Tensor| t.to_device(&dev).unwrap();
+
+        // RMSNorm as RmsNorm::forward computes it on the CPU.
+        let (x, delta) = (randn(&[5, 3072], 2.0, dtype), randn(&[5, 3072], 1.0, dtype));
+        let weight = (randn(&[3072], 0.1, dtype) + 1.0).unwrap();
+        let eps = 1e-5;
+        let cpu_norm = |x: &Tensor| -> Tensor {
+            if dtype == DType::F32 {
+                return candle_nn::ops::rms_norm(x, &weight, eps as f32).unwrap();
+            }
+            let xf = x.to_dtype(DType::F32).unwrap();
+            let inv = (xf.sqr().unwrap().mean_keepdim(1).unwrap() + eps).unwrap();
+            let inv = inv.sqrt().unwrap().recip().unwrap();
+            xf.broadcast_mul(&inv).unwrap().to_dtype(dtype).unwrap().broadcast_mul(&weight).unwrap()
+        };
+        let got = rms_norm(&gpu_of(&x), &gpu_of(&weight), eps).unwrap();
+        assert_rel_close(&format!("{dtype:?} rms_norm"), &host(&got), &host(&cpu_norm(&x)), rel);
+        let (sum, normed) =
+            add_rms_norm(&gpu_of(&x), &gpu_of(&delta), &gpu_of(&weight), eps).unwrap();
+        let want_sum = (&x + &delta).unwrap();
+        assert_eq!(host(&sum), host(&want_sum), "{dtype:?}: the residual sum");
+        let want = host(&cpu_norm(&want_sum));
+        assert_rel_close(&format!("{dtype:?} add_rms_norm"), &host(&normed), &want, rel);
+
+        // The SiLU gate: SiLU in float32, rounded, times up (CUDA's expf may differ in its
+        // last bit).
+        let gate_up = randn(&[4, 2 * 8192], 3.0, dtype);
+        let gate = gate_up.narrow(1, 0, 8192).unwrap().to_dtype(DType::F32).unwrap();
+        let act = candle_nn::ops::silu(&gate).unwrap().to_dtype(dtype).unwrap();
+        let want = (gate_up.narrow(1, 8192, 8192).unwrap() * act).unwrap();
+        let got = silu_mul(&gpu_of(&gate_up)).unwrap();
+        assert_rel_close(&format!("{dtype:?} silu_mul"), &host(&got), &host(&want), 2.0 * rel);
+
+        // Rotary embedding out of the fused qkv rows, queries and keys, full and partial.
+        for (nq, nkv, hd, rot) in [(8usize, 4usize, 96usize, 96usize), (6, 2, 128, 96)] {
+            let n = 6;
+            let qkv = randn(&[n, (nq + 2 * nkv) * hd], 1.0, dtype);
+            let angles = Tensor::arange(0f32, (n * rot / 2) as f32, &cpu).unwrap();
+            let angles = (angles.reshape((n, rot / 2)).unwrap() * 0.37).unwrap();
+            let cos = angles.cos().unwrap().to_dtype(dtype).unwrap();
+            let sin = angles.sin().unwrap().to_dtype(dtype).unwrap();
+            let rotate = |x: Tensor, heads: usize| -> Vec<f32> {
+                let x = x.reshape((n, heads, hd)).unwrap();
+                let r = x.narrow(2, 0, rot).unwrap().contiguous().unwrap();
+                let r = candle_nn::rotary_emb::rope_thd(&r.unsqueeze(0).unwrap(), &cos, &sin);
+                let r = r.unwrap().squeeze(0).unwrap();
+                let all = if rot == hd {
+                    r
+                } else {
+                    Tensor::cat(&[&r, &x.narrow(2, rot, hd - rot).unwrap()], 2).unwrap()
+                };
+                host(&all)
+            };
+            let want_q = rotate(qkv.narrow(1, 0, nq * hd).unwrap(), nq);
+            let want_k = rotate(qkv.narrow(1, nq * hd, nkv * hd).unwrap(), nkv);
+            let want_v = host(&qkv.narrow(1, (nq + nkv) * hd, nkv * hd).unwrap());
+            let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: 1.0 };
+            let tables = RopeTables::new(&gpu_of(&cos), &gpu_of(&sin)).unwrap();
+            let got_q = host(&rope_queries(&gpu_of(&qkv), &tables, heads).unwrap());
+            assert_eq!(got_q, want_q, "{dtype:?} {hd}/{rot}: rotated queries");
+
+            let geometry = PoolGeometry { num_layers: 1, n_kv_heads: nkv, head_dim: hd, dtype };
+            let pool = KvPool::new(geometry, 4 * BLOCK_SIZE, 0, &dev).unwrap();
+            let write: Vec<u32> = (0..n as u32).map(|r| 3 * BLOCK_SIZE as u32 + 2 * r).collect();
+            let slots = BatchSlots::new(&pool, write.clone(), &[]).unwrap();
+            let (pool_k, pool_v) = pool.layer(0);
+            slots.write_qkv(pool_k, pool_v, &gpu_of(&qkv), heads, &tables).unwrap();
+            let (pk, pv) = (host(pool_k), host(pool_v));
+            for (r, &slot) in write.iter().enumerate() {
+                for h in 0..nkv {
+                    let at = phi_engine::kv_pool::slot_offset(slot, h, nkv, hd);
+                    let from = (r * nkv + h) * hd;
+                    let what = format!("{dtype:?} {hd}/{rot}: row {r} head {h}");
+                    assert_eq!(pk[at..at + hd], want_k[from..from + hd], "{what}: key");
+                    assert_eq!(pv[at..at + hd], want_v[from..from + hd], "{what}: value");
+                }
+            }
+        }
+    }
+    say("fused_layer_kernels_on_cuda_match_the_cpu_ops: ran on cuda:0");
+}

@@ -47,6 +47,12 @@ inline dim3 block_dim, grid_dim;
 
 inline void __syncthreads() { emu::self.block_bar->arrive_and_wait(); }
 
+// Float32 arithmetic rounded to nearest, never fused (the harness is built with
+// -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+
 // A warp-wide exchange; every lane of the warp must call it (full mask, uniform control flow).
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   if (mask != 0xffffffffu) std::abort();

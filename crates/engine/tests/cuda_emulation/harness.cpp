@@ -1,16 +1,25 @@
-// Runs crates/engine/kernels/paged_attention.cu on the CPU (cuda_emulation.h) for
-// cuda_kernels_emulated.rs: writes the given key/value rows into a zeroed pool with kv_write_*,
-// then runs paged_decode_* over that pool.
+// Runs the engine's GPU kernels (crates/engine/kernels) on the CPU (cuda_emulation.h) for
+// cuda_kernels_emulated.rs.
 //
-// usage: harness DIR f32|f16|bf16
-// DIR holds meta.txt ("n_heads n_kv_heads head_dim num_blocks n_write_rows n_seqs n_q_rows
-// scale") and the inputs as raw little-endian arrays: k_rows.f32, v_rows.f32, write_slots.u32,
-// q.f32, slots.u32, starts.u32, q_rows.u32. Float inputs are rounded to the element type on the
-// way in. Writes pool_k.f32, pool_v.f32 and out.f32 to DIR.
+// usage: harness OP DIR f32|f16|bf16
+// DIR holds meta.txt (the sizes, per OP below) and the inputs as raw little-endian arrays
+// (`*.f32`, `*.u32`). Float inputs are rounded to the element type on the way in; the outputs
+// are written to DIR as float32.
+//   paged  meta "n_heads n_kv_heads head_dim num_blocks n_write_rows n_seqs n_q_rows scale";
+//          writes k_rows.f32 and v_rows.f32 into a zeroed pool at write_slots.u32 with
+//          kv_write_*, then runs paged_decode_* (q.f32, slots.u32, starts.u32, q_rows.u32)
+//          over it: pool_k.f32, pool_v.f32, out.f32.
+//   rope   meta "n_rows n_heads n_kv_heads head_dim rot_dim num_blocks"; the fused qkv rows
+//          qkv.f32 with cos.f32 and sin.f32: rope_queries_* into q.f32, and kv_write_* of the
+//          rotated keys and the values into a zeroed pool at slots.u32: pool_k.f32, pool_v.f32.
+//   norm   meta "n_rows n_cols eps"; x.f32, delta.f32, weight.f32: rms_norm_* of x into
+//          out.f32, add_rms_norm_* of x + delta into sum.f32 and add_out.f32.
+//   silu   meta "n_rows n_cols"; gate_up.f32 (`[n_rows, 2 * n_cols]`): silu_mul_* into out.f32.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
+#include "../../kernels/layer_ops.cu"
 #include "../../kernels/paged_attention.cu"
 
 template <typename E> static std::vector<E> read(const std::string &path, size_t n) {
@@ -42,17 +51,31 @@ template <typename T> static std::vector<float> widen(const std::vector<T> &v) {
   return out;
 }
 
-template <typename T>
-static void run(const std::string &dir, void (*write_kernel)(const T *, T *, const uint32_t *,
-                                                             uint32_t, uint32_t),
-                void (*decode_kernel)(const T *, const T *, const T *, const uint32_t *,
-                                      const uint32_t *, const uint32_t *, T *, uint32_t, uint32_t,
-                                      uint32_t, float)) {
+static FILE *meta(const std::string &dir) {
+  FILE *m = std::fopen((dir + "/meta.txt").c_str(), "r");
+  if (!m) std::exit(1);
+  return m;
+}
+
+// The kernels of one element type.
+template <typename T> struct Kernels {
+  void (*kv_write)(const T *, uint32_t, T *, const uint32_t *, const T *, const T *, uint32_t,
+                   uint32_t, uint32_t);
+  void (*paged_decode)(const T *, const T *, const T *, const uint32_t *, const uint32_t *,
+                       const uint32_t *, T *, uint32_t, uint32_t, uint32_t, float);
+  void (*rope_queries)(const T *, uint32_t, const T *, const T *, T *, uint32_t, uint32_t,
+                       uint32_t);
+  void (*rms_norm)(const T *, const T *, T *, uint32_t, float);
+  void (*add_rms_norm)(const T *, const T *, const T *, T *, T *, uint32_t, float);
+  void (*silu_mul)(const T *, T *, size_t, uint32_t);
+};
+
+template <typename T> static void paged(const std::string &dir, const Kernels<T> &kern) {
   unsigned nq, nkv, hd, blocks, n_write, n_seqs, n_q;
   float scale;
-  FILE *m = std::fopen((dir + "/meta.txt").c_str(), "r");
-  if (!m || std::fscanf(m, "%u %u %u %u %u %u %u %f", &nq, &nkv, &hd, &blocks, &n_write, &n_seqs,
-                        &n_q, &scale) != 8)
+  FILE *m = meta(dir);
+  if (std::fscanf(m, "%u %u %u %u %u %u %u %f", &nq, &nkv, &hd, &blocks, &n_write, &n_seqs, &n_q,
+                  &scale) != 8)
     std::exit(1);
   std::fclose(m);
   auto k_rows = narrow<T>(read<float>(dir + "/k_rows.f32", (size_t)n_write * nkv * hd));
@@ -67,12 +90,14 @@ static void run(const std::string &dir, void (*write_kernel)(const T *, T *, con
   std::vector<T> pool_k(pool_len, from_f32<T>(0.0f)), pool_v(pool_len, from_f32<T>(0.0f));
   std::vector<T> out((size_t)n_seqs * nq * hd, from_f32<T>(0.0f));
 
-  // A block narrower than the head, so that the stride loop is exercised.
-  emu::launch(dim3{n_write, nkv, 1}, 32, write_kernel, (const T *)k_rows.data(), pool_k.data(),
-              (const uint32_t *)write_slots.data(), nkv, hd);
-  emu::launch(dim3{n_write, nkv, 1}, 32, write_kernel, (const T *)v_rows.data(), pool_v.data(),
-              (const uint32_t *)write_slots.data(), nkv, hd);
-  emu::launch(dim3{n_seqs, nq, 1}, PHI_DECODE_THREADS, decode_kernel, (const T *)q.data(),
+  // Contiguous rows, copied; a block narrower than the head, so that the stride loop is
+  // exercised.
+  for (auto *rows : {&k_rows, &v_rows}) {
+    emu::launch(dim3{n_write, nkv, 1}, 32, kern.kv_write, (const T *)rows->data(), nkv * hd,
+                (rows == &k_rows ? pool_k : pool_v).data(), (const uint32_t *)write_slots.data(),
+                (const T *)rows->data(), (const T *)rows->data(), nkv, hd, 0u);
+  }
+  emu::launch(dim3{n_seqs, nq, 1}, PHI_DECODE_THREADS, kern.paged_decode, (const T *)q.data(),
               (const T *)pool_k.data(), (const T *)pool_v.data(), (const uint32_t *)slots.data(),
               (const uint32_t *)starts.data(), (const uint32_t *)q_rows.data(), out.data(), nq,
               nkv, hd, scale);
@@ -82,12 +107,88 @@ static void run(const std::string &dir, void (*write_kernel)(const T *, T *, con
   write(dir + "/out.f32", widen(out));
 }
 
-int main(int argc, char **argv) {
-  if (argc != 3) return 2;
-  std::string dir = argv[1], dtype = argv[2];
-  if (dtype == "f32") run<float>(dir, kv_write_f32, paged_decode_f32);
-  else if (dtype == "f16") run<__half>(dir, kv_write_f16, paged_decode_f16);
-  else if (dtype == "bf16") run<__nv_bfloat16>(dir, kv_write_bf16, paged_decode_bf16);
+template <typename T> static void rope(const std::string &dir, const Kernels<T> &kern) {
+  unsigned n, nq, nkv, hd, rot, blocks;
+  FILE *m = meta(dir);
+  if (std::fscanf(m, "%u %u %u %u %u %u", &n, &nq, &nkv, &hd, &rot, &blocks) != 6) std::exit(1);
+  std::fclose(m);
+  const unsigned stride = (nq + 2 * nkv) * hd;
+  auto qkv = narrow<T>(read<float>(dir + "/qkv.f32", (size_t)n * stride));
+  auto cos = narrow<T>(read<float>(dir + "/cos.f32", (size_t)n * (rot / 2)));
+  auto sin = narrow<T>(read<float>(dir + "/sin.f32", (size_t)n * (rot / 2)));
+  auto slots = read<uint32_t>(dir + "/slots.u32", n);
+
+  size_t pool_len = (size_t)blocks * nkv * PHI_BLOCK_SIZE * hd;
+  std::vector<T> pool_k(pool_len, from_f32<T>(0.0f)), pool_v(pool_len, from_f32<T>(0.0f));
+  std::vector<T> q((size_t)n * nq * hd, from_f32<T>(0.0f));
+  const T *c = cos.data(), *s = sin.data();
+  emu::launch(dim3{n, nq, 1}, 64, kern.rope_queries, (const T *)qkv.data(), stride, c, s,
+              q.data(), nq, hd, rot);
+  emu::launch(dim3{n, nkv, 1}, 32, kern.kv_write, (const T *)qkv.data() + nq * hd, stride,
+              pool_k.data(), (const uint32_t *)slots.data(), c, s, nkv, hd, rot);
+  emu::launch(dim3{n, nkv, 1}, 64, kern.kv_write, (const T *)qkv.data() + (nq + nkv) * hd,
+              stride, pool_v.data(), (const uint32_t *)slots.data(), c, s, nkv, hd, 0u);
+
+  write(dir + "/q.f32", widen(q));
+  write(dir + "/pool_k.f32", widen(pool_k));
+  write(dir + "/pool_v.f32", widen(pool_v));
+}
+
+template <typename T> static void norm(const std::string &dir, const Kernels<T> &kern) {
+  unsigned n, cols;
+  float eps;
+  FILE *m = meta(dir);
+  if (std::fscanf(m, "%u %u %f", &n, &cols, &eps) != 3) std::exit(1);
+  std::fclose(m);
+  auto x = narrow<T>(read<float>(dir + "/x.f32", (size_t)n * cols));
+  auto delta = narrow<T>(read<float>(dir + "/delta.f32", (size_t)n * cols));
+  auto weight = narrow<T>(read<float>(dir + "/weight.f32", cols));
+  std::vector<T> out(x.size()), sum(x.size()), add_out(x.size());
+  // 128 threads: fewer than a Phi-3 row's columns, so that each thread takes several.
+  emu::launch(dim3{n, 1, 1}, 128, kern.rms_norm, (const T *)x.data(), (const T *)weight.data(),
+              out.data(), cols, eps);
+  emu::launch(dim3{n, 1, 1}, 128, kern.add_rms_norm, (const T *)x.data(),
+              (const T *)delta.data(), (const T *)weight.data(), sum.data(), add_out.data(), cols,
+              eps);
+  write(dir + "/out.f32", widen(out));
+  write(dir + "/sum.f32", widen(sum));
+  write(dir + "/add_out.f32", widen(add_out));
+}
+
+template <typename T> static void silu(const std::string &dir, const Kernels<T> &kern) {
+  unsigned n, cols;
+  FILE *m = meta(dir);
+  if (std::fscanf(m, "%u %u", &n, &cols) != 2) std::exit(1);
+  std::fclose(m);
+  auto gate_up = narrow<T>(read<float>(dir + "/gate_up.f32", (size_t)n * 2 * cols));
+  const size_t elems = (size_t)n * cols;
+  std::vector<T> out(elems);
+  const unsigned threads = 64, blocks = (unsigned)((elems + threads - 1) / threads);
+  emu::launch(dim3{blocks, 1, 1}, threads, kern.silu_mul, (const T *)gate_up.data(), out.data(),
+              elems, cols);
+  write(dir + "/out.f32", widen(out));
+}
+
+template <typename T> static int run(const std::string &op, const std::string &dir,
+                                     const Kernels<T> &kern) {
+  if (op == "paged") paged<T>(dir, kern);
+  else if (op == "rope") rope<T>(dir, kern);
+  else if (op == "norm") norm<T>(dir, kern);
+  else if (op == "silu") silu<T>(dir, kern);
   else return 2;
   return 0;
+}
+
+#define PHI_KERNEL_SET(SUFFIX)                                                                    \
+  {kv_write_##SUFFIX,     paged_decode_##SUFFIX, rope_queries_##SUFFIX,                           \
+   rms_norm_##SUFFIX,     add_rms_norm_##SUFFIX, silu_mul_##SUFFIX}
+
+int main(int argc, char **argv) {
+  if (argc != 4) return 2;
+  std::string op = argv[1], dir = argv[2], dtype = argv[3];
+  if (dtype == "f32") return run<float>(op, dir, Kernels<float> PHI_KERNEL_SET(f32));
+  if (dtype == "f16") return run<__half>(op, dir, Kernels<__half> PHI_KERNEL_SET(f16));
+  if (dtype == "bf16")
+    return run<__nv_bfloat16>(op, dir, Kernels<__nv_bfloat16> PHI_KERNEL_SET(bf16));
+  return 2;
 }
