@@ -22,9 +22,10 @@ use crate::phi3::{BatchItem, Phi3};
 use crate::prefix_cache::PrefixCacheStats;
 use crate::quantize::QuantScheme;
 use crate::rope::LongRopePolicy;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::stop::StopStrings;
 use crate::tokenizer::PhiTokenizer;
+use rayon::prelude::*;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -123,8 +124,9 @@ pub struct GenerateOptions {
 pub struct GeneratedToken {
     /// Token id.
     pub id: u32,
-    /// Log-probability under the model's raw distribution.
-    pub logprob: f32,
+    /// Log-probability under the model's raw distribution; `None` unless the request asked
+    /// for logprobs.
+    pub logprob: Option<f32>,
     /// Most likely alternatives, when requested.
     pub top_logprobs: Vec<(u32, f32)>,
 }
@@ -674,16 +676,36 @@ impl Engine {
         }
         let out = self.model.forward(&mut items)?;
         drop(items);
-        let logits = out.logits.to_vec2::<f32>()?;
+        // One copy of the logits, flat (from the GPU: one transfer, not one per row).
+        let vocab = out.logits.dim(1)?;
+        let logits = out.logits.flatten_all()?.to_vec1::<f32>()?;
 
+        // The logits row each sequence samples from, if it reached the end of its prompt.
+        let mut sample_row: Vec<Option<usize>> = vec![None; seqs.len()];
         for ((&i, rows), positions) in active.iter().zip(&out.rows).zip(&out.positions) {
-            let seq = &mut *seqs[i];
-            if positions.end < seq.tokens.len() {
-                continue; // a prompt chunk that does not reach the end of the prompt yet
+            if positions.end >= seqs[i].tokens.len() {
+                sample_row[i] = Some(rows.end - 1);
             }
-            let row = &logits[rows.end - 1];
-            let prior = &seq.tokens[seq.prompt_len..];
-            let sampled = seq.sampler.sample(row, prior)?;
+        }
+        // Sampling is a few passes over a vocabulary-sized row per sequence (more with top_p
+        // or logprobs); serially that is milliseconds a step for a large batch, with the
+        // accelerator idle, so the rows are sampled in parallel.
+        let mut sampled: Vec<Option<SampledToken>> = seqs
+            .par_iter_mut()
+            .zip(&sample_row)
+            .map(|(seq, row)| {
+                let Some(row) = *row else { return Ok(None) };
+                let seq = &mut **seq;
+                let row = &logits[row * vocab..(row + 1) * vocab];
+                seq.sampler.sample(row, &seq.tokens[seq.prompt_len..]).map(Some)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+
+        for &i in &active {
+            let seq = &mut *seqs[i];
+            let Some(sampled) = sampled[i].take() else {
+                continue; // a prompt chunk that does not reach the end of the prompt yet
+            };
             seq.timings.first_token.get_or_insert_with(Instant::now);
             seq.tokens.push(sampled.token);
             let token = GeneratedToken {

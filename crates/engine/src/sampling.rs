@@ -225,8 +225,9 @@ pub struct SampledToken {
     /// The chosen token id.
     pub token: u32,
     /// `log_softmax(logits)[token]` of the raw model distribution (before penalties,
-    /// temperature and `top_p`; see the module docs). Always finite.
-    pub logprob: f32,
+    /// temperature and `top_p`; see the module docs), finite; `None` unless `logprobs` is on
+    /// (computing it costs a pass of exponentials over the vocabulary).
+    pub logprob: Option<f32>,
     /// The `top_logprobs` most likely tokens of the raw distribution as
     /// `(token, logprob)`, sorted by descending logprob, ties by lower id. Empty unless
     /// `logprobs` is on and `top_logprobs > 0`. Suppressed ids and tokens with logit
@@ -333,12 +334,10 @@ impl Sampler {
             return Err(SamplingError::NonFiniteLogit { index, value });
         }
 
-        // Raw log-normaliser, in f64 for accuracy.
         let raw_max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if raw_max == f32::NEG_INFINITY {
             return Err(SamplingError::NoSamplableToken);
         }
-        let raw_lse = log_sum_exp(logits, raw_max);
 
         // Penalties and suppression on a scratch copy.
         self.scratch.clear();
@@ -361,7 +360,14 @@ impl Sampler {
             self.sample_stochastic()?
         };
 
-        let logprob = raw_logprob(logits[token as usize], raw_lse);
+        if !self.params.logprobs {
+            // The raw log-normaliser is a vocabulary of f64 exponentials (about 0.3 ms a row,
+            // as long as the rest of sampling together): only worth it when asked for.
+            return Ok(SampledToken { token, logprob: None, top_logprobs: Vec::new() });
+        }
+        // Raw log-normaliser, in f64 for accuracy.
+        let raw_lse = log_sum_exp(logits, raw_max);
+        let logprob = Some(raw_logprob(logits[token as usize], raw_lse));
         let k = self.params.requested_top_logprobs();
         let top_logprobs = if k > 0 {
             top_k(logits, k, &self.suppressed)

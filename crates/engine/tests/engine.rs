@@ -168,10 +168,10 @@ fn assert_matches_reference(label: &str, c: &Completion, case: &Case) {
     assert_eq!(c.prompt_tokens, case.prompt.len(), "{label}");
     for (step, tok) in c.tokens.iter().enumerate() {
         let want = case.logprobs[step];
+        let got = tok.logprob.expect("logprobs were requested");
         assert!(
-            (tok.logprob - want).abs() < LOGPROB_TOL,
-            "{label} step {step}: logprob {} vs reference {want}",
-            tok.logprob
+            (got - want).abs() < LOGPROB_TOL,
+            "{label} step {step}: logprob {got} vs reference {want}"
         );
         assert_eq!(tok.top_logprobs.len(), 5, "{label} step {step}");
         // Listed in descending order, the sampled (greedy) token first.
@@ -254,12 +254,8 @@ fn reused_prefixes_match_fresh_computation_on_every_variant() {
         let label = format!("{variant}: {} prompt tokens", second.len());
         assert_eq!(token_ids(&got), token_ids(&want), "{label}");
         for (g, w) in got.tokens.iter().zip(&want.tokens) {
-            assert!(
-                (g.logprob - w.logprob).abs() < LOGPROB_TOL,
-                "{label}: {} vs {}",
-                g.logprob,
-                w.logprob
-            );
+            let (g, w) = (g.logprob.expect("logprobs"), w.logprob.expect("logprobs"));
+            assert!((g - w).abs() < LOGPROB_TOL, "{label}: {g} vs {w}");
         }
         let stats = cached.prefix_cache_stats().unwrap();
         assert_eq!(
@@ -661,7 +657,7 @@ fn frequency_penalty_steers_greedy_decoding_away_from_repeats() {
 
             for (t, tok) in c.tokens.iter().enumerate() {
                 let count = |id: u32| got[..t].iter().filter(|&&x| x == id).count() as f32;
-                let score = tok.logprob - PENALTY * count(tok.id);
+                let score = tok.logprob.expect("logprobs") - PENALTY * count(tok.id);
                 for &(alt, lp) in &tok.top_logprobs {
                     let alt_score = lp - PENALTY * count(alt);
                     assert!(

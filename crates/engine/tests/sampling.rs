@@ -338,7 +338,7 @@ fn penalties_steer_greedy_and_logprobs_stay_raw() {
     let out = s.sample(&logits, &[0]).unwrap();
     assert_eq!(out.token, 1, "presence penalty should move argmax to id 1");
     let raw = log_softmax_f64(&logits);
-    assert!((out.logprob as f64 - raw[1]).abs() < 1e-6);
+    assert!((f64::from(out.logprob.unwrap()) - raw[1]).abs() < 1e-6);
 
     // A negative frequency penalty makes a repeated token win.
     // Its reported logprob is still the raw one, not the penalised one.
@@ -351,7 +351,7 @@ fn penalties_steer_greedy_and_logprobs_stay_raw() {
     });
     let out = s.sample(&logits, &[1, 1]).unwrap();
     assert_eq!(out.token, 1);
-    assert!((out.logprob as f64 - raw[1]).abs() < 1e-6);
+    assert!((f64::from(out.logprob.unwrap()) - raw[1]).abs() < 1e-6);
     assert_eq!(out.top_logprobs[0].0, 0, "alternatives rank the raw distribution");
     assert!((out.top_logprobs[0].1 as f64 - raw[0]).abs() < 1e-6);
 }
@@ -383,8 +383,8 @@ fn logprobs_are_raw_log_softmax_with_sorted_top20() {
         for _ in 0..5 {
             let out = s.sample(&logits, &[50, 3]).unwrap();
             assert!(
-                (out.logprob as f64 - raw[out.token as usize]).abs() < 1e-5,
-                "logprob {} vs reference {}",
+                (f64::from(out.logprob.unwrap()) - raw[out.token as usize]).abs() < 1e-5,
+                "logprob {:?} vs reference {}",
                 out.logprob,
                 raw[out.token as usize]
             );
@@ -409,9 +409,14 @@ fn top_logprobs_zero_or_disabled_is_empty() {
         SamplingParams { logprobs: true, ..params() },
         params(),
     ] {
+        let logprobs = p.logprobs;
         let out = sampler(p).sample(&logits, &[]).unwrap();
         assert!(out.top_logprobs.is_empty());
-        assert!((out.logprob as f64 - raw[out.token as usize]).abs() < 1e-5);
+        match out.logprob {
+            Some(lp) => assert!((f64::from(lp) - raw[out.token as usize]).abs() < 1e-5),
+            None => assert!(!logprobs, "logprobs requested but not computed"),
+        }
+        assert_eq!(out.logprob.is_some(), logprobs, "a logprob only when requested");
     }
 }
 
@@ -482,7 +487,7 @@ fn extreme_logits_are_stable() {
         sampler(SamplingParams { temperature: 1e-4, seed: Some(1), logprobs: true, ..params() });
     let out = s.sample(&[f32::MAX, -f32::MAX, 3e38], &[]).unwrap();
     assert_eq!(out.token, 0);
-    assert!(out.logprob.is_finite());
+    assert!(out.logprob.is_some_and(f32::is_finite));
 }
 
 // ---------------------------------------------------------------- validation

@@ -4,12 +4,14 @@ use phi_api::{TokenLogprob, TopLogprob};
 use phi_engine::engine::GeneratedToken;
 use phi_engine::tokenizer::PhiTokenizer;
 
-/// The logprob entry of one generated token, alternatives included.
+/// The logprob entry of one generated token, alternatives included. The engine computes the
+/// logprob for every request that asks for logprobs, the only ones that get here; NaN would mark
+/// a token sampled without.
 pub fn token_logprob(tokenizer: &PhiTokenizer, token: &GeneratedToken) -> TokenLogprob {
     let (text, bytes) = token_text(tokenizer, token.id);
     TokenLogprob {
         token: text,
-        logprob: token.logprob,
+        logprob: token.logprob.unwrap_or(f32::NAN),
         bytes: Some(bytes),
         top_logprobs: token
             .top_logprobs
