@@ -39,7 +39,7 @@ pub(crate) fn kernel_name(kernel: &str, dtype: DType) -> candle_core::Result<Str
 /// on `device`, the module loaded on first use. (A macro because candle does not export the
 /// type of the function it returns.)
 macro_rules! load_kernel {
-    ($dev:expr, $module:expr, $kernel:literal, $dtype:expr) => {
+    ($dev:expr, $module:expr, $kernel:expr, $dtype:expr) => {
         $dev.get_or_load_custom_func(
             &$crate::cuda_kernels::kernel_name($kernel, $dtype)?,
             $module.name,

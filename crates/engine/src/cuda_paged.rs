@@ -24,6 +24,7 @@ use half::{bf16, f16};
 
 use crate::cuda_kernels::{contiguous, load_kernel, u32_arg, PAGED_ATTENTION};
 use crate::cuda_layer_ops::RopeTables;
+use crate::decode_split::decode_splits;
 use crate::error::{EngineError, Result};
 use crate::kv_pool::{KvPool, BLOCK_SIZE};
 use crate::paged_attention::Heads;
@@ -68,6 +69,8 @@ struct DecodeIndex {
     index: Tensor,
     n_seqs: usize,
     n_slots: usize,
+    /// The most keys a sequence sees, which decides the splits (`decode_split`).
+    max_keys: usize,
     /// The largest query row, checked against the batch's queries before each launch.
     max_q_row: u32,
 }
@@ -104,6 +107,7 @@ impl BatchSlots {
                 index: Tensor::from_vec(index, len, device)?,
                 n_seqs: decode.len(),
                 n_slots,
+                max_keys: decode.iter().map(|d| d.slots.len()).max().unwrap_or(0),
                 max_q_row: decode.iter().map(|d| d.q_row).max().unwrap_or(0),
             })
         };
@@ -165,8 +169,13 @@ impl BatchSlots {
         }
         let dtype = q.dtype();
         let q = q.to_dtype(pool_k.dtype())?.contiguous()?;
-        let op =
-            PagedDecode { index: d.index.clone(), n_seqs: d.n_seqs, n_slots: d.n_slots, heads };
+        let op = PagedDecode {
+            index: d.index.clone(),
+            n_seqs: d.n_seqs,
+            n_slots: d.n_slots,
+            max_keys: d.max_keys,
+            heads,
+        };
         Ok(Some(q.apply_op3_no_bwd(pool_k, pool_v, &op)?.to_dtype(dtype)?))
     }
 }
@@ -286,11 +295,13 @@ impl InplaceOp3 for WriteRows {
     }
 }
 
-/// `paged_decode_*`: the queries and one layer of the pool, with the decode index.
+/// `paged_decode_*` (or, split, `paged_decode_split_*` then `paged_decode_merge_*`): the
+/// queries and one layer of the pool, with the decode index.
 struct PagedDecode {
     index: Tensor,
     n_seqs: usize,
     n_slots: usize,
+    max_keys: usize,
     heads: Heads,
 }
 
@@ -332,19 +343,36 @@ impl PagedDecode {
         let starts = index.slice(i0 + s..i0 + s + n + 1);
         let q_rows = index.slice(i0 + s + n + 1..i0 + s + 2 * n + 1);
 
-        let func = load_kernel!(dev, PAGED_ATTENTION, "paged_decode", T::DTYPE)?;
+        let splits = decode_splits(self.max_keys, n, n_heads);
+        // The kernels are built for 4 dimensions a lane (heads up to 128) and 8 (up to 256).
+        let dims = if head_dim <= 128 { 4 } else { 8 };
+        let kernel = if splits.is_some() { "paged_decode_split" } else { "paged_decode" };
+        let func = load_kernel!(dev, PAGED_ATTENTION, &format!("{kernel}_d{dims}"), T::DTYPE)?;
         let (q0, q1) = contiguous(ql, "paged decode queries")?;
         let (k0, k1) = contiguous(kl, "the KV pool's keys")?;
         let (v0, v1) = contiguous(vl, "the KV pool's values")?;
         let q = q.as_cuda_slice::<T>()?.slice(q0..q1);
         let k = k.as_cuda_slice::<T>()?.slice(k0..k1);
         let v = v.as_cuda_slice::<T>()?.slice(v0..v1);
-        // SAFETY: every element is written by the kernel (one thread per dimension of each
-        // (sequence, head)).
+        // SAFETY: every element is written, by the decode kernel or by the merge (one thread per
+        // dimension of each (sequence, head)).
         let mut out = unsafe { dev.alloc::<T>(n * n_heads * head_dim)? };
+        let (split_keys, n_splits) = splits.unwrap_or((0, 1));
+        // Each split's weighted values, maximum and sum (`[n, n_heads, n_splits, head_dim +
+        // 2]`), only when split.
+        let mut partials = match splits {
+            // SAFETY: the merge reads only the splits the decode kernel writes (those that hold
+            // keys of their sequence).
+            Some(_) => Some(unsafe { dev.alloc::<f32>(n * n_heads * n_splits * (head_dim + 2))? }),
+            None => None,
+        };
+        // The kernel's `partials` without splits: never read, a null pointer.
+        let no_partials = 0u64;
         let (nq, nkv, hd) = (n_heads as u32, n_kv_heads as u32, head_dim as u32);
+        let split_keys = u32_arg(split_keys, "a split")?;
+        let n_splits = u32_arg(n_splits, "splits")?;
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, nq, 1),
+            grid_dim: (n as u32, nq, n_splits),
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -356,14 +384,39 @@ impl PagedDecode {
         b.arg(&starts);
         b.arg(&q_rows);
         b.arg(&mut out);
+        match &mut partials {
+            Some(p) => b.arg(p),
+            None => b.arg(&no_partials),
+        };
         b.arg(&nq);
         b.arg(&nkv);
         b.arg(&hd);
         b.arg(&scale);
+        b.arg(&split_keys);
         // SAFETY: the arguments match the kernel's signature; the slots were checked against the
-        // pool's size (BatchSlots::new) and the query rows against the batch (decode).
+        // pool's size (BatchSlots::new) and the query rows against the batch (decode); the
+        // partials hold `n_splits` splits of every (sequence, head).
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
+        if let Some(partials) = &partials {
+            let merge = load_kernel!(dev, PAGED_ATTENTION, "paged_decode_merge", T::DTYPE)?;
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, nq, 1),
+                block_dim: (hd.div_ceil(32) * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = merge.builder();
+            b.arg(partials);
+            b.arg(&starts);
+            b.arg(&mut out);
+            b.arg(&nq);
+            b.arg(&hd);
+            b.arg(&n_splits);
+            b.arg(&split_keys);
+            // SAFETY: the arguments match the kernel's signature; `partials` and `out` are the
+            // decode launch's, whose sizes are checked above.
+            unsafe { b.launch(cfg) }.w()?;
+        }
         let out = CudaStorage::wrap_cuda_slice(out, dev);
         Ok((out, Shape::from((n, n_heads * head_dim))))
     }

@@ -8,6 +8,7 @@ mod cuda_kernels;
 pub mod cuda_layer_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda_paged;
+pub mod decode_split;
 pub mod detokenizer;
 pub mod engine;
 pub mod error;

@@ -4,10 +4,10 @@
 //! against the CPU path's candle ops or the reference's formulas.
 //!
 //! Exists because CI has no GPU: this is where the kernels' indexing into the pool's blocks,
-//! their online softmax, the merge of the warps' partial results, their block reductions and
-//! their rounding are checked on every run, for each element type, grouped-query heads, head
-//! sizes that are not a multiple of a warp, partial rotary embedding, sliding windows and blocks
-//! scattered over the pool. It says nothing of their speed; the GPU tests (`cuda_parity.rs`)
+//! their online softmax, the merge of the warps' and the splits' partial results, their block
+//! reductions and their rounding are checked on every run, for each element type, grouped-query
+//! heads, head sizes that are not a multiple of a warp, partial rotary embedding, sliding windows
+//! and blocks scattered over the pool. It says nothing of their speed; the GPU tests (`cuda_parity.rs`)
 //! run the same kernels on a real device when one is present.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, D};
+use phi_engine::decode_split::decode_splits;
 use phi_engine::kv_pool::{slot_offset, BLOCK_SIZE};
 
 /// A small deterministic generator (no seeded-RNG crate needed for test data).
@@ -87,6 +88,8 @@ struct Case {
     /// Factor on the queries: large values make the softmax peaked, so that the running
     /// maximum's rescaling matters.
     q_gain: f32,
+    /// Keys per split instead of what the launcher would pick (`decode_splits`).
+    split_keys: Option<usize>,
 }
 
 /// Compiles the harness once per test process; `None` (with a message) where no C++ compiler
@@ -190,10 +193,16 @@ fn run_case(harness: &Path, name: &str, case: &Case, seed: u64) {
         starts.push(slots.len() as u32);
     }
     let scale = 1.0 / (hd as f32).sqrt();
+    // Split as the launcher would, unless the case says otherwise (0: no splits).
+    let max_keys = case.seqs.iter().map(|s| s.1).max().unwrap_or(0);
+    let split_keys = case
+        .split_keys
+        .or_else(|| decode_splits(max_keys, case.seqs.len(), nq).map(|(keys, _)| keys))
+        .unwrap_or(0);
 
     let dir = scratch(name);
     let meta = format!(
-        "{nq} {nkv} {hd} {num_blocks} {} {} {n_q} {scale:e}\n",
+        "{nq} {nkv} {hd} {num_blocks} {} {} {n_q} {scale:e} {split_keys}\n",
         write_slots.len(),
         case.seqs.len()
     );
@@ -267,7 +276,7 @@ fn run_case(harness: &Path, name: &str, case: &Case, seed: u64) {
         }
     }
     eprintln!(
-        "{name}: {} sequences, {} keys, worst error {worst:.2e}",
+        "{name}: {} sequences, {} keys, splits of {split_keys}, worst error {worst:.2e}",
         case.seqs.len(),
         slots.len()
     );
@@ -287,6 +296,7 @@ fn paged_kernels_match_reference_attention() {
                 head_dim: 16,
                 seqs: vec![(1, 1), (16, 16), (45, 45)],
                 q_gain: 1.0,
+                split_keys: None,
             },
         ),
         // Phi-3-mini's head size in bf16, grouped-query heads, one sequence past its window.
@@ -299,6 +309,7 @@ fn paged_kernels_match_reference_attention() {
                 head_dim: 96,
                 seqs: vec![(5, 5), (300, 100), (130, 130)],
                 q_gain: 3.0,
+                split_keys: None,
             },
         ),
         // Phi-3-medium's head size in f16, with a peaked softmax.
@@ -311,6 +322,7 @@ fn paged_kernels_match_reference_attention() {
                 head_dim: 128,
                 seqs: vec![(33, 33), (1, 1)],
                 q_gain: 8.0,
+                split_keys: None,
             },
         ),
         // The largest head the kernel takes, and a head size that is no multiple of 32.
@@ -323,6 +335,7 @@ fn paged_kernels_match_reference_attention() {
                 head_dim: 256,
                 seqs: vec![(70, 70)],
                 q_gain: 1.0,
+                split_keys: None,
             },
         ),
         (
@@ -334,6 +347,47 @@ fn paged_kernels_match_reference_attention() {
                 head_dim: 40,
                 seqs: vec![(9, 9), (64, 20)],
                 q_gain: 2.0,
+                split_keys: None,
+            },
+        ),
+        // Splits: one split exactly full, one more by a single key, and several over a
+        // sliding window (that starts inside a block), merged with one another.
+        (
+            "bf16_splits",
+            Case {
+                elem: Elem::Bf16,
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 96,
+                seqs: vec![(128, 128), (129, 129), (600, 521), (3, 3)],
+                q_gain: 4.0,
+                split_keys: None,
+            },
+        ),
+        // Many small splits, of a size that is no multiple of a warp's keys.
+        (
+            "f32_small_splits",
+            Case {
+                elem: Elem::F32,
+                n_heads: 2,
+                n_kv_heads: 2,
+                head_dim: 64,
+                seqs: vec![(200, 200), (37, 37), (1, 1)],
+                q_gain: 6.0,
+                split_keys: Some(37),
+            },
+        ),
+        // Splits with the wide-head kernels.
+        (
+            "f16_hd256_splits",
+            Case {
+                elem: Elem::F16,
+                n_heads: 2,
+                n_kv_heads: 2,
+                head_dim: 256,
+                seqs: vec![(300, 300), (40, 40)],
+                q_gain: 2.0,
+                split_keys: None,
             },
         ),
     ];

@@ -249,10 +249,11 @@ fn bf16_on_cuda_tracks_the_cpu() {
 fn paged_kernels_on_cuda_match_the_cpu_kernel() {
     let Some(dev) = gpu("paged_kernels_on_cuda_match_the_cpu_kernel") else { return };
     let (nq, nkv, hd) = (8, 2, 96);
-    let seqs = [(1usize, 1usize), (40, 40), (300, 100)];
+    // The last is long enough to be split over several blocks (decode_split).
+    let seqs = [(1usize, 1usize), (40, 40), (300, 100), (700, 650)];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let geometry = PoolGeometry { num_layers: 1, n_kv_heads: nkv, head_dim: hd, dtype };
-        let pool = KvPool::new(geometry, 64 * BLOCK_SIZE, 0, &dev).unwrap();
+        let pool = KvPool::new(geometry, 128 * BLOCK_SIZE, 0, &dev).unwrap();
         // Every position of every sequence, blocks handed out from the top of the pool down.
         let mut next_block = pool.num_blocks() as u32;
         let mut tables = Vec::new();

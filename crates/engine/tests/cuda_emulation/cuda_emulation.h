@@ -66,25 +66,27 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
 }
 
 namespace emu {
-// Runs `kernel(args...)` over a one- or two-dimensional grid of one-dimensional blocks whose
+// Runs `kernel(args...)` over a grid of up to three dimensions of one-dimensional blocks whose
 // width is a multiple of 32 (the kernels' warps are whole).
 template <typename... P, typename... A>
 void launch(dim3 grid, unsigned threads, void (*kernel)(P...), A... args) {
   if (threads % 32u != 0) std::abort();
   grid_dim = grid;
   block_dim = dim3{threads, 1, 1};
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::barrier<> bar(threads);
-      std::vector<Warp> warps(threads / 32u);
-      std::vector<std::thread> pool;
-      for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-          self = Thread{dim3{t, 0, 0}, dim3{bx, by, 0}, &bar, &warps[t / 32u]};
-          kernel(args...);
-        });
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> bar(threads);
+        std::vector<Warp> warps(threads / 32u);
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            self = Thread{dim3{t, 0, 0}, dim3{bx, by, bz}, &bar, &warps[t / 32u]};
+            kernel(args...);
+          });
+        }
+        for (auto &th : pool) th.join();
       }
-      for (auto &th : pool) th.join();
     }
   }
 }

@@ -5,10 +5,13 @@
 // DIR holds meta.txt (the sizes, per OP below) and the inputs as raw little-endian arrays
 // (`*.f32`, `*.u32`). Float inputs are rounded to the element type on the way in; the outputs
 // are written to DIR as float32.
-//   paged  meta "n_heads n_kv_heads head_dim num_blocks n_write_rows n_seqs n_q_rows scale";
+//   paged  meta "n_heads n_kv_heads head_dim num_blocks n_write_rows n_seqs n_q_rows scale
+//          split_keys";
 //          writes k_rows.f32 and v_rows.f32 into a zeroed pool at write_slots.u32 with
-//          kv_write_*, then runs paged_decode_* (q.f32, slots.u32, starts.u32, q_rows.u32)
-//          over it: pool_k.f32, pool_v.f32, out.f32.
+//          kv_write_*, then runs decode attention (q.f32, slots.u32, starts.u32, q_rows.u32)
+//          over it as cuda_paged.rs launches it: paged_decode_* when split_keys is 0, else
+//          paged_decode_split_* in splits of split_keys keys and paged_decode_merge_*; the
+//          `_d4` kernels for heads up to 128, else `_d8`: pool_k.f32, pool_v.f32, out.f32.
 //   rope   meta "n_rows n_heads n_kv_heads head_dim rot_dim num_blocks"; the fused qkv rows
 //          qkv.f32 with cos.f32 and sin.f32: rope_queries_* into q.f32, and kv_write_* of the
 //          rotated keys and the values into a zeroed pool at slots.u32: pool_k.f32, pool_v.f32.
@@ -16,6 +19,8 @@
 //          out.f32, add_rms_norm_* of x + delta into sum.f32 and add_out.f32.
 //   silu   meta "n_rows n_cols"; gate_up.f32 (`[n_rows, 2 * n_cols]`): silu_mul_* into out.f32.
 #include <cstdio>
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -61,8 +66,12 @@ static FILE *meta(const std::string &dir) {
 template <typename T> struct Kernels {
   void (*kv_write)(const T *, uint32_t, T *, const uint32_t *, const T *, const T *, uint32_t,
                    uint32_t, uint32_t);
-  void (*paged_decode)(const T *, const T *, const T *, const uint32_t *, const uint32_t *,
-                       const uint32_t *, T *, uint32_t, uint32_t, uint32_t, float);
+  using Decode = void (*)(const T *, const T *, const T *, const uint32_t *, const uint32_t *,
+                          const uint32_t *, T *, float *, uint32_t, uint32_t, uint32_t, float,
+                          uint32_t);
+  Decode paged_decode_d4, paged_decode_d8, paged_decode_split_d4, paged_decode_split_d8;
+  void (*paged_decode_merge)(const float *, const uint32_t *, T *, uint32_t, uint32_t, uint32_t,
+                             uint32_t);
   void (*rope_queries)(const T *, uint32_t, const T *, const T *, T *, uint32_t, uint32_t,
                        uint32_t);
   void (*rms_norm)(const T *, const T *, T *, uint32_t, float);
@@ -71,11 +80,11 @@ template <typename T> struct Kernels {
 };
 
 template <typename T> static void paged(const std::string &dir, const Kernels<T> &kern) {
-  unsigned nq, nkv, hd, blocks, n_write, n_seqs, n_q;
+  unsigned nq, nkv, hd, blocks, n_write, n_seqs, n_q, split_keys;
   float scale;
   FILE *m = meta(dir);
-  if (std::fscanf(m, "%u %u %u %u %u %u %u %f", &nq, &nkv, &hd, &blocks, &n_write, &n_seqs, &n_q,
-                  &scale) != 8)
+  if (std::fscanf(m, "%u %u %u %u %u %u %u %f %u", &nq, &nkv, &hd, &blocks, &n_write, &n_seqs,
+                  &n_q, &scale, &split_keys) != 9)
     std::exit(1);
   std::fclose(m);
   auto k_rows = narrow<T>(read<float>(dir + "/k_rows.f32", (size_t)n_write * nkv * hd));
@@ -97,10 +106,30 @@ template <typename T> static void paged(const std::string &dir, const Kernels<T>
                 (rows == &k_rows ? pool_k : pool_v).data(), (const uint32_t *)write_slots.data(),
                 (const T *)rows->data(), (const T *)rows->data(), nkv, hd, 0u);
   }
-  emu::launch(dim3{n_seqs, nq, 1}, PHI_DECODE_THREADS, kern.paged_decode, (const T *)q.data(),
-              (const T *)pool_k.data(), (const T *)pool_v.data(), (const uint32_t *)slots.data(),
-              (const uint32_t *)starts.data(), (const uint32_t *)q_rows.data(), out.data(), nq,
-              nkv, hd, scale);
+  unsigned max_keys = 0;
+  for (unsigned s = 0; s < n_seqs; ++s) max_keys = std::max(max_keys, starts[s + 1] - starts[s]);
+  const bool narrow_heads = hd <= 128;
+  if (split_keys == 0) {
+    emu::launch(dim3{n_seqs, nq, 1}, PHI_DECODE_THREADS,
+                narrow_heads ? kern.paged_decode_d4 : kern.paged_decode_d8, (const T *)q.data(),
+                (const T *)pool_k.data(), (const T *)pool_v.data(),
+                (const uint32_t *)slots.data(), (const uint32_t *)starts.data(),
+                (const uint32_t *)q_rows.data(), out.data(), (float *)nullptr, nq, nkv, hd, scale,
+                0u);
+  } else {
+    const unsigned n_splits = (max_keys + split_keys - 1) / split_keys;
+    // Filled with NaN: a split the merge reads but no block wrote shows in the output.
+    std::vector<float> partials((size_t)n_seqs * nq * n_splits * (hd + 2), NAN);
+    emu::launch(dim3{n_seqs, nq, n_splits}, PHI_DECODE_THREADS,
+                narrow_heads ? kern.paged_decode_split_d4 : kern.paged_decode_split_d8,
+                (const T *)q.data(), (const T *)pool_k.data(), (const T *)pool_v.data(),
+                (const uint32_t *)slots.data(), (const uint32_t *)starts.data(),
+                (const uint32_t *)q_rows.data(), (T *)nullptr, partials.data(), nq, nkv, hd,
+                scale, split_keys);
+    emu::launch(dim3{n_seqs, nq, 1}, 64, kern.paged_decode_merge,
+                (const float *)partials.data(), (const uint32_t *)starts.data(), out.data(), nq,
+                hd, n_splits, split_keys);
+  }
 
   write(dir + "/pool_k.f32", widen(pool_k));
   write(dir + "/pool_v.f32", widen(pool_v));
@@ -180,8 +209,10 @@ template <typename T> static int run(const std::string &op, const std::string &d
 }
 
 #define PHI_KERNEL_SET(SUFFIX)                                                                    \
-  {kv_write_##SUFFIX,     paged_decode_##SUFFIX, rope_queries_##SUFFIX,                           \
-   rms_norm_##SUFFIX,     add_rms_norm_##SUFFIX, silu_mul_##SUFFIX}
+  {kv_write_##SUFFIX,           paged_decode_d4_##SUFFIX, paged_decode_d8_##SUFFIX,               \
+   paged_decode_split_d4_##SUFFIX, paged_decode_split_d8_##SUFFIX,                                \
+   paged_decode_merge_##SUFFIX, rope_queries_##SUFFIX,      rms_norm_##SUFFIX,                    \
+   add_rms_norm_##SUFFIX,       silu_mul_##SUFFIX}
 
 int main(int argc, char **argv) {
   if (argc != 4) return 2;
