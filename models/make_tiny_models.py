@@ -155,6 +155,28 @@ OTHER_SOURCES = {
 }
 
 
+# Each tokenizer.json is stored once: where a folder's copy would equal one of these files, it is
+# a relative link to it instead. Nine copies of 1.8 MB made the repository too large to travel to
+# a GPU machine (scripts/gpu-bundle.sh: tree and binaries together under 64 MiB).
+SHARED_TOKENIZERS = [
+    TINY / "phi3-mini-4k" / "tokenizer.json",
+    TINY / "phi3-medium-4k" / "tokenizer.json",
+    REPO / "crates" / "engine" / "tests" / "data" / "phi3-april-2024" / "tokenizer.json",
+]
+
+
+def write_file(path: Path, data: bytes):
+    """Writes `data` to `path`, or links `path` to an equal file of SHARED_TOKENIZERS."""
+    if path.is_symlink():
+        path.unlink()  # never write through an old link into the file it names
+    if path.name == "tokenizer.json":
+        for shared in SHARED_TOKENIZERS:
+            if shared != path and shared.is_file() and not shared.is_symlink() and shared.read_bytes() == data:
+                path.symlink_to(os.path.relpath(shared, path.parent))
+                return
+    path.write_bytes(data)
+
+
 def read_first(cands: list[Path]) -> bytes:
     for p in cands:
         if p.is_file():
@@ -961,7 +983,7 @@ def make_variant(v, tok_files: dict, tok):
     kw = {"max_shard_size": v["max_shard_size"]} if v["max_shard_size"] else {}
     model.save_pretrained(out_dir, **kw)
     for fn, data in tok_files.items():
-        (out_dir / fn).write_bytes(data)
+        write_file(out_dir / fn, data)
     gen_cfg = {
         "_from_model_config": True,
         "bos_token_id": 1,
@@ -1196,7 +1218,7 @@ def make_tokenizer_refs(tok_sources: dict, other: dict):
         shutil.rmtree(TOKREF)
     (TOKREF / "phi-3-2024-04").mkdir(parents=True)
     for fn, data in tok_sources["phi-3-2024-04"].items():
-        (TOKREF / "phi-3-2024-04" / fn).write_bytes(data)
+        write_file(TOKREF / "phi-3-2024-04" / fn, data)
     for fn, data in other.items():
         (TOKREF / fn).write_bytes(data)
     (TOKREF / "PROVENANCE.md").write_text(TOKREF_PROVENANCE, encoding="utf-8")
