@@ -112,13 +112,27 @@ __device__ void paged_decode(const T *__restrict__ q, const T *__restrict__ pool
   // Online softmax over this warp's keys, KPW at a time: running maximum `m`, running sum `l`.
   // The warp takes keys j0 .. j0 + KPW, then skips the other warps' (whole warps are uniform
   // in j0, so the shuffles below see every lane).
+  // The slots of the warp's keys are read an iteration ahead: its key and value loads need
+  // them, and waiting for the slots and then for the rows would double each iteration's wait.
+  constexpr uint32_t STRIDE = PHI_DECODE_WARPS * KPW;
   float m = -INFINITY, l = 0.0f;
-  for (uint32_t j0 = first + warp * KPW; j0 < end; j0 += PHI_DECODE_WARPS * KPW) {
+  uint32_t next[KPW];
+#pragma unroll
+  for (uint32_t u = 0; u < KPW; ++u) {
+    const uint32_t j = first + warp * KPW + u;
+    next[u] = j < end ? slots[j] : 0u;
+  }
+  for (uint32_t j0 = first + warp * KPW; j0 < end; j0 += STRIDE) {
+    uint32_t slot[KPW];
+#pragma unroll
+    for (uint32_t u = 0; u < KPW; ++u) {
+      slot[u] = next[u];
+      next[u] = j0 + STRIDE + u < end ? slots[j0 + STRIDE + u] : 0u;
+    }
     T kr[KPW][DIMS], vr[KPW][DIMS];
 #pragma unroll
     for (uint32_t u = 0; u < KPW; ++u) {
-      const size_t base =
-          j0 + u < end ? slot_offset(slots[j0 + u], kv_head, n_kv_heads, head_dim) : 0;
+      const size_t base = j0 + u < end ? slot_offset(slot[u], kv_head, n_kv_heads, head_dim) : 0;
 #pragma unroll
       for (uint32_t i = 0; i < DIMS; ++i) {
         const uint32_t d = lane + 32u * i;
