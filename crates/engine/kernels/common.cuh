@@ -4,7 +4,8 @@
 // Every kernel also compiles on the CPU against the emulation of CUDA's thread model in
 // crates/engine/tests/cuda_emulation, which is how they are tested without a GPU: keep to what
 // it provides (threadIdx/blockIdx/blockDim, static __shared__ arrays, __syncthreads,
-// __shfl_xor_sync with a full mask on warp-uniform control flow, the __f*_rn intrinsics).
+// __shfl_xor_sync of a float or a uint32_t with a full mask on warp-uniform control flow, the
+// __f*_rn intrinsics).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -18,6 +18,12 @@ pub(crate) const PAGED_ATTENTION: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx")),
 };
 
+/// `kernels/greedy.cu`: greedy decoding's argmax over the logits rows.
+pub(crate) const GREEDY: Module = Module {
+    name: "phi_engine_greedy",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/greedy.ptx")),
+};
+
 /// `kernels/layer_ops.cu`: the fused element-wise steps of a decoder layer.
 pub(crate) const LAYER_OPS: Module = Module {
     name: "phi_engine_layer_ops",

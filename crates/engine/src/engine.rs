@@ -23,6 +23,7 @@ use crate::prefix_cache::PrefixCacheStats;
 use crate::quantize::QuantScheme;
 use crate::rope::LongRopePolicy;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::step_logits::{RowChoice, RowNeed, StepLogits};
 use crate::stop::StopStrings;
 use crate::tokenizer::PhiTokenizer;
 use rayon::prelude::*;
@@ -676,17 +677,21 @@ impl Engine {
         }
         let out = self.model.forward(&mut items)?;
         drop(items);
-        // One copy of the logits, flat (from the GPU: one transfer, not one per row).
         let vocab = out.logits.dim(1)?;
-        let logits = out.logits.flatten_all()?.to_vec1::<f32>()?;
 
         // The logits row each sequence samples from, if it reached the end of its prompt.
         let mut sample_row: Vec<Option<usize>> = vec![None; seqs.len()];
+        let mut needs = vec![RowNeed::Unused; out.logits.dim(0)?];
         for ((&i, rows), positions) in active.iter().zip(&out.rows).zip(&out.positions) {
             if positions.end >= seqs[i].tokens.len() {
-                sample_row[i] = Some(rows.end - 1);
+                let row = rows.end - 1;
+                sample_row[i] = Some(row);
+                needs[row] =
+                    seqs[i].sampler.greedy_prefix(vocab).map_or(RowNeed::Host, RowNeed::Greedy);
             }
         }
+        // From a GPU: the greedy rows' tokens, and the other sampled rows in one transfer.
+        let logits = StepLogits::read(&out.logits, &needs)?;
         // Sampling is a few passes over a vocabulary-sized row per sequence (more with top_p
         // or logprobs); serially that is milliseconds a step for a large batch, with the
         // accelerator idle, so the rows are sampled in parallel.
@@ -696,8 +701,12 @@ impl Engine {
             .map(|(seq, row)| {
                 let Some(row) = *row else { return Ok(None) };
                 let seq = &mut **seq;
-                let row = &logits[row * vocab..(row + 1) * vocab];
-                seq.sampler.sample(row, &seq.tokens[seq.prompt_len..]).map(Some)
+                match logits.row(row) {
+                    RowChoice::Picked(token) => Ok(Some(seq.sampler.take_picked(token))),
+                    RowChoice::Logits(row) => {
+                        seq.sampler.sample(row, &seq.tokens[seq.prompt_len..]).map(Some)
+                    }
+                }
             })
             .collect::<std::result::Result<_, _>>()?;
 

@@ -3,6 +3,8 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
+pub mod cuda_greedy;
+#[cfg(feature = "cuda")]
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda_layer_ops;
@@ -27,6 +29,7 @@ mod qgemm_pool;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;
+mod step_logits;
 pub mod stop;
 pub mod tokenizer;
 pub mod weights;

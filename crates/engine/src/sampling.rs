@@ -318,6 +318,33 @@ impl Sampler {
         &self.params
     }
 
+    /// Where this sampler's choice over a `vocab`-wide logits row is nothing but the argmax of
+    /// the row's first `n` raw logits (greedy, no penalties, no logprobs, and the suppressed ids
+    /// among the row's exactly the ids from `n` on), that `n`. Such a row can be decided where
+    /// the logits are (a GPU argmax, `cuda_greedy`) and only the token read back: see
+    /// [`Sampler::take_picked`]. The device's pick must follow [`Sampler::sample`]'s rules
+    /// (ties to the lowest id, `-inf` never chosen) and leave rows `sample` would reject with an
+    /// error to `sample`.
+    pub fn greedy_prefix(&self, vocab: usize) -> Option<usize> {
+        let p = &self.params;
+        if !p.is_greedy() || p.logprobs || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            return None;
+        }
+        // `suppressed` is sorted and deduplicated: the ids below `vocab` are a prefix of it.
+        let inside = self.suppressed.partition_point(|&id| (id as usize) < vocab);
+        let Some(&first) = self.suppressed[..inside].first() else { return Some(vocab) };
+        // A tail `first..vocab` exactly when there are as many ids as that range holds.
+        (inside == vocab - first as usize).then_some(first as usize)
+    }
+
+    /// The outcome of a step whose `token` was picked on the device, for a row
+    /// [`Sampler::greedy_prefix`] accepted: what [`Sampler::sample`] would have returned.
+    /// Greedy steps draw nothing from the RNG, so the sampler's state is unchanged either way.
+    pub fn take_picked(&self, token: u32) -> SampledToken {
+        debug_assert!(self.params.is_greedy() && !self.params.logprobs);
+        SampledToken { token, logprob: None, top_logprobs: Vec::new() }
+    }
+
     /// Picks the next token from one step's `logits` (one value per vocabulary id),
     /// given the tokens `generated` so far for this sequence (used for the penalties;
     /// the prompt is not counted, as in the OpenAI API).
@@ -530,6 +557,36 @@ mod tests {
         // -inf is never listed even if fewer than k remain.
         assert_eq!(top_k(&logits, 10, &[]).len(), 5);
         assert!(top_k(&logits, 0, &[]).is_empty());
+    }
+
+    #[test]
+    fn greedy_prefix_only_for_a_plain_argmax_over_a_prefix() {
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        let sampler = |p: &SamplingParams, ids: &[u32]| {
+            Sampler::new(p.clone()).unwrap().with_suppressed_tokens(ids.iter().copied())
+        };
+        assert_eq!(sampler(&greedy, &[]).greedy_prefix(10), Some(10));
+        assert_eq!(sampler(&greedy, &[9, 8, 7]).greedy_prefix(10), Some(7));
+        // Ids past the row do not matter; a gap, or a suppressed id inside, does.
+        assert_eq!(sampler(&greedy, &[7, 8, 9, 12]).greedy_prefix(10), Some(7));
+        assert_eq!(sampler(&greedy, &[12]).greedy_prefix(10), Some(10));
+        assert_eq!(sampler(&greedy, &[7, 9]).greedy_prefix(10), None);
+        assert_eq!(sampler(&greedy, &[3, 8, 9]).greedy_prefix(10), None);
+        assert_eq!(sampler(&greedy, &[0, 1, 2]).greedy_prefix(3), Some(0));
+        for other in [
+            SamplingParams { temperature: 0.7, ..greedy.clone() },
+            SamplingParams { logprobs: true, ..greedy.clone() },
+            SamplingParams { presence_penalty: 0.5, ..greedy.clone() },
+            SamplingParams { frequency_penalty: -0.5, ..greedy.clone() },
+        ] {
+            assert_eq!(sampler(&other, &[]).greedy_prefix(10), None, "{other:?}");
+        }
+        // What the host picks is what a device argmax over the prefix picks.
+        let mut s = sampler(&greedy, &[3, 4]);
+        let n = s.greedy_prefix(5).unwrap();
+        let row = [1.0, 5.0, 5.0, 9.0, 9.0];
+        let host = s.sample(&row, &[]).unwrap();
+        assert_eq!(host, s.take_picked(argmax(&row[..n]).unwrap()));
     }
 
     #[test]

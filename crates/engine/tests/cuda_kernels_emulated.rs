@@ -1,7 +1,8 @@
 //! The engine's GPU kernels (`kernels/*.cu`), run on the CPU under an emulation of CUDA's
 //! thread model (`tests/cuda_emulation`): the paged KV kernels against attention computed here
 //! in f64, the fused layer steps (RMSNorm, the residual add, the SiLU gate, rotary embedding)
-//! against the CPU path's candle ops or the reference's formulas.
+//! against the CPU path's candle ops or the reference's formulas, greedy decoding's argmax
+//! against the host sampler.
 //!
 //! Exists because CI has no GPU: this is where the kernels' indexing into the pool's blocks,
 //! their online softmax, the merge of the warps' and the splits' partial results, their block
@@ -9,6 +10,8 @@
 //! heads, head sizes that are not a multiple of a warp, partial rotary embedding, sliding windows
 //! and blocks scattered over the pool. It says nothing of their speed; the GPU tests (`cuda_parity.rs`)
 //! run the same kernels on a real device when one is present.
+
+mod greedy_cases;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -590,5 +593,32 @@ fn silu_kernel_matches_the_cpu_gate() {
         let act = candle_nn::ops::silu(&gate).unwrap().to_dtype(elem.dtype()).unwrap();
         let want = elements(&(gate_up.narrow(1, cols, cols).unwrap() * act).unwrap());
         assert_close(name, "silu_mul", &read_f32(&dir.join("out.f32")), &want, elem, 0.98);
+    }
+}
+
+fn read_u32(path: &Path) -> Vec<u32> {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+#[test]
+fn greedy_kernel_picks_what_the_host_sampler_picks() {
+    let Some(harness) = harness() else { return };
+    // (name, rows, vocab, n_valid, block width)
+    let cases = [
+        ("greedy_small", 16, 300, 300, 64),
+        ("greedy_tail", 16, 301, 250, 96),
+        ("greedy_narrow_row", 8, 20, 17, 64),
+        // Phi-3's vocabulary and padding rows, in the launcher's block width and a narrower one.
+        ("greedy_phi3", 8, 32064, 32011, 1024),
+        ("greedy_phi3_narrow", 8, 32064, 32011, 128),
+    ];
+    for (i, (name, n, vocab, n_valid, threads)) in cases.into_iter().enumerate() {
+        let logits = greedy_cases::rows(i as u64, n, vocab, n_valid);
+        let dir = scratch(name);
+        std::fs::write(dir.join("meta.txt"), format!("{n} {vocab} {n_valid} {threads}\n")).unwrap();
+        write_f32(&dir.join("logits.f32"), &logits);
+        run_harness(&harness, "greedy", &dir, Elem::F32, name);
+        greedy_cases::check(name, &logits, vocab, n_valid, &read_u32(&dir.join("tokens.u32")));
     }
 }

@@ -10,7 +10,10 @@
 //!   through) on their own: the GPU's writes land where the slots say, and its decode attention
 //!   equals the CPU's paged kernel over the same pool;
 //! - GGUF block formats on `cuda:0` (candle's quantized CUDA kernels) within the bounds the CPU
-//!   test `quantized_reference.rs` holds them to against the float32 reference.
+//!   test `quantized_reference.rs` holds them to against the float32 reference;
+//! - greedy decoding's argmax on the GPU (`kernels/greedy.cu`) picks what the host sampler picks
+//!   and leaves to the host the rows it reports errors on; the engine's steps, which take it for
+//!   plain greedy rows and copy only the other sampled rows, give a mixed batch the CPU's tokens.
 //!
 //! Only built with `--features cuda`: `cargo test -p phi-engine --features cuda --test
 //! cuda_parity`. Without a usable GPU every test passes after printing `SKIPPED: no CUDA device`
@@ -18,6 +21,7 @@
 //! links the driver's `libcuda.so.1`: where there is none the test binary does not start.
 #![cfg(feature = "cuda")]
 
+mod greedy_cases;
 mod quantized_cases;
 
 use std::io::Write;
@@ -25,12 +29,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use phi_engine::checkpoint::ModelSource;
+use phi_engine::cuda_greedy::argmax_rows;
 use phi_engine::cuda_paged::{BatchSlots, DecodeSeq};
+use phi_engine::engine::{Engine, GenerateOptions, LoadOptions, Sequence};
 use phi_engine::gguf::GgufFile;
 use phi_engine::kv_pool::{KvPool, PoolGeometry, BLOCK_SIZE};
 use phi_engine::paged_attention::{decode_attention, DecodeQuery, Heads};
 use phi_engine::phi3::{BatchItem, Phi3};
 use phi_engine::quantize::{quantize_checkpoint, QuantScheme};
+use phi_engine::sampling::SamplingParams;
 use serde_json::Value;
 
 const VARIANTS: &[&str] = &["phi3-mini-4k", "phi3-medium-4k", "phi3-mini-128k", "phi4-mini"];
@@ -514,4 +521,107 @@ fn gguf_formats_on_cuda_against_the_reference() {
         );
     }
     std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn greedy_argmax_on_cuda_picks_what_the_host_sampler_picks() {
+    let Some(dev) = gpu("greedy_argmax_on_cuda_picks_what_the_host_sampler_picks") else {
+        return;
+    };
+    // (rows, vocab, n_valid): Phi-3's vocabulary and padding rows, a row narrower than a block,
+    // and a batch wider than the step's usual one.
+    for (i, (n, vocab, n_valid)) in
+        [(16, 32064, 32011), (8, 300, 300), (8, 301, 250), (136, 32064, 32011)]
+            .into_iter()
+            .enumerate()
+    {
+        let name = format!("greedy_cuda_{n}x{vocab}");
+        let logits = greedy_cases::rows(100 + i as u64, n, vocab, n_valid);
+        let t = Tensor::from_slice(&logits, (n, vocab), &dev).unwrap();
+        greedy_cases::check(&name, &logits, vocab, n_valid, &argmax_rows(&t, n_valid).unwrap());
+        // A view of every other row (not contiguous): the launcher copies it first.
+        let every_other = Tensor::from_slice(&logits, (n / 2, 2 * vocab), &dev)
+            .unwrap()
+            .narrow(1, 0, vocab)
+            .unwrap();
+        let even: Vec<f32> = logits.chunks(vocab).step_by(2).flatten().copied().collect();
+        greedy_cases::check(
+            &format!("{name}_strided"),
+            &even,
+            vocab,
+            n_valid,
+            &argmax_rows(&every_other, n_valid).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
+    let Some(dev) = gpu("engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens") else { return };
+    let variant = "phi3-mini-4k";
+    let dir = ModelSource::Local(root().join("models/tiny").join(variant));
+    // float32 on both, so that the greedy tokens agree; a small prefill chunk, so that some
+    // steps carry prompt rows nothing samples from.
+    let opts = |device: Device| LoadOptions {
+        device,
+        dtype: DType::F32,
+        prefill_chunk: Some(12),
+        ..LoadOptions::default()
+    };
+    let (gpu_engine, cpu_engine) =
+        (Engine::load(&dir, &opts(dev)).unwrap(), Engine::load(&dir, &opts(Device::Cpu)).unwrap());
+    let cases: Vec<(Vec<u32>, Vec<u32>)> = reference(variant)["greedy_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (ids(&c["prompt_ids"]), ids(&c["generated_ids"])))
+        .collect();
+    let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+    // Plain greedy (the GPU's argmax), greedy with logprobs and with a penalty (the host's).
+    let kinds = [
+        greedy.clone(),
+        SamplingParams { logprobs: true, top_logprobs: Some(2), ..greedy.clone() },
+        greedy.clone(),
+        SamplingParams { presence_penalty: 1.5, ..greedy.clone() },
+        greedy,
+    ];
+    let run = |engine: &Engine| -> Vec<Vec<(u32, Option<f32>)>> {
+        let mut seqs: Vec<Sequence> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, sampling)| {
+                let o = GenerateOptions {
+                    sampling: sampling.clone(),
+                    max_tokens: Some(10),
+                    ignore_eos: true,
+                    ..GenerateOptions::default()
+                };
+                engine.new_sequence(&cases[i % cases.len()].0, &o).unwrap()
+            })
+            .collect();
+        while seqs.iter().any(|s| !s.is_finished()) {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            engine.step(&mut refs).unwrap();
+        }
+        seqs.iter().map(|s| s.generated().iter().map(|t| (t.id, t.logprob)).collect()).collect()
+    };
+    let (on_gpu, on_cpu) = (run(&gpu_engine), run(&cpu_engine));
+    for (k, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+        let ids = |v: &[(u32, Option<f32>)]| v.iter().map(|t| t.0).collect::<Vec<_>>();
+        assert_eq!(ids(g), ids(c), "sequence {k} ({:?}): GPU and CPU tokens", kinds[k]);
+        if kinds[k].presence_penalty == 0.0 {
+            let want = &cases[k % cases.len()].1;
+            let n = want.len().min(g.len());
+            assert_eq!(ids(&g[..n]), want[..n], "sequence {k}: the reference's greedy tokens");
+        }
+        for (step, (a, b)) in g.iter().zip(c).enumerate() {
+            match (a.1, b.1) {
+                (Some(x), Some(y)) => {
+                    assert!((x - y).abs() < F32_TOL, "sequence {k} step {step}: logprob {x} vs {y}")
+                }
+                (None, None) => {}
+                other => panic!("sequence {k} step {step}: logprobs {other:?}"),
+            }
+        }
+    }
 }

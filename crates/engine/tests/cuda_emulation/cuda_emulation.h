@@ -30,6 +30,7 @@ namespace emu {
 struct Warp {
   std::barrier<> bar{32};
   float buf[32];
+  uint32_t ubuf[32];
 };
 struct Thread {
   dim3 thread, block;
@@ -61,6 +62,17 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   w->buf[lane] = v;
   w->bar.arrive_and_wait();
   float r = w->buf[lane ^ (unsigned)lane_mask];
+  w->bar.arrive_and_wait();
+  return r;
+}
+
+inline uint32_t __shfl_xor_sync(unsigned mask, uint32_t v, int lane_mask) {
+  if (mask != 0xffffffffu) std::abort();
+  emu::Warp *w = emu::self.warp;
+  unsigned lane = emu::self.thread.x % 32u;
+  w->ubuf[lane] = v;
+  w->bar.arrive_and_wait();
+  uint32_t r = w->ubuf[lane ^ (unsigned)lane_mask];
   w->bar.arrive_and_wait();
   return r;
 }

@@ -18,12 +18,15 @@
 //   norm   meta "n_rows n_cols eps"; x.f32, delta.f32, weight.f32: rms_norm_* of x into
 //          out.f32, add_rms_norm_* of x + delta into sum.f32 and add_out.f32.
 //   silu   meta "n_rows n_cols"; gate_up.f32 (`[n_rows, 2 * n_cols]`): silu_mul_* into out.f32.
+//   greedy meta "n_rows vocab n_valid threads" (element type f32 only); logits.f32:
+//          greedy_argmax_f32 in blocks of `threads` into tokens.u32.
 #include <cstdio>
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 
+#include "../../kernels/greedy.cu"
 #include "../../kernels/layer_ops.cu"
 #include "../../kernels/paged_attention.cu"
 
@@ -41,6 +44,12 @@ template <typename E> static std::vector<E> read(const std::string &path, size_t
 static void write(const std::string &path, const std::vector<float> &v) {
   FILE *f = std::fopen(path.c_str(), "wb");
   if (!f || std::fwrite(v.data(), sizeof(float), v.size(), f) != v.size()) std::exit(1);
+  std::fclose(f);
+}
+
+static void write_u32(const std::string &path, const std::vector<uint32_t> &v) {
+  FILE *f = std::fopen(path.c_str(), "wb");
+  if (!f || std::fwrite(v.data(), sizeof(uint32_t), v.size(), f) != v.size()) std::exit(1);
   std::fclose(f);
 }
 
@@ -198,6 +207,19 @@ template <typename T> static void silu(const std::string &dir, const Kernels<T> 
   write(dir + "/out.f32", widen(out));
 }
 
+static void greedy(const std::string &dir) {
+  unsigned n, vocab, n_valid, threads;
+  FILE *m = meta(dir);
+  if (std::fscanf(m, "%u %u %u %u", &n, &vocab, &n_valid, &threads) != 4) std::exit(1);
+  std::fclose(m);
+  auto logits = read<float>(dir + "/logits.f32", (size_t)n * vocab);
+  // Filled with a value the kernel never writes: a row it skipped shows.
+  std::vector<uint32_t> tokens(n, 0xfffffffeu);
+  emu::launch(dim3{n, 1, 1}, threads, greedy_argmax_f32, (const float *)logits.data(), vocab,
+              n_valid, tokens.data());
+  write_u32(dir + "/tokens.u32", tokens);
+}
+
 template <typename T> static int run(const std::string &op, const std::string &dir,
                                      const Kernels<T> &kern) {
   if (op == "paged") paged<T>(dir, kern);
@@ -217,6 +239,11 @@ template <typename T> static int run(const std::string &op, const std::string &d
 int main(int argc, char **argv) {
   if (argc != 4) return 2;
   std::string op = argv[1], dir = argv[2], dtype = argv[3];
+  if (op == "greedy") {
+    if (dtype != "f32") return 2;
+    greedy(dir);
+    return 0;
+  }
   if (dtype == "f32") return run<float>(op, dir, Kernels<float> PHI_KERNEL_SET(f32));
   if (dtype == "f16") return run<__half>(op, dir, Kernels<__half> PHI_KERNEL_SET(f16));
   if (dtype == "bf16")

@@ -1,0 +1,166 @@
+//! What the host reads of a step's logits before sampling.
+//!
+//! Exists because on a GPU the logits are a vocabulary-wide float32 row per sequence (128 KB for
+//! Phi-3), and copying every row out each step, then scanning it on the host, is a large part of
+//! a batched decode step at many streams. A greedy row whose sampler only takes the argmax
+//! ([`crate::sampling::Sampler::greedy_prefix`]) is decided on the device and only its token id
+//! read back; the other sampled rows are gathered and copied in one transfer; rows nothing
+//! samples from (prompt chunks that do not reach the end of their prompt) are not copied at all.
+//! On the CPU the logits are already in memory: they are read as they are.
+
+use candle_core::Tensor;
+
+use crate::error::{EngineError, Result};
+
+/// What sampling needs of one row of a step's logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowNeed {
+    /// Nothing samples from the row.
+    Unused,
+    /// The host sampler reads the whole row.
+    Host,
+    /// The row's token is the argmax of its first `n` logits (the sampler's greedy prefix).
+    Greedy(usize),
+}
+
+/// A sampled row once the step's logits are read.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RowChoice<'a> {
+    /// The token the device picked.
+    Picked(u32),
+    /// The row's logits, for the host sampler.
+    Logits(&'a [f32]),
+}
+
+/// Where a sampled row's answer is.
+#[derive(Clone, Copy, Debug)]
+enum RowSource {
+    /// The row starts at this offset in `host`.
+    Host(usize),
+    /// The device's pick.
+    Picked(u32),
+}
+
+/// A step's logits as the samplers read them.
+pub(crate) struct StepLogits {
+    vocab: usize,
+    /// The rows copied to the host, one after another.
+    host: Vec<f32>,
+    /// Per logits row; `None` for unused rows.
+    rows: Vec<Option<RowSource>>,
+}
+
+impl StepLogits {
+    /// Reads `logits` (`[rows, vocab]`, float32) as `needs` (one per row) asks.
+    pub(crate) fn read(logits: &Tensor, needs: &[RowNeed]) -> Result<Self> {
+        let (n_rows, vocab) = logits.dims2()?;
+        if needs.len() != n_rows {
+            return Err(EngineError::Candle(candle_core::Error::Msg(format!(
+                "{} sampling needs for {n_rows} logits rows",
+                needs.len()
+            ))));
+        }
+        let picked = device_picks(logits, needs)?;
+        let mut rows = vec![None; n_rows];
+        let mut host_rows = Vec::new();
+        for (row, need) in needs.iter().enumerate() {
+            if *need == RowNeed::Unused {
+                continue;
+            }
+            match picked.get(row).copied().flatten() {
+                Some(token) => rows[row] = Some(RowSource::Picked(token)),
+                None => host_rows.push(row as u32),
+            }
+        }
+        let host = if host_rows.is_empty() {
+            Vec::new()
+        } else if host_rows.len() == n_rows || logits.device().is_cpu() {
+            for &row in &host_rows {
+                rows[row as usize] = Some(RowSource::Host(row as usize * vocab));
+            }
+            logits.flatten_all()?.to_vec1::<f32>()?
+        } else {
+            for (i, &row) in host_rows.iter().enumerate() {
+                rows[row as usize] = Some(RowSource::Host(i * vocab));
+            }
+            let index = Tensor::new(host_rows.as_slice(), logits.device())?;
+            logits.index_select(&index, 0)?.flatten_all()?.to_vec1::<f32>()?
+        };
+        Ok(StepLogits { vocab, host, rows })
+    }
+
+    /// Row `row`'s answer. A row read as [`RowNeed::Unused`] has no logits (an empty row,
+    /// which the sampler rejects as such).
+    pub(crate) fn row(&self, row: usize) -> RowChoice<'_> {
+        match self.rows.get(row).copied().flatten() {
+            Some(RowSource::Picked(token)) => RowChoice::Picked(token),
+            Some(RowSource::Host(at)) => RowChoice::Logits(&self.host[at..at + self.vocab]),
+            None => RowChoice::Logits(&[]),
+        }
+    }
+}
+
+/// Per row, the device's greedy pick where it made one: for the rows that ask for the most
+/// common greedy prefix, on a GPU. Empty where no row is picked on the device.
+#[cfg(feature = "cuda")]
+fn device_picks(logits: &Tensor, needs: &[RowNeed]) -> Result<Vec<Option<u32>>> {
+    use crate::cuda_greedy::{argmax_rows, supports, ON_HOST};
+    if !supports(logits) {
+        return Ok(Vec::new());
+    }
+    // Every sequence of an engine suppresses the same ids, so one prefix is the rule; a row
+    // that asks for another is sampled on the host.
+    let Some(n_valid) = most_common_prefix(needs) else { return Ok(Vec::new()) };
+    let tokens = argmax_rows(logits, n_valid)?;
+    Ok(needs
+        .iter()
+        .zip(tokens)
+        .map(|(need, t)| (*need == RowNeed::Greedy(n_valid) && t != ON_HOST).then_some(t))
+        .collect())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_picks(_: &Tensor, _: &[RowNeed]) -> Result<Vec<Option<u32>>> {
+    Ok(Vec::new())
+}
+
+/// The greedy prefix most rows ask for (the smallest among equally common ones), if any.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn most_common_prefix(needs: &[RowNeed]) -> Option<usize> {
+    let mut counts: Vec<(usize, usize)> = Vec::new();
+    for need in needs {
+        if let RowNeed::Greedy(n) = *need {
+            match counts.iter_mut().find(|(m, _)| *m == n) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((n, 1)),
+            }
+        }
+    }
+    counts.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(n, _)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_cpu_reads_every_sampled_row_whole() {
+        let values: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        let logits = Tensor::from_vec(values, (3, 4), &Device::Cpu).unwrap();
+        let needs = [RowNeed::Greedy(4), RowNeed::Unused, RowNeed::Host];
+        let read = StepLogits::read(&logits, &needs).unwrap();
+        assert!(matches!(read.row(0), RowChoice::Logits([0.0, 1.0, 2.0, 3.0])));
+        assert!(matches!(read.row(1), RowChoice::Logits([])));
+        assert!(matches!(read.row(2), RowChoice::Logits([8.0, 9.0, 10.0, 11.0])));
+        assert!(matches!(read.row(3), RowChoice::Logits([])));
+    }
+
+    #[test]
+    fn the_prefix_most_rows_ask_for() {
+        use RowNeed::*;
+        assert_eq!(most_common_prefix(&[Host, Unused]), None);
+        assert_eq!(most_common_prefix(&[Greedy(7), Host, Greedy(5), Greedy(5)]), Some(5));
+        assert_eq!(most_common_prefix(&[Greedy(7), Greedy(5)]), Some(5));
+    }
+}
