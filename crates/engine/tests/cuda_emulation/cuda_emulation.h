@@ -29,8 +29,7 @@ struct dim3 {
 namespace emu {
 struct Warp {
   std::barrier<> bar{32};
-  float buf[32];
-  uint32_t ubuf[32];
+  uint32_t buf[32];
 };
 struct Thread {
   dim3 thread, block;
@@ -54,27 +53,31 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 
-// A warp-wide exchange; every lane of the warp must call it (full mask, uniform control flow).
-inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+namespace emu {
+// A warp-wide exchange of 32 bits; every lane of the warp must call it (full mask, uniform
+// control flow).
+inline uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask) {
   if (mask != 0xffffffffu) std::abort();
-  emu::Warp *w = emu::self.warp;
-  unsigned lane = emu::self.thread.x % 32u;
-  w->buf[lane] = v;
+  Warp *w = self.warp;
+  unsigned lane = self.thread.x % 32u;
+  w->buf[lane] = bits;
   w->bar.arrive_and_wait();
-  float r = w->buf[lane ^ (unsigned)lane_mask];
+  uint32_t r = w->buf[lane ^ (unsigned)lane_mask];
   w->bar.arrive_and_wait();
   return r;
 }
+} // namespace emu
 
 inline uint32_t __shfl_xor_sync(unsigned mask, uint32_t v, int lane_mask) {
-  if (mask != 0xffffffffu) std::abort();
-  emu::Warp *w = emu::self.warp;
-  unsigned lane = emu::self.thread.x % 32u;
-  w->ubuf[lane] = v;
-  w->bar.arrive_and_wait();
-  uint32_t r = w->ubuf[lane ^ (unsigned)lane_mask];
-  w->bar.arrive_and_wait();
-  return r;
+  return emu::shfl_xor_bits(mask, v, lane_mask);
+}
+
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits = emu::shfl_xor_bits(mask, bits, lane_mask);
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
 }
 
 namespace emu {
