@@ -30,11 +30,12 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// The variant's folder and a float32 GGUF conversion of it.
-fn convert(variant: &str, scheme: &str) -> (PathBuf, PathBuf) {
+/// The variant's folder and a GGUF conversion of it, in a file of the `test`'s own: tests run
+/// in parallel, and two writing one file read each other's half-written output.
+fn convert(test: &str, variant: &str, scheme: &str) -> (PathBuf, PathBuf) {
     let dir = root().join("models/tiny").join(variant);
     let files = ModelSource::parse(dir.to_str().unwrap(), None).unwrap().resolve().unwrap();
-    let out = tmp(&format!("{variant}-{scheme}.gguf"));
+    let out = tmp(&format!("{test}-{variant}-{scheme}.gguf"));
     quantize_checkpoint(&files, QuantScheme::parse(scheme).unwrap(), &out).unwrap();
     (dir, out)
 }
@@ -108,7 +109,7 @@ fn assert_same_config(variant: &str, got: &Phi3Config, want: &Phi3Config) {
 #[test]
 fn float32_gguf_matches_transformers() {
     for variant in VARIANTS {
-        let (dir, path) = convert(variant, "f32");
+        let (dir, path) = convert("f32", variant, "f32");
         let file = GgufFile::open(&path).unwrap();
         let want_cfg = Phi3Config::from_file(&dir.join("config.json")).unwrap();
         assert_same_config(variant, &file.config().unwrap(), &want_cfg);
@@ -154,7 +155,7 @@ fn gguf_carries_tokenizer_and_chat_template() {
         ],
     ];
     for variant in ["phi3-mini-4k", "phi3-medium-4k", "phi4-mini"] {
-        let (dir, path) = convert(variant, "q8_0");
+        let (dir, path) = convert("metadata", variant, "q8_0");
         let opts = LoadOptions::default();
         let from_dir =
             Engine::load(&ModelSource::parse(dir.to_str().unwrap(), None).unwrap(), &opts).unwrap();
@@ -181,7 +182,7 @@ fn gguf_carries_tokenizer_and_chat_template() {
 /// logits are identical.
 #[test]
 fn quantizing_at_load_equals_the_gguf_file() {
-    let (dir, path) = convert("phi4-mini", "q8_0");
+    let (dir, path) = convert("at_load", "phi4-mini", "q8_0");
     let files = ModelSource::parse(dir.to_str().unwrap(), None).unwrap().resolve().unwrap();
     let scheme = QuantScheme::parse("q8_0").unwrap();
     let in_situ =
@@ -195,7 +196,7 @@ fn quantizing_at_load_equals_the_gguf_file() {
 
 #[test]
 fn broken_and_foreign_files_are_refused_with_a_reason() {
-    let (_, good) = convert("phi3-mini-4k", "q8_0");
+    let (_, good) = convert("refused", "phi3-mini-4k", "q8_0");
     let bytes = std::fs::read(&good).unwrap();
 
     // Cut inside the tensor data: the header reads, the tensors do not.
