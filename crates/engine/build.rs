@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["greedy", "layer_ops", "paged_attention"];
+const KERNELS: &[&str] = &["greedy", "layer_ops", "paged_attention", "sampling"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -24,6 +24,12 @@ pub(crate) const GREEDY: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/greedy.ptx")),
 };
 
+/// `kernels/sampling.cu`: temperature and top_p sampling of the logits rows.
+pub(crate) const SAMPLING: Module = Module {
+    name: "phi_engine_sampling",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx")),
+};
+
 /// `kernels/layer_ops.cu`: the fused element-wise steps of a decoder layer.
 pub(crate) const LAYER_OPS: Module = Module {
     name: "phi_engine_layer_ops",

@@ -23,7 +23,7 @@ use crate::prefix_cache::PrefixCacheStats;
 use crate::quantize::QuantScheme;
 use crate::rope::LongRopePolicy;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
-use crate::step_logits::{RowChoice, RowNeed, StepLogits};
+use crate::step_logits::{picks_on_device, RowChoice, RowNeed, StepLogits};
 use crate::stop::StopStrings;
 use crate::tokenizer::PhiTokenizer;
 use rayon::prelude::*;
@@ -682,15 +682,25 @@ impl Engine {
         // The logits row each sequence samples from, if it reached the end of its prompt.
         let mut sample_row: Vec<Option<usize>> = vec![None; seqs.len()];
         let mut needs = vec![RowNeed::Unused; out.logits.dim(0)?];
+        let on_device = picks_on_device(&out.logits);
         for ((&i, rows), positions) in active.iter().zip(&out.rows).zip(&out.positions) {
-            if positions.end >= seqs[i].tokens.len() {
+            let seq = &mut *seqs[i];
+            if positions.end >= seq.tokens.len() {
                 let row = rows.end - 1;
                 sample_row[i] = Some(row);
-                needs[row] =
-                    seqs[i].sampler.greedy_prefix(vocab).map_or(RowNeed::Host, RowNeed::Greedy);
+                let generated = &seq.tokens[seq.prompt_len..];
+                needs[row] = match seq.sampler.greedy_prefix(vocab) {
+                    Some(n) => RowNeed::Greedy(n),
+                    None if on_device => seq
+                        .sampler
+                        .device_draw(vocab, generated)
+                        .map_or(RowNeed::Host, RowNeed::Draw),
+                    None => RowNeed::Host,
+                };
             }
         }
-        // From a GPU: the greedy rows' tokens, and the other sampled rows in one transfer.
+        // From a GPU: the tokens of the rows it picks, and the other sampled rows in one
+        // transfer.
         let logits = StepLogits::read(&out.logits, &needs)?;
         // Sampling is a few passes over a vocabulary-sized row per sequence (more with top_p
         // or logprobs); serially that is milliseconds a step for a large batch, with the

@@ -10,8 +10,11 @@ mod cuda_kernels;
 pub mod cuda_layer_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda_paged;
+#[cfg(feature = "cuda")]
+pub mod cuda_sampling;
 pub mod decode_split;
 pub mod detokenizer;
+pub mod device_draw;
 pub mod engine;
 pub mod error;
 pub mod gguf;

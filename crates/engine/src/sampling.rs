@@ -36,6 +36,8 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::device_draw::DeviceDraw;
+
 /// Temperatures below this are treated as 0, i.e. greedy decoding, because dividing
 /// logits by such a value is numerically meaningless and the OpenAI API defines
 /// `temperature: 0` as (near-)deterministic output.
@@ -279,6 +281,10 @@ pub struct Sampler {
     probs: Vec<f32>,
     /// Candidate ids for the nucleus selection.
     order: Vec<u32>,
+    /// The current step's draw, taken from the RNG ahead of sampling by
+    /// [`Sampler::device_draw`]; whichever of the device and [`Sampler::sample`] then picks the
+    /// token uses it, so a sampled step takes one draw from the RNG either way.
+    pending_draw: Option<u64>,
 }
 
 impl Sampler {
@@ -299,6 +305,7 @@ impl Sampler {
             scratch: Vec::new(),
             probs: Vec::new(),
             order: Vec::new(),
+            pending_draw: None,
         })
     }
 
@@ -330,6 +337,12 @@ impl Sampler {
         if !p.is_greedy() || p.logprobs || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             return None;
         }
+        self.suppressed_tail(vocab)
+    }
+
+    /// Where the suppressed ids among a `vocab`-wide row are exactly the ids from some `n` on,
+    /// that `n` (`vocab` when none are).
+    fn suppressed_tail(&self, vocab: usize) -> Option<usize> {
         // `suppressed` is sorted and deduplicated: the ids below `vocab` are a prefix of it.
         let inside = self.suppressed.partition_point(|&id| (id as usize) < vocab);
         let Some(&first) = self.suppressed[..inside].first() else { return Some(vocab) };
@@ -337,11 +350,44 @@ impl Sampler {
         (inside == vocab - first as usize).then_some(first as usize)
     }
 
+    /// For a sampled (not greedy) step over a `vocab`-wide row without logprobs, whose
+    /// suppressed ids are a tail of the row, what a device needs to pick the token itself
+    /// (`cuda_sampling`), `generated` being the tokens so far as [`Sampler::sample`] takes them.
+    /// Takes the step's draw from the RNG now; the device's token is then read with
+    /// [`Sampler::take_picked`], or, where the device leaves the row to the host,
+    /// [`Sampler::sample`] uses the same draw.
+    pub fn device_draw(&mut self, vocab: usize, generated: &[u32]) -> Option<DeviceDraw> {
+        let p = &self.params;
+        if p.is_greedy() || p.logprobs || vocab == 0 {
+            return None;
+        }
+        let n_valid = self.suppressed_tail(vocab)?;
+        let mut penalties = Vec::new();
+        if !generated.is_empty() && (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0) {
+            let mut counts: HashMap<u32, u32> = HashMap::new();
+            for &t in generated.iter().filter(|&&t| (t as usize) < vocab) {
+                *counts.entry(t).or_insert(0) += 1;
+            }
+            // The amount exactly as `apply_penalties` computes it.
+            penalties.extend(
+                counts
+                    .into_iter()
+                    .map(|(t, c)| (t, c as f32 * p.frequency_penalty + p.presence_penalty)),
+            );
+            penalties.sort_unstable_by_key(|&(t, _)| t);
+        }
+        let (inv_temperature, top_p) = (1.0 / p.temperature, p.top_p);
+        let draw = *self.pending_draw.get_or_insert_with(|| draw_bits(&mut self.rng));
+        Some(DeviceDraw { n_valid, inv_temperature, top_p, draw, penalties })
+    }
+
     /// The outcome of a step whose `token` was picked on the device, for a row
-    /// [`Sampler::greedy_prefix`] accepted: what [`Sampler::sample`] would have returned.
-    /// Greedy steps draw nothing from the RNG, so the sampler's state is unchanged either way.
-    pub fn take_picked(&self, token: u32) -> SampledToken {
-        debug_assert!(self.params.is_greedy() && !self.params.logprobs);
+    /// [`Sampler::greedy_prefix`] or [`Sampler::device_draw`] accepted: what
+    /// [`Sampler::sample`] would have returned. A greedy step draws nothing from the RNG; a
+    /// sampled one used the draw `device_draw` took.
+    pub fn take_picked(&mut self, token: u32) -> SampledToken {
+        debug_assert!(!self.params.logprobs);
+        self.pending_draw = None;
         SampledToken { token, logprob: None, top_logprobs: Vec::new() }
     }
 
@@ -414,7 +460,7 @@ impl Sampler {
             return Err(SamplingError::NoSamplableToken);
         }
         let total = scaled_exps(&self.scratch, max, 1.0 / self.params.temperature, &mut self.probs);
-        let u = uniform_f64(&mut self.rng);
+        let u = unit(self.pending_draw.take().unwrap_or_else(|| draw_bits(&mut self.rng)));
 
         if self.params.top_p >= 1.0 {
             return Ok(draw(self.probs.iter().map(|&p| f64::from(p)).enumerate(), u * total));
@@ -608,10 +654,15 @@ fn draw(candidates: impl Iterator<Item = (usize, f64)>, target: f64) -> u32 {
     last as u32
 }
 
-/// Uniform in `[0, 1)` from the top 53 bits of one `u64`, independent of `rand`'s
-/// distribution code so that seeded streams stay stable across `rand` versions.
-fn uniform_f64(rng: &mut ChaCha20Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+/// One draw: the top 53 bits of one `u64`, for [`unit`]. Independent of `rand`'s distribution
+/// code so that seeded streams stay stable across `rand` versions.
+fn draw_bits(rng: &mut ChaCha20Rng) -> u64 {
+    rng.next_u64() >> 11
+}
+
+/// A draw of [`draw_bits`] as a uniform in `[0, 1)` (exactly, 53 bits).
+fn unit(draw: u64) -> f64 {
+    draw as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 /// The `k` largest finite logits that are not suppressed, as `(id, logit)` sorted by
@@ -685,6 +736,51 @@ mod tests {
         let row = [1.0, 5.0, 5.0, 9.0, 9.0];
         let host = s.sample(&row, &[]).unwrap();
         assert_eq!(host, s.take_picked(argmax(&row[..n]).unwrap()));
+    }
+
+    #[test]
+    fn device_draws_only_for_plain_sampled_rows_and_share_the_draw() {
+        let sampled =
+            SamplingParams { temperature: 0.5, top_p: 0.9, seed: Some(4), ..Default::default() };
+        let sampler = |p: &SamplingParams, ids: &[u32]| {
+            Sampler::new(p.clone()).unwrap().with_suppressed_tokens(ids.iter().copied())
+        };
+        let d = sampler(&sampled, &[8, 9]).device_draw(10, &[]).unwrap();
+        assert_eq!((d.n_valid, d.inv_temperature, d.top_p), (8, 2.0, 0.9));
+        assert!(d.penalties.is_empty() && d.draw < 1 << 53);
+        assert_eq!(sampler(&sampled, &[3, 9]).device_draw(10, &[]), None);
+        for other in [
+            SamplingParams { temperature: 0.0, ..sampled.clone() },
+            SamplingParams { logprobs: true, ..sampled.clone() },
+        ] {
+            assert_eq!(sampler(&other, &[]).device_draw(10, &[]), None, "{other:?}");
+        }
+        // The penalties as `apply_penalties` subtracts them, ids past the row left out.
+        let penalised =
+            SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..sampled.clone() };
+        let d = sampler(&penalised, &[]).device_draw(10, &[7, 2, 7, 12]).unwrap();
+        assert_eq!(d.penalties, vec![(2, 0.75), (7, 1.0)]);
+        let mut row = [0.0f32; 10];
+        apply_penalties(&mut row, &[7, 2, 7, 12], 0.5, 0.25);
+        assert_eq!((row[2], row[7]), (-0.75, -1.0));
+
+        // One draw a step whichever side samples: a step left to the host uses the draw taken
+        // for the device, so the stream is the one of a sampler that never offered it.
+        let row: Vec<f32> = (0..10).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (mut plain, mut offered) = (sampler(&sampled, &[]), sampler(&sampled, &[]));
+        for step in 0..50 {
+            let want = plain.sample(&row, &[]).unwrap();
+            let d = offered.device_draw(10, &[]).unwrap();
+            assert_eq!(d, offered.device_draw(10, &[]).unwrap(), "asking twice draws once");
+            let got = if step % 2 == 0 {
+                offered.sample(&row, &[]).unwrap()
+            } else {
+                // What a device picks with this draw is what the host picks with it.
+                let token = offered.clone().sample(&row, &[]).unwrap().token;
+                offered.take_picked(token)
+            };
+            assert_eq!(got, want, "step {step}");
+        }
     }
 
     #[test]
@@ -787,7 +883,7 @@ mod tests {
     fn uniform_is_in_unit_interval() {
         let mut rng = ChaCha20Rng::from_seed([7; 32]);
         for _ in 0..10_000 {
-            let u = uniform_f64(&mut rng);
+            let u = unit(draw_bits(&mut rng));
             assert!((0.0..1.0).contains(&u));
         }
     }

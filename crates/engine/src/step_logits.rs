@@ -4,16 +4,31 @@
 //! Phi-3), and copying every row out each step, then scanning it on the host, is a large part of
 //! a batched decode step at many streams. A greedy row whose sampler only takes the argmax
 //! ([`crate::sampling::Sampler::greedy_prefix`]) is decided on the device and only its token id
-//! read back; the other sampled rows are gathered and copied in one transfer; rows nothing
-//! samples from (prompt chunks that do not reach the end of their prompt) are not copied at all.
+//! read back, and so is a sampled row the device can draw from
+//! ([`crate::sampling::Sampler::device_draw`]); the other sampled rows are gathered and copied in
+//! one transfer; rows nothing samples from (prompt chunks that do not reach the end of their
+//! prompt) are not copied at all.
 //! On the CPU the logits are already in memory: they are read as they are.
 
 use candle_core::Tensor;
 
 use crate::error::{EngineError, Result};
+use crate::sampling::DeviceDraw;
+
+/// Whether the device that holds `logits` picks tokens itself ([`RowNeed::Greedy`] and
+/// [`RowNeed::Draw`] rows): a GPU.
+pub(crate) fn picks_on_device(logits: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::cuda_sampling::supports(logits);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = logits;
+        false
+    }
+}
 
 /// What sampling needs of one row of a step's logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum RowNeed {
     /// Nothing samples from the row.
     Unused,
@@ -21,6 +36,8 @@ pub(crate) enum RowNeed {
     Host,
     /// The row's token is the argmax of its first `n` logits (the sampler's greedy prefix).
     Greedy(usize),
+    /// The row's token is drawn on the device as this says.
+    Draw(DeviceDraw),
 }
 
 /// A sampled row once the step's logits are read.
@@ -64,7 +81,7 @@ impl StepLogits {
         let mut rows = vec![None; n_rows];
         let mut host_rows = Vec::new();
         for (row, need) in needs.iter().enumerate() {
-            if *need == RowNeed::Unused {
+            if matches!(need, RowNeed::Unused) {
                 continue;
             }
             match picked.get(row).copied().flatten() {
@@ -100,23 +117,40 @@ impl StepLogits {
     }
 }
 
-/// Per row, the device's greedy pick where it made one: for the rows that ask for the most
-/// common greedy prefix, on a GPU. Empty where no row is picked on the device.
+/// Per row, the device's pick where it made one, on a GPU: the greedy rows that ask for the
+/// most common greedy prefix, and the drawn rows. Empty where no row is picked on the device.
 #[cfg(feature = "cuda")]
 fn device_picks(logits: &Tensor, needs: &[RowNeed]) -> Result<Vec<Option<u32>>> {
-    use crate::cuda_greedy::{argmax_rows, supports, ON_HOST};
-    if !supports(logits) {
+    use crate::{cuda_greedy, cuda_sampling};
+    if !cuda_sampling::supports(logits) {
         return Ok(Vec::new());
     }
+    let mut picked = vec![None; needs.len()];
     // Every sequence of an engine suppresses the same ids, so one prefix is the rule; a row
     // that asks for another is sampled on the host.
-    let Some(n_valid) = most_common_prefix(needs) else { return Ok(Vec::new()) };
-    let tokens = argmax_rows(logits, n_valid)?;
-    Ok(needs
+    if let Some(n_valid) = most_common_prefix(needs) {
+        let tokens = cuda_greedy::argmax_rows(logits, n_valid)?;
+        for ((pick, need), t) in picked.iter_mut().zip(needs).zip(tokens) {
+            if *need == RowNeed::Greedy(n_valid) && t != cuda_greedy::ON_HOST {
+                *pick = Some(t);
+            }
+        }
+    }
+    let draws: Vec<(usize, &DeviceDraw)> = needs
         .iter()
-        .zip(tokens)
-        .map(|(need, t)| (*need == RowNeed::Greedy(n_valid) && t != ON_HOST).then_some(t))
-        .collect())
+        .enumerate()
+        .filter_map(|(row, need)| match need {
+            RowNeed::Draw(d) => Some((row, d)),
+            _ => None,
+        })
+        .collect();
+    let tokens = cuda_sampling::sample_rows(logits, &draws)?;
+    for ((row, _), t) in draws.into_iter().zip(tokens) {
+        if t != cuda_sampling::ON_HOST {
+            picked[row] = Some(t);
+        }
+    }
+    Ok(picked)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -148,7 +182,15 @@ mod tests {
     fn the_cpu_reads_every_sampled_row_whole() {
         let values: Vec<f32> = (0..12).map(|x| x as f32).collect();
         let logits = Tensor::from_vec(values, (3, 4), &Device::Cpu).unwrap();
-        let needs = [RowNeed::Greedy(4), RowNeed::Unused, RowNeed::Host];
+        let draw = DeviceDraw {
+            n_valid: 4,
+            inv_temperature: 1.0,
+            top_p: 1.0,
+            draw: 0,
+            penalties: Vec::new(),
+        };
+        let needs = [RowNeed::Greedy(4), RowNeed::Unused, RowNeed::Draw(draw)];
+        assert!(!picks_on_device(&logits));
         let read = StepLogits::read(&logits, &needs).unwrap();
         assert!(matches!(read.row(0), RowChoice::Logits([0.0, 1.0, 2.0, 3.0])));
         assert!(matches!(read.row(1), RowChoice::Logits([])));

@@ -1,8 +1,8 @@
 //! The engine's GPU kernels (`kernels/*.cu`), run on the CPU under an emulation of CUDA's
 //! thread model (`tests/cuda_emulation`): the paged KV kernels against attention computed here
 //! in f64, the fused layer steps (RMSNorm, the residual add, the SiLU gate, rotary embedding)
-//! against the CPU path's candle ops or the reference's formulas, greedy decoding's argmax
-//! against the host sampler.
+//! against the CPU path's candle ops or the reference's formulas, greedy decoding's argmax and
+//! temperature and top_p sampling against the host sampler.
 //!
 //! Exists because CI has no GPU: this is where the kernels' indexing into the pool's blocks,
 //! their online softmax, the merge of the warps' and the splits' partial results, their block
@@ -12,6 +12,7 @@
 //! run the same kernels on a real device when one is present.
 
 mod greedy_cases;
+mod sample_cases;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +20,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, D};
 use phi_engine::decode_split::decode_splits;
+use phi_engine::device_draw::kernel_params;
 use phi_engine::kv_pool::{slot_offset, BLOCK_SIZE};
 
 /// A small deterministic generator (no seeded-RNG crate needed for test data).
@@ -620,5 +622,32 @@ fn greedy_kernel_picks_what_the_host_sampler_picks() {
         write_f32(&dir.join("logits.f32"), &logits);
         run_harness(&harness, "greedy", &dir, Elem::F32, name);
         greedy_cases::check(name, &logits, vocab, n_valid, &read_u32(&dir.join("tokens.u32")));
+    }
+}
+
+#[test]
+fn sampling_kernel_draws_what_the_host_sampler_draws() {
+    let Some(harness) = harness() else { return };
+    // (name, rows, vocab, n_valid, block width)
+    let cases = [
+        ("sample_small", 16, 300, 300, 64),
+        ("sample_tail", 24, 301, 250, 96),
+        // More threads than ids: most threads' shares are empty.
+        ("sample_narrow_row", 8, 20, 17, 64),
+        // A flat row's nucleus range exactly as large as the kernel sorts.
+        ("sample_at_capacity", 8, 5000, 4096, 256),
+        // Phi-3's vocabulary and padding rows, in the launcher's block width.
+        ("sample_phi3", 16, 32064, 32011, 1024),
+    ];
+    for (i, (name, n, vocab, n_valid, threads)) in cases.into_iter().enumerate() {
+        let case = sample_cases::Case::new(i as u64 + 1, n, vocab, n_valid);
+        let params = kernel_params(&case.draws(), n, vocab).unwrap();
+        let dir = scratch(name);
+        let meta = format!("{n} {vocab} {} {threads} {n}\n", params.len());
+        std::fs::write(dir.join("meta.txt"), meta).unwrap();
+        write_f32(&dir.join("logits.f32"), &case.logits);
+        write_u32(&dir.join("params.u32"), &params);
+        run_harness(&harness, "sample", &dir, Elem::F32, name);
+        case.check(name, &read_u32(&dir.join("tokens.u32")));
     }
 }

@@ -13,7 +13,9 @@
 //!   test `quantized_reference.rs` holds them to against the float32 reference;
 //! - greedy decoding's argmax on the GPU (`kernels/greedy.cu`) picks what the host sampler picks
 //!   and leaves to the host the rows it reports errors on; the engine's steps, which take it for
-//!   plain greedy rows and copy only the other sampled rows, give a mixed batch the CPU's tokens.
+//!   plain greedy rows and copy only the other sampled rows, give a mixed batch the CPU's tokens;
+//! - temperature and top_p sampling on the GPU (`kernels/sampling.cu`) draws what the host sampler
+//!   draws with the same draws; the engine's sampled rows, drawn there, are reproducible by seed.
 //!
 //! Only built with `--features cuda`: `cargo test -p phi-engine --features cuda --test
 //! cuda_parity`. Without a usable GPU every test passes after printing `SKIPPED: no CUDA device`
@@ -23,6 +25,7 @@
 
 mod greedy_cases;
 mod quantized_cases;
+mod sample_cases;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,7 @@ use candle_core::{DType, Device, Tensor};
 use phi_engine::checkpoint::ModelSource;
 use phi_engine::cuda_greedy::argmax_rows;
 use phi_engine::cuda_paged::{BatchSlots, DecodeSeq};
+use phi_engine::cuda_sampling::sample_rows;
 use phi_engine::engine::{Engine, GenerateOptions, LoadOptions, Sequence};
 use phi_engine::gguf::GgufFile;
 use phi_engine::kv_pool::{KvPool, PoolGeometry, BLOCK_SIZE};
@@ -556,6 +560,30 @@ fn greedy_argmax_on_cuda_picks_what_the_host_sampler_picks() {
 }
 
 #[test]
+fn sampling_kernel_on_cuda_draws_what_the_host_sampler_draws() {
+    let Some(dev) = gpu("sampling_kernel_on_cuda_draws_what_the_host_sampler_draws") else {
+        return;
+    };
+    // (rows, vocab, n_valid): as the emulated test has them, and a batch wider than a step's.
+    for (i, (n, vocab, n_valid)) in [
+        (16, 300, 300),
+        (24, 301, 250),
+        (8, 20, 17),
+        (8, 5000, 4096),
+        (16, 32064, 32011),
+        (136, 32064, 32011),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("sample_cuda_{n}x{vocab}");
+        let case = sample_cases::Case::new(200 + i as u64, n, vocab, n_valid);
+        let t = Tensor::from_slice(&case.logits, (n, vocab), &dev).unwrap();
+        case.check(&name, &sample_rows(&t, &case.draws()).unwrap());
+    }
+}
+
+#[test]
 fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
     let Some(dev) = gpu("engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens") else { return };
     let variant = "phi3-mini-4k";
@@ -583,7 +611,11 @@ fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
         SamplingParams { logprobs: true, top_logprobs: Some(2), ..greedy.clone() },
         greedy.clone(),
         SamplingParams { presence_penalty: 1.5, ..greedy.clone() },
-        greedy,
+        greedy.clone(),
+        // Sampled on the GPU: compared with a second GPU run (the CPU's logits differ in their
+        // last bits, so its draws may cross a boundary the GPU's do not).
+        SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(7), ..greedy.clone() },
+        SamplingParams { temperature: 1.0, frequency_penalty: 0.5, seed: Some(11), ..greedy },
     ];
     let run = |engine: &Engine| -> Vec<Vec<(u32, Option<f32>)>> {
         let mut seqs: Vec<Sequence> = kinds
@@ -606,8 +638,17 @@ fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
         seqs.iter().map(|s| s.generated().iter().map(|t| (t.id, t.logprob)).collect()).collect()
     };
     let (on_gpu, on_cpu) = (run(&gpu_engine), run(&cpu_engine));
+    let again = run(&gpu_engine);
+    let ids = |v: &[(u32, Option<f32>)]| v.iter().map(|t| t.0).collect::<Vec<_>>();
+    let (mut same, mut drawn) = (0, 0);
     for (k, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
-        let ids = |v: &[(u32, Option<f32>)]| v.iter().map(|t| t.0).collect::<Vec<_>>();
+        if !kinds[k].is_greedy() {
+            assert_eq!(ids(g), ids(&again[k]), "sequence {k} ({:?}): by its seed", kinds[k]);
+            assert_eq!(g.len(), 10, "sequence {k}: its tokens");
+            same += g.iter().zip(c).take_while(|(a, b)| a.0 == b.0).count();
+            drawn += g.len();
+            continue;
+        }
         assert_eq!(ids(g), ids(c), "sequence {k} ({:?}): GPU and CPU tokens", kinds[k]);
         if kinds[k].presence_penalty == 0.0 {
             let want = &cases[k % cases.len()].1;
@@ -624,4 +665,5 @@ fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
             }
         }
     }
+    say(&format!("sampled on the GPU: {same} of {drawn} tokens as the CPU draws them, up to the first difference"));
 }

@@ -8,6 +8,7 @@
 // What it cannot show: speed, memory coalescing, and bugs that only the GPU's memory model or
 // divergent shuffles would expose. Forced in with `-include`.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -52,6 +53,23 @@ inline void __syncthreads() { emu::self.block_bar->arrive_and_wait(); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
+
+// Reinterpretations of a float's bits.
+inline uint32_t __float_as_uint(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+inline float __uint_as_float(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// Atomic read-modify-write of a (shared) word, returning the old value.
+inline uint32_t atomicAdd(uint32_t *address, uint32_t v) {
+  return std::atomic_ref<uint32_t>(*address).fetch_add(v);
+}
 
 namespace emu {
 // A warp-wide exchange of 32 bits; every lane of the warp must call it (full mask, uniform

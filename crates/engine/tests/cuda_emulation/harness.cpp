@@ -20,6 +20,10 @@
 //   silu   meta "n_rows n_cols"; gate_up.f32 (`[n_rows, 2 * n_cols]`): silu_mul_* into out.f32.
 //   greedy meta "n_rows vocab n_valid threads" (element type f32 only); logits.f32:
 //          greedy_argmax_f32 in blocks of `threads` into tokens.u32.
+//   sample meta "n_draws vocab n_words threads n_rows" (element type f32 only); logits.f32 and the
+//          parameters params.u32 (device_draw.rs: kernel_params) for `n_rows` logits rows: sample_rows_f32 in blocks of
+//          `threads` into tokens.u32, over a scratch filled with NaN (a read of scratch the
+//          kernel did not write first shows).
 #include <cstdio>
 #include <algorithm>
 #include <cmath>
@@ -29,6 +33,7 @@
 #include "../../kernels/greedy.cu"
 #include "../../kernels/layer_ops.cu"
 #include "../../kernels/paged_attention.cu"
+#include "../../kernels/sampling.cu"
 
 template <typename E> static std::vector<E> read(const std::string &path, size_t n) {
   std::vector<E> v(n);
@@ -220,6 +225,21 @@ static void greedy(const std::string &dir) {
   write_u32(dir + "/tokens.u32", tokens);
 }
 
+static void sample(const std::string &dir) {
+  unsigned n, vocab, words, threads, logit_rows;
+  FILE *m = meta(dir);
+  if (std::fscanf(m, "%u %u %u %u %u", &n, &vocab, &words, &threads, &logit_rows) != 5)
+    std::exit(1);
+  std::fclose(m);
+  auto logits = read<float>(dir + "/logits.f32", (size_t)logit_rows * vocab);
+  auto params = read<uint32_t>(dir + "/params.u32", words);
+  std::vector<float> work((size_t)n * vocab, NAN);
+  std::vector<uint32_t> tokens(n, 0xfffffffeu);
+  emu::launch(dim3{n, 1, 1}, threads, sample_rows_f32, (const float *)logits.data(), vocab,
+              (const uint32_t *)params.data(), work.data(), tokens.data());
+  write_u32(dir + "/tokens.u32", tokens);
+}
+
 template <typename T> static int run(const std::string &op, const std::string &dir,
                                      const Kernels<T> &kern) {
   if (op == "paged") paged<T>(dir, kern);
@@ -242,6 +262,11 @@ int main(int argc, char **argv) {
   if (op == "greedy") {
     if (dtype != "f32") return 2;
     greedy(dir);
+    return 0;
+  }
+  if (op == "sample") {
+    if (dtype != "f32") return 2;
+    sample(dir);
     return 0;
   }
   if (dtype == "f32") return run<float>(op, dir, Kernels<float> PHI_KERNEL_SET(f32));

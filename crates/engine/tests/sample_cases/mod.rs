@@ -1,0 +1,159 @@
+//! Logits rows and samplers for the GPU's sampling kernel (`kernels/sampling.cu`), and the check
+//! of its tokens against the host sampler with the same draws, shared by
+//! `cuda_kernels_emulated.rs` (the kernel on the CPU) and `cuda_parity.rs` (the kernel on a GPU).
+
+use phi_engine::sampling::{DeviceDraw, Sampler, SamplingParams};
+
+/// The kernel's answer for a row the host samples itself (`cuda_sampling::ON_HOST`).
+pub const ON_HOST: u32 = u32::MAX;
+
+/// The most tokens the kernel sorts for a nucleus (`PHI_SAMPLE_MAX_CANDIDATES`).
+const MAX_CANDIDATES: usize = 4096;
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11
+    }
+
+    /// Uniform in `[-10, 10)`.
+    fn logit(&mut self) -> f32 {
+        (self.next() % 2_000_000) as f32 / 100_000.0 - 10.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.next() as usize % n.max(1)
+    }
+}
+
+/// Rows of logits, one seeded sampler each, and each row's draw as the kernel takes it.
+pub struct Case {
+    pub vocab: usize,
+    n_valid: usize,
+    /// `[rows, vocab]`.
+    pub logits: Vec<f32>,
+    /// Per row, with the step's draw taken.
+    samplers: Vec<Sampler>,
+    /// Per row, the tokens generated so far (the penalties').
+    generated: Vec<Vec<u32>>,
+    draws: Vec<DeviceDraw>,
+}
+
+impl Case {
+    /// `n_rows` rows of `vocab` logits, the ids from `n_valid` on suppressed: by row modulo 8,
+    /// plain draws at low, unit and high temperature, top_p nuclei small and large, with ties,
+    /// with penalties, the rows the host reports an error for, and flat rows whose nucleus is
+    /// the whole row.
+    pub fn new(seed: u64, n_rows: usize, vocab: usize, n_valid: usize) -> Case {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let (mut logits, mut samplers, mut generated, mut draws) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let tail = vocab - n_valid;
+        for r in 0..n_rows {
+            let mut row: Vec<f32> = (0..vocab).map(|_| rng.logit()).collect();
+            let mut params = SamplingParams {
+                seed: Some((seed * 1000 + r as u64) as i64),
+                ..Default::default()
+            };
+            let mut tokens = Vec::new();
+            match r % 8 {
+                // The whole row, sharply peaked, as is, and flattened.
+                0 => params.temperature = [1.0, 0.05, 2.0][(r / 8) % 3],
+                // Azure's sample parameters: a nucleus of a few tokens.
+                1 => (params.temperature, params.top_p) = (0.8, 0.1),
+                // A few likely tokens, two pairs of them tied, over a long flat tail.
+                2 => {
+                    row.iter_mut().for_each(|x| *x *= 0.3);
+                    for k in 0..20 {
+                        row[rng.below(n_valid)] = 12.0 + (k / 2) as f32 * 0.4;
+                    }
+                    (params.temperature, params.top_p) = (1.0, 0.95);
+                }
+                // Penalties on the likely tokens, some of them repeated, one suppressed id
+                // and one past the row among the generated.
+                3 => {
+                    let likely: Vec<usize> = (0..10).map(|_| rng.below(n_valid)).collect();
+                    for (k, &id) in likely.iter().enumerate() {
+                        row[id] = 12.0 + k as f32 * 0.2;
+                    }
+                    tokens = (0..30).map(|k| likely[(k * 7) % 5] as u32).collect();
+                    tokens.extend([(n_valid + rng.below(tail)) as u32, vocab as u32 + 3]);
+                    params.temperature = 0.9;
+                    params.top_p = if (r / 8) % 2 == 0 { 0.8 } else { 1.0 };
+                    (params.presence_penalty, params.frequency_penalty) = (0.5, 1.5);
+                }
+                // A NaN (among the suppressed ids where there are some): the host reports it.
+                4 => {
+                    row[if tail > 0 { n_valid + rng.below(tail) } else { rng.below(n_valid) }] =
+                        f32::NAN;
+                    params.top_p = 0.9;
+                }
+                // +inf where it could be chosen: the host reports it.
+                5 => row[rng.below(n_valid)] = f32::INFINITY,
+                // Nothing to choose but -inf (the host reports it), or three survivors, two
+                // of them tied.
+                6 => {
+                    row[..n_valid].fill(f32::NEG_INFINITY);
+                    if (r / 8) % 2 == 1 {
+                        for (k, v) in [(0, -3.0), (1, -3.0), (2, -2.5)] {
+                            row[(k * n_valid) / 3 + rng.below(n_valid / 3)] = v;
+                        }
+                    }
+                    params.top_p = 0.5;
+                }
+                // Flat: every token in the nucleus' range, ties throughout.
+                _ => {
+                    row.fill(0.0);
+                    params.top_p = 0.5;
+                }
+            }
+            let mut sampler =
+                Sampler::new(params).unwrap().with_suppressed_tokens(n_valid as u32..vocab as u32);
+            let draw = sampler.device_draw(vocab, &tokens).expect("a row the device can draw");
+            logits.extend(row);
+            samplers.push(sampler);
+            generated.push(tokens);
+            draws.push(draw);
+        }
+        Case { vocab, n_valid, logits, samplers, generated, draws }
+    }
+
+    /// The rows' draws for the kernel, in reverse order of their rows (the kernel's `k`th
+    /// token is for the `k`th of these).
+    pub fn draws(&self) -> Vec<(usize, &DeviceDraw)> {
+        self.draws.iter().enumerate().rev().collect()
+    }
+
+    /// Checks the kernel's `tokens` for [`Case::draws`]: each row's is the token the host
+    /// sampler draws with the same draw, or [`ON_HOST`] exactly where the host reports an
+    /// error and where a flat row's nucleus has more tokens than the kernel sorts.
+    pub fn check(&self, name: &str, tokens: &[u32]) {
+        let order = self.draws();
+        assert_eq!(tokens.len(), order.len(), "{name}: one token a row");
+        let (mut errors, mut distinct) = (0, std::collections::HashSet::new());
+        for (&(r, _), &token) in order.iter().zip(tokens) {
+            let row = &self.logits[r * self.vocab..(r + 1) * self.vocab];
+            let too_flat = r % 8 == 7 && self.n_valid > MAX_CANDIDATES;
+            match self.samplers[r].clone().sample(row, &self.generated[r]) {
+                Ok(_) if too_flat => assert_eq!(token, ON_HOST, "{name}: row {r} is too flat"),
+                Ok(s) => {
+                    assert_eq!(token, s.token, "{name}: row {r}");
+                    distinct.insert(token);
+                }
+                Err(e) => {
+                    assert_eq!(token, ON_HOST, "{name}: row {r} is the host's ({e})");
+                    errors += 1;
+                }
+            }
+        }
+        let planted =
+            |r: usize| matches!(r % 8, 4 | 5) || (r % 8 == 6 && (r / 8).is_multiple_of(2));
+        assert_eq!(errors, (0..order.len()).filter(|&r| planted(r)).count(), "{name}: errors");
+        assert!(distinct.len() > order.len() / 4, "{name}: the rows drew {distinct:?}");
+    }
+}
