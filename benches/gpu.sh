@@ -5,7 +5,8 @@
 #     context and after that prompt (`phi-serve generate`, after a warm-up run that JIT-compiles
 #     the kernels);
 #   - aggregate decode tokens/s at 1, 8, 32, 64 and 128 concurrent streams (`loadgen` against
-#     `phi-serve serve`, greedy, 64 new tokens a request);
+#     `phi-serve serve`, greedy, 64 new tokens a request), and at 64 streams sampled with
+#     temperature 0.8 and top_p 0.9 (drawn on the GPU, kernels/sampling.cu);
 #   - the same numbers from transformers (benches/gpu_transformers.py, sdpa attention) when
 #     torch and transformers are importable, the ratios phi-serve / transformers, and decode's
 #     weight-read bandwidth as a fraction of the GPU's measured device-to-device copy bandwidth.
@@ -85,6 +86,9 @@ done
 "$bench_bin/loadgen" --url "$url" --concurrency 1 --max-tokens 8 >/dev/null 2>&1 # warm-up
 table=$("$bench_bin/loadgen" --url "$url" --concurrency "$concurrency" --max-tokens 64)
 echo "$table"
+sampled=$("$bench_bin/loadgen" --url "$url" --concurrency 64 --max-tokens 64 --temperature 0.8 --top-p 0.9)
+echo "sampled (temperature 0.8, top_p 0.9):"
+echo "$sampled"
 kill "$server" 2>/dev/null || true
 
 echo "== transformers on the same GPU"
@@ -97,14 +101,18 @@ else
 fi
 
 echo "== summary (ratio: phi-serve / transformers; bandwidth: the bf16 weights read once per decode step)"
-PREFILL="$prefill_tps" DECODE="$decode_tps" LONG_DECODE="$long_decode_tps" TABLE="$table" HF="$hf" CONC="$concurrency" python3 - <<'PY'
+PREFILL="$prefill_tps" DECODE="$decode_tps" LONG_DECODE="$long_decode_tps" TABLE="$table" SAMPLED="$sampled" HF="$hf" CONC="$concurrency" python3 - <<'PY'
 import json, os
 hf = json.loads(os.environ["HF"]) if os.environ["HF"] else None
-agg = {}
-for line in os.environ["TABLE"].splitlines():
-    f = line.split()
-    if len(f) > 4 and f[0].isdigit():
-        agg[f[0]] = float(f[4])  # out tok/s
+def out_tps(table):
+    agg = {}
+    for line in table.splitlines():
+        f = line.split()
+        if len(f) > 4 and f[0].isdigit():
+            agg[f[0]] = float(f[4])  # out tok/s
+    return agg
+agg = out_tps(os.environ["TABLE"])
+sampled = out_tps(os.environ["SAMPLED"])
 # Bytes a decode step reads: every weight but the embedding table (one row of it).
 weights = (hf["weight_bytes"] if hf else 2 * 3_821_079_552) - 2 * 32064 * 3072
 copy = hf["copy_bytes_per_s"] if hf else None
@@ -125,6 +133,9 @@ row("  the same at ~2k context", float(os.environ["LONG_DECODE"]), None, 1)
 for c in os.environ["CONC"].split(","):
     if c in agg:
         row(f"decode tok/s, {c} streams", agg[c], hf and hf["decode_tokens_per_s"].get(c), int(c))
+if "64" in sampled:
+    row("  64, t 0.8 top_p 0.9", sampled["64"], agg.get("64"))
+    print("  (that row's ratio: sampled / greedy phi-serve, 64 streams)")
 if copy:
     print(f"measured copy bandwidth: {copy / 1e9:.0f} GB/s (read + write)")
 PY

@@ -55,6 +55,12 @@ struct Args {
     /// Seed of the prompts.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// The requests' `temperature` (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// The requests' `top_p`.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
 }
 
 /// Words the prompts are made of.
@@ -211,7 +217,8 @@ fn main() -> Result<()> {
                 let max_tokens =
                     min_out + (rng.next_u64() % (max_out - min_out + 1) as u64) as usize;
                 json!({"model": "phi", "stream": true, "stream_options": {"include_usage": true},
-                       "temperature": 0, "max_tokens": max_tokens,
+                       "temperature": args.temperature, "top_p": args.top_p,
+                       "max_tokens": max_tokens,
                        "messages": [{"role": "user", "content": content}]})
             })
             .collect();
