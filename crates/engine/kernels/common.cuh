@@ -5,7 +5,7 @@
 // crates/engine/tests/cuda_emulation, which is how they are tested without a GPU: keep to what
 // it provides (threadIdx/blockIdx/blockDim, static __shared__ arrays, __syncthreads,
 // __shfl_xor_sync of a float or a uint32_t with a full mask on warp-uniform control flow, the
-// __f*_rn intrinsics, __float_as_uint and __uint_as_float, atomicAdd of a uint32_t).
+// __f*_rn intrinsics, __float_as_uint, __uint_as_float and __double_as_longlong, atomicAdd of a uint32_t).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -302,3 +302,119 @@ extern "C" __global__ void sample_rows_f32(const float *__restrict__ logits, uin
     tokens[blockIdx.x] = token;
   }
 }
+
+// The raw log-probabilities a row reports (sampling.rs: Sampler::sample with logprobs), for a
+// row whose token was picked on the device: the row's largest logit, the sum in f64 of
+// `exp(x - max)` over the whole row (the host takes the log-normaliser `max + ln(sum)` from
+// them as it does from its own sum), the picked token's logit, and the `k` largest finite
+// logits among the ids below `n_valid` (descending, ties to the lower id; fewer where there are
+// fewer). The host turns them into log-probabilities.
+//
+// Parameters, PHI_LOGPROB_ROW_WORDS words a row (crates/engine/src/device_draw.rs):
+//   0 the logits row, 1 n_valid, 2 k (at most PHI_LOGPROB_MAX_TOP), 3 the picked token.
+// Answer, PHI_LOGPROB_OUT_WORDS words a row: 0 the largest logit (f32 bits), 1 the token's
+// logit, 2 and 3 the sum's high and low words (f64 bits), 4 the number of top logits, then
+// that many (id, logit) pairs.
+#define PHI_LOGPROB_ROW_WORDS 4u
+#define PHI_LOGPROB_MAX_TOP 20u
+#define PHI_LOGPROB_OUT_WORDS (5u + 2u * PHI_LOGPROB_MAX_TOP)
+
+// Whether (value, id) comes first in the top logits' order: larger, or as large with a lower
+// id. Nothing, (-inf, PHI_SAMPLE_ON_HOST), comes after every real candidate.
+__device__ __forceinline__ bool sample_first(float value, uint32_t id, float best,
+                                             uint32_t best_id) {
+  return value > best || (value == best && id < best_id);
+}
+
+// Grid: (n_rows); block: a multiple of 32, at most 1024. `logits`: `[*, vocab]`, contiguous.
+extern "C" __global__ void logprob_rows_f32(const float *__restrict__ logits, uint32_t vocab,
+                                            const uint32_t *__restrict__ params,
+                                            uint32_t *__restrict__ out) {
+  __shared__ float max_scratch[PHI_SAMPLE_MAX_WARPS];
+  __shared__ double sums[PHI_SAMPLE_MAX_WARPS * 32u];
+  __shared__ double warp_sums[PHI_SAMPLE_MAX_WARPS];
+  __shared__ float top_value[PHI_SAMPLE_MAX_WARPS];
+  __shared__ uint32_t top_id[PHI_SAMPLE_MAX_WARPS];
+  __shared__ float prev_value;
+  __shared__ uint32_t prev_id;
+
+  const uint32_t *p = params + (size_t)blockIdx.x * PHI_LOGPROB_ROW_WORDS;
+  const float *row = logits + (size_t)p[0] * vocab;
+  const uint32_t n_valid = p[1];
+  const uint32_t k = p[2] < PHI_LOGPROB_MAX_TOP ? p[2] : PHI_LOGPROB_MAX_TOP;
+  uint32_t *o = out + (size_t)blockIdx.x * PHI_LOGPROB_OUT_WORDS;
+
+  const uint32_t share = (vocab + blockDim.x - 1u) / blockDim.x;
+  const uint32_t begin = threadIdx.x * share < vocab ? threadIdx.x * share : vocab;
+  const uint32_t end = begin + share < vocab ? begin + share : vocab;
+
+  float local_max = -INFINITY;
+  for (uint32_t i = begin; i < end; ++i) local_max = fmaxf(local_max, row[i]);
+  const float row_max = sample_block_max(local_max, max_scratch);
+  double mass = 0.0;
+  for (uint32_t i = begin; i < end; ++i) {
+    mass += (double)sample_exp_nonpositive(__fsub_rn(row[i], row_max));
+  }
+  const double total = sample_block_sum(mass, sums, warp_sums);
+
+  // The top logits one at a time: each round the first in order after the last one found.
+  if (threadIdx.x == 0) {
+    prev_value = INFINITY;
+    prev_id = 0u;
+  }
+  __syncthreads();
+  uint32_t found = 0u;
+  const uint32_t lane = threadIdx.x % 32u, warp = threadIdx.x / 32u;
+  for (; found < k; ++found) {
+    const float pv = prev_value;
+    const uint32_t pid = prev_id;
+    float best = -INFINITY;
+    uint32_t best_id = PHI_SAMPLE_ON_HOST;
+    const uint32_t valid_end = end < n_valid ? end : n_valid;
+    for (uint32_t i = begin; i < valid_end; ++i) {
+      const float x = row[i];
+      if (x != -INFINITY && sample_first(pv, pid, x, i) && sample_first(x, i, best, best_id)) {
+        best = x;
+        best_id = i;
+      }
+    }
+    for (int m = 16; m > 0; m >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, best, m);
+      const uint32_t other_id = __shfl_xor_sync(0xffffffffu, best_id, m);
+      if (sample_first(other, other_id, best, best_id)) {
+        best = other;
+        best_id = other_id;
+      }
+    }
+    if (lane == 0) {
+      top_value[warp] = best;
+      top_id[warp] = best_id;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (uint32_t w = 1; w < blockDim.x / 32u; ++w) {
+        if (sample_first(top_value[w], top_id[w], best, best_id)) {
+          best = top_value[w];
+          best_id = top_id[w];
+        }
+      }
+      if (best_id != PHI_SAMPLE_ON_HOST) {
+        o[5u + 2u * found] = best_id;
+        o[6u + 2u * found] = __float_as_uint(best);
+      }
+      prev_value = best;
+      prev_id = best_id;
+    }
+    __syncthreads();
+    if (prev_id == PHI_SAMPLE_ON_HOST) break;
+  }
+
+  if (threadIdx.x == 0) {
+    const unsigned long long bits = __double_as_longlong(total);
+    o[0] = __float_as_uint(row_max);
+    o[1] = __float_as_uint(row[p[3]]);
+    o[2] = (uint32_t)(bits >> 32);
+    o[3] = (uint32_t)bits;
+    o[4] = found;
+  }
+}

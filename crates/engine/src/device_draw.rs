@@ -1,5 +1,6 @@
 //! A sampled row as a device draws it: what [`crate::sampling::Sampler::device_draw`] hands
-//! over, and the parameter words the sampling kernel (`kernels/sampling.cu`) reads.
+//! over, and the parameter words the sampling kernel (`kernels/sampling.cu`) reads; and the
+//! words in and out of its log-probability kernel.
 //!
 //! Exists apart from the CUDA launcher (`cuda_sampling`) so that the packing is the same code in
 //! the CPU build's tests of the kernel (`tests/cuda_kernels_emulated.rs`) as on a GPU.
@@ -74,6 +75,85 @@ pub fn kernel_params(
     Ok(words)
 }
 
+/// Words of a row's parameters for the log-probability kernel (`PHI_LOGPROB_ROW_WORDS`).
+pub const LOGPROB_ROW_WORDS: usize = 4;
+
+/// The most top logits the kernel lists (`PHI_LOGPROB_MAX_TOP`): the API's limit.
+pub const LOGPROB_MAX_TOP: usize = crate::sampling::MAX_TOP_LOGPROBS;
+
+/// Words of a row's answer from the log-probability kernel (`PHI_LOGPROB_OUT_WORDS`).
+pub const LOGPROB_OUT_WORDS: usize = 5 + 2 * LOGPROB_MAX_TOP;
+
+/// A row whose token was picked on the device and that reports log-probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogprobRow {
+    /// The logits row.
+    pub row: usize,
+    /// The ids the top logits may be among are `0..n_valid` (the rest are suppressed).
+    pub n_valid: usize,
+    /// How many top logits to list.
+    pub top: usize,
+    /// The picked token.
+    pub token: u32,
+}
+
+/// The log-probability kernel's parameters for `rows` of `[n_rows, vocab]` logits:
+/// [`LOGPROB_ROW_WORDS`] words a row (the logits row, `n_valid`, the top count, the token).
+pub fn logprob_params(rows: &[LogprobRow], n_rows: usize, vocab: usize) -> Result<Vec<u32>> {
+    let mut words = Vec::with_capacity(rows.len() * LOGPROB_ROW_WORDS);
+    for r in rows {
+        if r.row >= n_rows
+            || r.n_valid > vocab
+            || r.token as usize >= vocab
+            || vocab > u32::MAX as usize
+        {
+            return Err(EngineError::Candle(candle_core::Error::Msg(format!(
+                "log-probabilities of token {} in row {} of {n_rows}, over {} of {vocab} ids",
+                r.token, r.row, r.n_valid
+            ))));
+        }
+        words.extend([r.row as u32, r.n_valid as u32, r.top.min(LOGPROB_MAX_TOP) as u32, r.token]);
+    }
+    Ok(words)
+}
+
+/// The kernel's answers ([`LOGPROB_OUT_WORDS`] words a row) as the sampler takes them.
+pub fn read_logprobs(words: &[u32]) -> Result<Vec<RawLogprobs>> {
+    words
+        .chunks(LOGPROB_OUT_WORDS)
+        .map(|o| {
+            let n = *o.get(4).unwrap_or(&u32::MAX) as usize;
+            if o.len() != LOGPROB_OUT_WORDS || n > LOGPROB_MAX_TOP {
+                return Err(EngineError::Candle(candle_core::Error::Msg(format!(
+                    "a log-probability answer of {} words listing {n}",
+                    o.len()
+                ))));
+            }
+            Ok(RawLogprobs {
+                max: f32::from_bits(o[0]),
+                token_logit: f32::from_bits(o[1]),
+                sum: f64::from_bits((u64::from(o[2]) << 32) | u64::from(o[3])),
+                top: o[5..5 + 2 * n].chunks(2).map(|p| (p[0], f32::from_bits(p[1]))).collect(),
+            })
+        })
+        .collect()
+}
+
+/// What the log-probabilities of a row are made from, computed where the logits are: see
+/// [`crate::sampling::Sampler::take_picked`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawLogprobs {
+    /// The row's largest logit.
+    pub max: f32,
+    /// The sum of `exp(logit - max)` over the row, in f64.
+    pub sum: f64,
+    /// The picked token's logit.
+    pub token_logit: f32,
+    /// The largest finite logits among the ids that may be chosen, `(id, logit)`, descending,
+    /// ties to the lower id.
+    pub top: Vec<(u32, f32)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +185,34 @@ mod tests {
         assert!(kernel_params(&[(0, &far)], 3, 6).is_err(), "a penalty past the row");
         let big = DeviceDraw { draw: 1 << 53, ..a };
         assert!(kernel_params(&[(0, &big)], 3, 6).is_err(), "a draw of more than 53 bits");
+    }
+
+    #[test]
+    fn logprob_words_in_and_out() {
+        let row = LogprobRow { row: 1, n_valid: 5, top: 25, token: 4 };
+        assert_eq!(logprob_params(&[row], 2, 6).unwrap(), vec![1, 5, LOGPROB_MAX_TOP as u32, 4]);
+        assert!(logprob_params(&[LogprobRow { token: 6, ..row }], 2, 6).is_err());
+        assert!(logprob_params(&[LogprobRow { row: 2, ..row }], 2, 6).is_err());
+
+        let sum = 12.5f64.to_bits();
+        let mut words = vec![0u32; 2 * LOGPROB_OUT_WORDS];
+        words[..7].copy_from_slice(&[
+            3f32.to_bits(),
+            2f32.to_bits(),
+            (sum >> 32) as u32,
+            sum as u32,
+            1,
+            7,
+            3f32.to_bits(),
+        ]);
+        let raw = read_logprobs(&words).unwrap();
+        assert_eq!(
+            raw[0],
+            RawLogprobs { max: 3.0, sum: 12.5, token_logit: 2.0, top: vec![(7, 3.0)] }
+        );
+        assert!(raw[1].top.is_empty());
+        words[4] = LOGPROB_MAX_TOP as u32 + 1;
+        assert!(read_logprobs(&words).is_err(), "more top logits than there are words for");
+        assert!(read_logprobs(&words[..LOGPROB_OUT_WORDS - 1]).is_err(), "a short answer");
     }
 }

@@ -689,12 +689,13 @@ impl Engine {
                 let row = rows.end - 1;
                 sample_row[i] = Some(row);
                 let generated = &seq.tokens[seq.prompt_len..];
+                let logprobs = seq.sampler.logprobs_wanted();
                 needs[row] = match seq.sampler.greedy_prefix(vocab) {
-                    Some(n) => RowNeed::Greedy(n),
+                    Some(n_valid) => RowNeed::Greedy { n_valid, logprobs },
                     None if on_device => seq
                         .sampler
                         .device_draw(vocab, generated)
-                        .map_or(RowNeed::Host, RowNeed::Draw),
+                        .map_or(RowNeed::Host, |draw| RowNeed::Draw { draw, logprobs }),
                     None => RowNeed::Host,
                 };
             }
@@ -712,7 +713,7 @@ impl Engine {
                 let Some(row) = *row else { return Ok(None) };
                 let seq = &mut **seq;
                 match logits.row(row) {
-                    RowChoice::Picked(token) => Ok(Some(seq.sampler.take_picked(token))),
+                    RowChoice::Picked(token, raw) => Ok(Some(seq.sampler.take_picked(token, raw))),
                     RowChoice::Logits(row) => {
                         seq.sampler.sample(row, &seq.tokens[seq.prompt_len..]).map(Some)
                     }

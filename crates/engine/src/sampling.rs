@@ -36,7 +36,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use crate::device_draw::DeviceDraw;
+pub use crate::device_draw::{DeviceDraw, RawLogprobs};
 
 /// Temperatures below this are treated as 0, i.e. greedy decoding, because dividing
 /// logits by such a value is numerically meaningless and the OpenAI API defines
@@ -334,7 +334,7 @@ impl Sampler {
     /// error to `sample`.
     pub fn greedy_prefix(&self, vocab: usize) -> Option<usize> {
         let p = &self.params;
-        if !p.is_greedy() || p.logprobs || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        if !p.is_greedy() || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             return None;
         }
         self.suppressed_tail(vocab)
@@ -358,7 +358,7 @@ impl Sampler {
     /// [`Sampler::sample`] uses the same draw.
     pub fn device_draw(&mut self, vocab: usize, generated: &[u32]) -> Option<DeviceDraw> {
         let p = &self.params;
-        if p.is_greedy() || p.logprobs || vocab == 0 {
+        if p.is_greedy() || vocab == 0 {
             return None;
         }
         let n_valid = self.suppressed_tail(vocab)?;
@@ -381,14 +381,34 @@ impl Sampler {
         Some(DeviceDraw { n_valid, inv_temperature, top_p, draw, penalties })
     }
 
+    /// How many top log-probabilities a step lists when it reports log-probabilities at all
+    /// (`None` when it does not): what a device computes for [`Sampler::take_picked`].
+    pub fn logprobs_wanted(&self) -> Option<usize> {
+        self.params.logprobs.then(|| self.params.requested_top_logprobs())
+    }
+
     /// The outcome of a step whose `token` was picked on the device, for a row
-    /// [`Sampler::greedy_prefix`] or [`Sampler::device_draw`] accepted: what
+    /// [`Sampler::greedy_prefix`] or [`Sampler::device_draw`] accepted, `raw` the row's
+    /// [`RawLogprobs`] where [`Sampler::logprobs_wanted`] asks for them: what
     /// [`Sampler::sample`] would have returned. A greedy step draws nothing from the RNG; a
     /// sampled one used the draw `device_draw` took.
-    pub fn take_picked(&mut self, token: u32) -> SampledToken {
-        debug_assert!(!self.params.logprobs);
+    pub fn take_picked(&mut self, token: u32, raw: Option<&RawLogprobs>) -> SampledToken {
         self.pending_draw = None;
-        SampledToken { token, logprob: None, top_logprobs: Vec::new() }
+        let (Some(k), Some(raw)) = (self.logprobs_wanted(), raw) else {
+            debug_assert!(!self.params.logprobs, "log-probabilities asked for, none given");
+            return SampledToken { token, logprob: None, top_logprobs: Vec::new() };
+        };
+        let lse = log_normaliser(raw.max, raw.sum);
+        SampledToken {
+            token,
+            logprob: Some(raw_logprob(raw.token_logit, lse)),
+            top_logprobs: raw
+                .top
+                .iter()
+                .take(k)
+                .map(|&(id, l)| (id, raw_logprob(l, lse)))
+                .collect(),
+        }
     }
 
     /// Picks the next token from one step's `logits` (one value per vocabulary id),
@@ -612,7 +632,12 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// where it does not for a running sum), accumulated in f64, which keeps a log-probability
 /// within about 1e-7 of the f64 computation.
 fn log_sum_exp(xs: &[f32], max: f32, scratch: &mut Vec<f32>) -> f64 {
-    f64::from(max) + scaled_exps(xs, max, 1.0, scratch).ln()
+    log_normaliser(max, scaled_exps(xs, max, 1.0, scratch))
+}
+
+/// `log(sum(exp(x)))` from the largest `x` and the sum of `exp(x - max)`.
+fn log_normaliser(max: f32, sum: f64) -> f64 {
+    f64::from(max) + sum.ln()
 }
 
 /// `log_softmax` of one raw logit given the log-normaliser.
@@ -724,7 +749,6 @@ mod tests {
         assert_eq!(sampler(&greedy, &[0, 1, 2]).greedy_prefix(3), Some(0));
         for other in [
             SamplingParams { temperature: 0.7, ..greedy.clone() },
-            SamplingParams { logprobs: true, ..greedy.clone() },
             SamplingParams { presence_penalty: 0.5, ..greedy.clone() },
             SamplingParams { frequency_penalty: -0.5, ..greedy.clone() },
         ] {
@@ -735,7 +759,21 @@ mod tests {
         let n = s.greedy_prefix(5).unwrap();
         let row = [1.0, 5.0, 5.0, 9.0, 9.0];
         let host = s.sample(&row, &[]).unwrap();
-        assert_eq!(host, s.take_picked(argmax(&row[..n]).unwrap()));
+        assert_eq!(host, s.take_picked(argmax(&row[..n]).unwrap(), None));
+        // With logprobs, what the device computes for the row gives the host's answer.
+        let with = SamplingParams { logprobs: true, top_logprobs: Some(3), ..greedy.clone() };
+        let mut s = sampler(&with, &[3, 4]);
+        assert_eq!((s.greedy_prefix(5), s.logprobs_wanted()), (Some(3), Some(3)));
+        let host = s.sample(&row, &[]).unwrap();
+        let raw = RawLogprobs {
+            max: 9.0,
+            sum: row.iter().map(|&x| f64::from(exp_nonpositive(x - 9.0))).sum(),
+            token_logit: 5.0,
+            top: vec![(1, 5.0), (2, 5.0), (0, 1.0)],
+        };
+        let picked = s.take_picked(1, Some(&raw));
+        assert_eq!((picked.token, &picked.top_logprobs), (host.token, &host.top_logprobs));
+        assert!((picked.logprob.unwrap() - host.logprob.unwrap()).abs() < 1e-6);
     }
 
     #[test]
@@ -749,12 +787,8 @@ mod tests {
         assert_eq!((d.n_valid, d.inv_temperature, d.top_p), (8, 2.0, 0.9));
         assert!(d.penalties.is_empty() && d.draw < 1 << 53);
         assert_eq!(sampler(&sampled, &[3, 9]).device_draw(10, &[]), None);
-        for other in [
-            SamplingParams { temperature: 0.0, ..sampled.clone() },
-            SamplingParams { logprobs: true, ..sampled.clone() },
-        ] {
-            assert_eq!(sampler(&other, &[]).device_draw(10, &[]), None, "{other:?}");
-        }
+        let greedy = SamplingParams { temperature: 0.0, ..sampled.clone() };
+        assert_eq!(sampler(&greedy, &[]).device_draw(10, &[]), None);
         // The penalties as `apply_penalties` subtracts them, ids past the row left out.
         let penalised =
             SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..sampled.clone() };
@@ -777,7 +811,7 @@ mod tests {
             } else {
                 // What a device picks with this draw is what the host picks with it.
                 let token = offered.clone().sample(&row, &[]).unwrap().token;
-                offered.take_picked(token)
+                offered.take_picked(token, None)
             };
             assert_eq!(got, want, "step {step}");
         }

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, D};
 use phi_engine::decode_split::decode_splits;
-use phi_engine::device_draw::kernel_params;
+use phi_engine::device_draw::{kernel_params, logprob_params, read_logprobs};
 use phi_engine::kv_pool::{slot_offset, BLOCK_SIZE};
 
 /// A small deterministic generator (no seeded-RNG crate needed for test data).
@@ -649,5 +649,27 @@ fn sampling_kernel_draws_what_the_host_sampler_draws() {
         write_u32(&dir.join("params.u32"), &params);
         run_harness(&harness, "sample", &dir, Elem::F32, name);
         case.check(name, &read_u32(&dir.join("tokens.u32")));
+    }
+}
+
+#[test]
+fn logprob_kernel_gives_the_host_samplers_logprobs() {
+    let Some(harness) = harness() else { return };
+    // (name, rows, vocab, n_valid, block width)
+    let cases = [
+        ("logprob_small", 20, 300, 300, 64),
+        ("logprob_tail", 20, 301, 250, 96),
+        ("logprob_narrow_row", 20, 20, 17, 64),
+        ("logprob_phi3", 20, 32064, 32011, 1024),
+    ];
+    for (i, (name, n, vocab, n_valid, threads)) in cases.into_iter().enumerate() {
+        let case = sample_cases::LogprobCase::new(i as u64 + 1, n, vocab, n_valid);
+        let params = logprob_params(&case.rows, n, vocab).unwrap();
+        let dir = scratch(name);
+        std::fs::write(dir.join("meta.txt"), format!("{n} {vocab} {threads} {n}\n")).unwrap();
+        write_f32(&dir.join("logits.f32"), &case.logits);
+        write_u32(&dir.join("params.u32"), &params);
+        run_harness(&harness, "logprob", &dir, Elem::F32, name);
+        case.check(name, &read_logprobs(&read_u32(&dir.join("out.u32"))).unwrap());
     }
 }

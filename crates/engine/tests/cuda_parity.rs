@@ -15,7 +15,8 @@
 //!   and leaves to the host the rows it reports errors on; the engine's steps, which take it for
 //!   plain greedy rows and copy only the other sampled rows, give a mixed batch the CPU's tokens;
 //! - temperature and top_p sampling on the GPU (`kernels/sampling.cu`) draws what the host sampler
-//!   draws with the same draws; the engine's sampled rows, drawn there, are reproducible by seed.
+//!   draws with the same draws, and the log-probabilities of picked rows computed there are the
+//!   host's; the engine's sampled rows, drawn there, are reproducible by seed.
 //!
 //! Only built with `--features cuda`: `cargo test -p phi-engine --features cuda --test
 //! cuda_parity`. Without a usable GPU every test passes after printing `SKIPPED: no CUDA device`
@@ -34,7 +35,7 @@ use candle_core::{DType, Device, Tensor};
 use phi_engine::checkpoint::ModelSource;
 use phi_engine::cuda_greedy::argmax_rows;
 use phi_engine::cuda_paged::{BatchSlots, DecodeSeq};
-use phi_engine::cuda_sampling::sample_rows;
+use phi_engine::cuda_sampling::{logprob_rows, sample_rows};
 use phi_engine::engine::{Engine, GenerateOptions, LoadOptions, Sequence};
 use phi_engine::gguf::GgufFile;
 use phi_engine::kv_pool::{KvPool, PoolGeometry, BLOCK_SIZE};
@@ -584,6 +585,21 @@ fn sampling_kernel_on_cuda_draws_what_the_host_sampler_draws() {
 }
 
 #[test]
+fn logprob_kernel_on_cuda_gives_the_host_samplers_logprobs() {
+    let Some(dev) = gpu("logprob_kernel_on_cuda_gives_the_host_samplers_logprobs") else {
+        return;
+    };
+    for (i, (n, vocab, n_valid)) in
+        [(20, 300, 300), (20, 301, 250), (20, 20, 17), (40, 32064, 32011)].into_iter().enumerate()
+    {
+        let name = format!("logprob_cuda_{n}x{vocab}");
+        let case = sample_cases::LogprobCase::new(300 + i as u64, n, vocab, n_valid);
+        let t = Tensor::from_slice(&case.logits, (n, vocab), &dev).unwrap();
+        case.check(&name, &logprob_rows(&t, &case.rows).unwrap());
+    }
+}
+
+#[test]
 fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
     let Some(dev) = gpu("engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens") else { return };
     let variant = "phi3-mini-4k";
@@ -605,7 +621,8 @@ fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
         .map(|c| (ids(&c["prompt_ids"]), ids(&c["generated_ids"])))
         .collect();
     let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
-    // Plain greedy (the GPU's argmax), greedy with logprobs and with a penalty (the host's).
+    // Plain greedy (the GPU's argmax), greedy with logprobs (the GPU's argmax and logprobs), and
+    // with a penalty (the host's).
     let kinds = [
         greedy.clone(),
         SamplingParams { logprobs: true, top_logprobs: Some(2), ..greedy.clone() },

@@ -66,6 +66,12 @@ inline float __uint_as_float(uint32_t bits) {
   return x;
 }
 
+inline long long __double_as_longlong(double x) {
+  long long bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
 // Atomic read-modify-write of a (shared) word, returning the old value.
 inline uint32_t atomicAdd(uint32_t *address, uint32_t v) {
   return std::atomic_ref<uint32_t>(*address).fetch_add(v);

@@ -24,6 +24,8 @@
 //          parameters params.u32 (device_draw.rs: kernel_params) for `n_rows` logits rows: sample_rows_f32 in blocks of
 //          `threads` into tokens.u32, over a scratch filled with NaN (a read of scratch the
 //          kernel did not write first shows).
+//   logprob meta "n_picked vocab threads n_rows" (f32 only); logits.f32 and params.u32
+//          (device_draw.rs: logprob_params): logprob_rows_f32 into out.u32.
 #include <cstdio>
 #include <algorithm>
 #include <cmath>
@@ -240,6 +242,20 @@ static void sample(const std::string &dir) {
   write_u32(dir + "/tokens.u32", tokens);
 }
 
+static void logprob(const std::string &dir) {
+  unsigned n, vocab, threads, logit_rows;
+  FILE *m = meta(dir);
+  if (std::fscanf(m, "%u %u %u %u", &n, &vocab, &threads, &logit_rows) != 4) std::exit(1);
+  std::fclose(m);
+  auto logits = read<float>(dir + "/logits.f32", (size_t)logit_rows * vocab);
+  auto params = read<uint32_t>(dir + "/params.u32", (size_t)n * PHI_LOGPROB_ROW_WORDS);
+  // Zeroed as the launcher zeroes it.
+  std::vector<uint32_t> out((size_t)n * PHI_LOGPROB_OUT_WORDS, 0u);
+  emu::launch(dim3{n, 1, 1}, threads, logprob_rows_f32, (const float *)logits.data(), vocab,
+              (const uint32_t *)params.data(), out.data());
+  write_u32(dir + "/out.u32", out);
+}
+
 template <typename T> static int run(const std::string &op, const std::string &dir,
                                      const Kernels<T> &kern) {
   if (op == "paged") paged<T>(dir, kern);
@@ -267,6 +283,11 @@ int main(int argc, char **argv) {
   if (op == "sample") {
     if (dtype != "f32") return 2;
     sample(dir);
+    return 0;
+  }
+  if (op == "logprob") {
+    if (dtype != "f32") return 2;
+    logprob(dir);
     return 0;
   }
   if (dtype == "f32") return run<float>(op, dir, Kernels<float> PHI_KERNEL_SET(f32));

@@ -1,8 +1,10 @@
-//! Logits rows and samplers for the GPU's sampling kernel (`kernels/sampling.cu`), and the check
-//! of its tokens against the host sampler with the same draws, shared by
-//! `cuda_kernels_emulated.rs` (the kernel on the CPU) and `cuda_parity.rs` (the kernel on a GPU).
+//! Logits rows and samplers for the GPU's sampling kernels (`kernels/sampling.cu`), and the checks
+//! of their answers against the host sampler (the tokens it draws with the same draws, the
+//! log-probabilities it reports), shared by `cuda_kernels_emulated.rs` (the kernels on the CPU)
+//! and `cuda_parity.rs` (the kernels on a GPU).
 
-use phi_engine::sampling::{DeviceDraw, Sampler, SamplingParams};
+use phi_engine::device_draw::LogprobRow;
+use phi_engine::sampling::{DeviceDraw, RawLogprobs, SampledToken, Sampler, SamplingParams};
 
 /// The kernel's answer for a row the host samples itself (`cuda_sampling::ON_HOST`).
 pub const ON_HOST: u32 = u32::MAX;
@@ -155,5 +157,101 @@ impl Case {
             |r: usize| matches!(r % 8, 4 | 5) || (r % 8 == 6 && (r / 8).is_multiple_of(2));
         assert_eq!(errors, (0..order.len()).filter(|&r| planted(r)).count(), "{name}: errors");
         assert!(distinct.len() > order.len() / 4, "{name}: the rows drew {distinct:?}");
+    }
+}
+
+/// Rows whose token was picked, for the log-probability kernel: the host sampler's answers with
+/// logprobs on, and the rows as the kernel takes them.
+pub struct LogprobCase {
+    /// `[rows, vocab]`.
+    pub logits: Vec<f32>,
+    /// Per row, as it was before sampling.
+    samplers: Vec<Sampler>,
+    /// Per row, the host's answer.
+    answers: Vec<SampledToken>,
+    /// Per row, with the host's token.
+    pub rows: Vec<LogprobRow>,
+}
+
+impl LogprobCase {
+    /// `n_rows` rows of `vocab` logits, the ids from `n_valid` on suppressed: by row modulo 4,
+    /// random values, ties at the top, the largest value among the suppressed ids with `-inf`
+    /// among the others, and fewer finite logits than the top asked for; greedy with 0, 1, 5 and
+    /// 20 top logprobs, and sampled with 3.
+    pub fn new(seed: u64, n_rows: usize, vocab: usize, n_valid: usize) -> LogprobCase {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let (mut logits, mut samplers, mut answers, mut rows) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let tail = vocab - n_valid;
+        for r in 0..n_rows {
+            let mut row: Vec<f32> = (0..vocab).map(|_| rng.logit()).collect();
+            match r % 4 {
+                0 => {}
+                1 => {
+                    for _ in 0..6 {
+                        row[rng.below(n_valid)] = 15.0;
+                    }
+                }
+                2 => {
+                    if tail > 0 {
+                        row[n_valid + rng.below(tail)] = 40.0;
+                    }
+                    for _ in 0..vocab / 3 {
+                        row[rng.below(vocab)] = f32::NEG_INFINITY;
+                    }
+                    row[rng.below(n_valid)] = 5.0;
+                }
+                _ => {
+                    row[..n_valid].fill(f32::NEG_INFINITY);
+                    for _ in 0..3 {
+                        row[rng.below(n_valid)] = rng.logit();
+                    }
+                }
+            }
+            let top = [None, Some(1), Some(5), Some(20), Some(3)][(r / 4) % 5];
+            let temperature = if (r / 4) % 5 == 4 { 0.9 } else { 0.0 };
+            let params = SamplingParams {
+                temperature,
+                top_p: 0.9,
+                logprobs: true,
+                top_logprobs: top,
+                seed: Some(seed as i64 + r as i64),
+                ..Default::default()
+            };
+            let sampler =
+                Sampler::new(params).unwrap().with_suppressed_tokens(n_valid as u32..vocab as u32);
+            let answer = sampler.clone().sample(&row, &[]).expect("a row with a token");
+            rows.push(LogprobRow {
+                row: r,
+                n_valid,
+                top: sampler.logprobs_wanted().unwrap(),
+                token: answer.token,
+            });
+            logits.extend(row);
+            samplers.push(sampler);
+            answers.push(answer);
+        }
+        LogprobCase { logits, samplers, answers, rows }
+    }
+
+    /// Checks the kernel's answers for [`LogprobCase::rows`]: taken by the sampler, each gives
+    /// the host's token, top ids and (within an ulp or so of their f64 sums' order) logprobs.
+    pub fn check(&self, name: &str, raw: &[RawLogprobs]) {
+        assert_eq!(raw.len(), self.rows.len(), "{name}: one answer a row");
+        for (r, raw) in raw.iter().enumerate() {
+            let want = &self.answers[r];
+            let got = self.samplers[r].clone().take_picked(want.token, Some(raw));
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * a.abs().max(1.0);
+            assert_eq!(got.token, want.token, "{name}: row {r}");
+            assert!(
+                close(got.logprob.unwrap(), want.logprob.unwrap()),
+                "{name}: row {r}: {got:?} vs {want:?}"
+            );
+            let ids = |t: &SampledToken| t.top_logprobs.iter().map(|p| p.0).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(want), "{name}: row {r}: top ids");
+            for (a, b) in got.top_logprobs.iter().zip(&want.top_logprobs) {
+                assert!(close(a.1, b.1), "{name}: row {r}: top {a:?} vs {b:?}");
+            }
+        }
     }
 }
