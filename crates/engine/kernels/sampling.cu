@@ -1,4 +1,5 @@
-// Temperature and top_p sampling made where the logits are: for each sampled row of a step's
+// Temperature and top_p sampling made where the logits are (and greedy decoding with penalties,
+// which the plain argmax of greedy.cu does not apply): for each sampled row of a step's
 // float32 logits, the token the host sampler (crates/engine/src/sampling.rs) draws for it with
 // the same uniform draw, so that the host reads one number a row instead of the whole vocabulary
 // (32,064 floats for Phi-3) and skips its own passes over it.
@@ -26,8 +27,9 @@
 #define PHI_SAMPLE_MAX_WARPS 32u
 // Tokens of the probability range the nucleus is looked for in, sorted in shared memory.
 #define PHI_SAMPLE_MAX_CANDIDATES 4096u
-// Words of a row's parameters (crates/engine/src/cuda_sampling.rs: ROW_WORDS):
-//   0 the logits row, 1 n_valid, 2 1 / temperature (f32 bits), 3 top_p (f32 bits),
+// Words of a row's parameters (crates/engine/src/device_draw.rs: ROW_WORDS):
+//   0 the logits row, 1 n_valid, 2 1 / temperature (f32 bits; 0 for greedy decoding, the
+//   lowest id of the largest penalised logit), 3 top_p (f32 bits),
 //   4 and 5 the uniform draw `m / 2^53` as m's high 21 and low 32 bits,
 //   6 the row's first penalty, 7 its number of penalties.
 // The penalties follow the rows' words: (id, amount subtracted from its logit as f32 bits).
@@ -166,6 +168,20 @@ extern "C" __global__ void sample_rows_f32(const float *__restrict__ logits, uin
   sample_block_or_max(any_unusable, no_max, word_scratch);
   if (any_unusable || row_max == -INFINITY) {
     if (threadIdx.x == 0) tokens[blockIdx.x] = PHI_SAMPLE_ON_HOST;
+    return;
+  }
+  if (inv_t == 0.0f) {
+    // Greedy (with penalties): the lowest id that holds the largest value, as reversed ids'
+    // largest so that the block reduction is the one above.
+    uint32_t reversed = 0u, no_or = 0u;
+    for (uint32_t i = begin; i < end; ++i) {
+      if (w[i] == row_max) {
+        reversed = 0xffffffffu - i;
+        break;
+      }
+    }
+    sample_block_or_max(no_or, reversed, word_scratch);
+    if (threadIdx.x == 0) tokens[blockIdx.x] = 0xffffffffu - reversed;
     return;
   }
 

@@ -14,7 +14,8 @@ use crate::error::{EngineError, Result};
 pub struct DeviceDraw {
     /// The ids the row may choose from are `0..n_valid` (the rest are suppressed).
     pub n_valid: usize,
-    /// `1 / temperature`, in f32 as the host multiplies by it.
+    /// `1 / temperature`, in f32 as the host multiplies by it; 0 for greedy decoding (the
+    /// lowest id of the largest penalised logit).
     pub inv_temperature: f32,
     /// The nucleus' share of the probability mass (1 for none).
     pub top_p: f32,

@@ -350,15 +350,16 @@ impl Sampler {
         (inside == vocab - first as usize).then_some(first as usize)
     }
 
-    /// For a sampled (not greedy) step over a `vocab`-wide row without logprobs, whose
-    /// suppressed ids are a tail of the row, what a device needs to pick the token itself
-    /// (`cuda_sampling`), `generated` being the tokens so far as [`Sampler::sample`] takes them.
-    /// Takes the step's draw from the RNG now; the device's token is then read with
+    /// For a step over a `vocab`-wide row whose suppressed ids are a tail of the row, what a
+    /// device needs to pick the token itself (`cuda_sampling`), `generated` being the tokens so
+    /// far as [`Sampler::sample`] takes them: a sampled step's, or a greedy step's with its
+    /// penalties (without them, [`Sampler::greedy_prefix`] is the cheaper way). A sampled step's
+    /// draw is taken from the RNG now; the device's token is then read with
     /// [`Sampler::take_picked`], or, where the device leaves the row to the host,
     /// [`Sampler::sample`] uses the same draw.
     pub fn device_draw(&mut self, vocab: usize, generated: &[u32]) -> Option<DeviceDraw> {
         let p = &self.params;
-        if p.is_greedy() || vocab == 0 {
+        if vocab == 0 {
             return None;
         }
         let n_valid = self.suppressed_tail(vocab)?;
@@ -375,6 +376,16 @@ impl Sampler {
                     .map(|(t, c)| (t, c as f32 * p.frequency_penalty + p.presence_penalty)),
             );
             penalties.sort_unstable_by_key(|&(t, _)| t);
+        }
+        if p.is_greedy() {
+            // Greedy steps draw nothing.
+            return Some(DeviceDraw {
+                n_valid,
+                inv_temperature: 0.0,
+                top_p: 1.0,
+                draw: 0,
+                penalties,
+            });
         }
         let (inv_temperature, top_p) = (1.0 / p.temperature, p.top_p);
         let draw = *self.pending_draw.get_or_insert_with(|| draw_bits(&mut self.rng));
@@ -787,8 +798,12 @@ mod tests {
         assert_eq!((d.n_valid, d.inv_temperature, d.top_p), (8, 2.0, 0.9));
         assert!(d.penalties.is_empty() && d.draw < 1 << 53);
         assert_eq!(sampler(&sampled, &[3, 9]).device_draw(10, &[]), None);
+        // Greedy: no draw taken, a temperature of 0 for the kernel.
         let greedy = SamplingParams { temperature: 0.0, ..sampled.clone() };
-        assert_eq!(sampler(&greedy, &[]).device_draw(10, &[]), None);
+        let (mut g, mut fresh) = (sampler(&greedy, &[]), sampler(&greedy, &[]));
+        let d = g.device_draw(10, &[]).unwrap();
+        assert_eq!((d.inv_temperature, d.draw), (0.0, 0));
+        assert_eq!(g.rng.next_u64(), fresh.rng.next_u64(), "a greedy step draws nothing");
         // The penalties as `apply_penalties` subtracts them, ids past the row left out.
         let penalised =
             SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..sampled.clone() };

@@ -2,12 +2,13 @@
 //!
 //! Exists because on a GPU the logits are a vocabulary-wide float32 row per sequence (128 KB for
 //! Phi-3), and copying every row out each step, then scanning it on the host, is a large part of
-//! a batched decode step at many streams. A greedy row whose sampler only takes the argmax
+//! a batched decode step at many streams. A greedy row without penalties
 //! ([`crate::sampling::Sampler::greedy_prefix`]) is decided on the device and only its token id
-//! read back, and so is a sampled row the device can draw from
-//! ([`crate::sampling::Sampler::device_draw`]); the other sampled rows are gathered and copied in
-//! one transfer; rows nothing samples from (prompt chunks that do not reach the end of their
-//! prompt) are not copied at all.
+//! read back, and so is any other row the device can pick from
+//! ([`crate::sampling::Sampler::device_draw`]), with what its log-probabilities are made from
+//! where it reports them; the rows left to the host are gathered and copied in one transfer;
+//! rows nothing samples from (prompt chunks that do not reach the end of their prompt) are not
+//! copied at all.
 //! On the CPU the logits are already in memory: they are read as they are.
 
 use candle_core::Tensor;

@@ -622,7 +622,7 @@ fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
         .collect();
     let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
     // Plain greedy (the GPU's argmax), greedy with logprobs (the GPU's argmax and logprobs), and
-    // with a penalty (the host's).
+    // with a penalty (the GPU's sampling kernel).
     let kinds = [
         greedy.clone(),
         SamplingParams { logprobs: true, top_logprobs: Some(2), ..greedy.clone() },

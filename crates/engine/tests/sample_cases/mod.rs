@@ -49,8 +49,8 @@ pub struct Case {
 impl Case {
     /// `n_rows` rows of `vocab` logits, the ids from `n_valid` on suppressed: by row modulo 8,
     /// plain draws at low, unit and high temperature, top_p nuclei small and large, with ties,
-    /// with penalties, the rows the host reports an error for, and flat rows whose nucleus is
-    /// the whole row.
+    /// with penalties (sampled and greedy), the rows the host reports an error for, and flat rows
+    /// whose nucleus is the whole row.
     pub fn new(seed: u64, n_rows: usize, vocab: usize, n_valid: usize) -> Case {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let (mut logits, mut samplers, mut generated, mut draws) =
@@ -85,8 +85,9 @@ impl Case {
                     }
                     tokens = (0..30).map(|k| likely[(k * 7) % 5] as u32).collect();
                     tokens.extend([(n_valid + rng.below(tail)) as u32, vocab as u32 + 3]);
-                    params.temperature = 0.9;
-                    params.top_p = if (r / 8) % 2 == 0 { 0.8 } else { 1.0 };
+                    // Sampled, or greedy (the penalties decide which token is the largest).
+                    (params.temperature, params.top_p) =
+                        if (r / 8) % 2 == 0 { (0.9, 0.8) } else { (0.0, 1.0) };
                     (params.presence_penalty, params.frequency_penalty) = (0.5, 1.5);
                 }
                 // A NaN (among the suppressed ids where there are some): the host reports it.
