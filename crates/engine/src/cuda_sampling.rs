@@ -50,7 +50,7 @@ pub fn sample_rows(logits: &Tensor, draws: &[(usize, &DeviceDraw)]) -> Result<Ve
     let n_params = params.len();
     let params = Tensor::from_vec(params, n_params, logits.device())?;
     let logits = logits.contiguous()?;
-    let op = SampleRows { n_draws: draws.len() };
+    let op = RowKernel::Sample { n_rows: draws.len() };
     Ok(logits.apply_op2_no_bwd(&params, &op)?.to_vec1::<u32>()?)
 }
 
@@ -67,19 +67,25 @@ pub fn logprob_rows(logits: &Tensor, rows: &[LogprobRow]) -> Result<Vec<RawLogpr
     let n_params = params.len();
     let params = Tensor::from_vec(params, n_params, logits.device())?;
     let logits = logits.contiguous()?;
-    let op = LogprobRows { n_rows: rows.len() };
+    let op = RowKernel::Logprobs { n_rows: rows.len() };
     read_logprobs(&logits.apply_op2_no_bwd(&params, &op)?.to_vec1::<u32>()?)
 }
 
-/// `logprob_rows_f32`: the logits and the rows' parameters to [`LOGPROB_OUT_WORDS`] words a
-/// row.
-struct LogprobRows {
-    n_rows: usize,
+/// One of the kernels of `kernels/sampling.cu` over `n_rows` rows of the logits (the first
+/// input) with their parameter words (the second).
+enum RowKernel {
+    /// `sample_rows_f32`: one token id a row.
+    Sample { n_rows: usize },
+    /// `logprob_rows_f32`: [`LOGPROB_OUT_WORDS`] words a row.
+    Logprobs { n_rows: usize },
 }
 
-impl CustomOp2 for LogprobRows {
+impl CustomOp2 for RowKernel {
     fn name(&self) -> &'static str {
-        "phi-logprob-rows"
+        match self {
+            RowKernel::Sample { .. } => "phi-sample-rows",
+            RowKernel::Logprobs { .. } => "phi-logprob-rows",
+        }
     }
 
     fn cpu_fwd(
@@ -89,7 +95,7 @@ impl CustomOp2 for LogprobRows {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("phi-logprob-rows runs on CUDA only")
+        candle_core::bail!("{} runs on CUDA only", self.name())
     }
 
     fn cuda_fwd(
@@ -101,30 +107,44 @@ impl CustomOp2 for LogprobRows {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         if x.dtype() != DType::F32 || p.dtype() != DType::U32 {
             candle_core::bail!(
-                "logprobs of {:?} logits with {:?} parameters",
+                "{}: {:?} logits, {:?} parameters",
+                self.name(),
                 x.dtype(),
                 p.dtype()
             );
         }
         let (_, vocab) = xl.shape().dims2()?;
-        let n = self.n_rows;
-        if pl.shape().elem_count() != n * LOGPROB_ROW_WORDS || vocab == 0 {
+        // The sampling kernel's penalties follow its rows' words.
+        let (kernel, n, min_words, out_words) = match *self {
+            RowKernel::Sample { n_rows } => ("sample_rows", n_rows, n_rows * ROW_WORDS, n_rows),
+            RowKernel::Logprobs { n_rows } => {
+                ("logprob_rows", n_rows, n_rows * LOGPROB_ROW_WORDS, n_rows * LOGPROB_OUT_WORDS)
+            }
+        };
+        if pl.shape().elem_count() < min_words || vocab == 0 {
             candle_core::bail!(
-                "{} parameter words for {n} rows of {vocab}",
+                "{}: {} parameter words for {n} rows of {vocab}",
+                self.name(),
                 pl.shape().elem_count()
             );
         }
         let dev = x.device().clone();
-        let func = load_kernel!(dev, SAMPLING, "logprob_rows", DType::F32)?;
+        let func = load_kernel!(dev, SAMPLING, kernel, DType::F32)?;
         let (x0, x1) = contiguous(xl, "the logits")?;
-        let (p0, p1) = contiguous(pl, "the logprob parameters")?;
+        let (p0, p1) = contiguous(pl, "the row parameters")?;
         let x = x.as_cuda_slice::<f32>()?.slice(x0..x1);
         let p = p.as_cuda_slice::<u32>()?.slice(p0..p1);
-        // Zeroed: a row lists only as many top logits as it found.
-        let mut out = dev.alloc_zeros::<u32>(n * LOGPROB_OUT_WORDS)?;
+        // Zeroed: a log-probability row lists only as many top logits as it found (the
+        // sampling kernel writes every row's id).
+        let mut out = dev.alloc_zeros::<u32>(out_words)?;
+        // SAFETY: the sampling kernel writes each row's whole scratch row before reading it.
+        let mut work = match self {
+            RowKernel::Sample { .. } => Some(unsafe { dev.alloc::<f32>(n * vocab)? }),
+            RowKernel::Logprobs { .. } => None,
+        };
         if n > 0 {
             let cfg = LaunchConfig {
-                grid_dim: (u32_arg(n, "logprob rows")?, 1, 1),
+                grid_dim: (u32_arg(n, "logits rows")?, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -133,80 +153,15 @@ impl CustomOp2 for LogprobRows {
             b.arg(&x);
             b.arg(&vocab);
             b.arg(&p);
+            if let Some(work) = work.as_mut() {
+                b.arg(work);
+            }
             b.arg(&mut out);
-            // SAFETY: the arguments match the kernel's signature; `logprob_rows` checked each
-            // row's index, `n_valid` and token against the logits.
+            // SAFETY: the arguments match the kernels' signatures; `sample_rows` and
+            // `logprob_rows` checked each row's index, `n_valid`, penalties and token against
+            // the logits.
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n * LOGPROB_OUT_WORDS)))
-    }
-}
-
-/// `sample_rows_f32`: the logits and the rows' parameters to one id a drawn row.
-struct SampleRows {
-    n_draws: usize,
-}
-
-impl CustomOp2 for SampleRows {
-    fn name(&self) -> &'static str {
-        "phi-sample-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("phi-sample-rows runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        p: &CudaStorage,
-        pl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        if x.dtype() != DType::F32 || p.dtype() != DType::U32 {
-            candle_core::bail!("sampling {:?} logits with {:?} parameters", x.dtype(), p.dtype());
-        }
-        let (_, vocab) = xl.shape().dims2()?;
-        let n = self.n_draws;
-        if pl.shape().elem_count() < n * ROW_WORDS {
-            candle_core::bail!("{} parameter words for {n} rows", pl.shape().elem_count());
-        }
-        let dev = x.device().clone();
-        let func = load_kernel!(dev, SAMPLING, "sample_rows", DType::F32)?;
-        let (x0, x1) = contiguous(xl, "the logits")?;
-        let (p0, p1) = contiguous(pl, "the sampling parameters")?;
-        let x = x.as_cuda_slice::<f32>()?.slice(x0..x1);
-        let p = p.as_cuda_slice::<u32>()?.slice(p0..p1);
-        // SAFETY: the kernel writes each row's whole scratch row before reading it, and every
-        // row's id (thread 0 of each row's block).
-        let mut work = unsafe { dev.alloc::<f32>(n * vocab)? };
-        let mut out = unsafe { dev.alloc::<u32>(n)? };
-        if vocab == 0 {
-            candle_core::bail!("sampling from empty logits rows");
-        }
-        if n > 0 {
-            let cfg = LaunchConfig {
-                grid_dim: (u32_arg(n, "sampled rows")?, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let vocab = u32_arg(vocab, "the vocabulary")?;
-            let mut b = func.builder();
-            b.arg(&x);
-            b.arg(&vocab);
-            b.arg(&p);
-            b.arg(&mut work);
-            b.arg(&mut out);
-            // SAFETY: the arguments match the kernel's signature; `sample_rows` checked each
-            // row's index, `n_valid` and penalties against the logits.
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(out_words)))
     }
 }

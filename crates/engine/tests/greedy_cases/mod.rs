@@ -7,8 +7,8 @@ use phi_engine::sampling::{Sampler, SamplingParams};
 /// The kernel's answer for a row the host samples itself (`cuda_greedy::ON_HOST`).
 pub const ON_HOST: u32 = u32::MAX;
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
+/// A small deterministic generator (xorshift64*), also `sample_cases`'.
+pub struct Rng(pub u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -19,11 +19,11 @@ impl Rng {
     }
 
     /// Uniform in `[-10, 10)`.
-    fn logit(&mut self) -> f32 {
+    pub fn logit(&mut self) -> f32 {
         (self.next() % 2_000_000) as f32 / 100_000.0 - 10.0
     }
 
-    fn below(&mut self, n: usize) -> usize {
+    pub fn below(&mut self, n: usize) -> usize {
         self.next() as usize % n.max(1)
     }
 }

@@ -3,6 +3,7 @@
 //! log-probabilities it reports), shared by `cuda_kernels_emulated.rs` (the kernels on the CPU)
 //! and `cuda_parity.rs` (the kernels on a GPU).
 
+use crate::greedy_cases::Rng;
 use phi_engine::device_draw::LogprobRow;
 use phi_engine::sampling::{DeviceDraw, RawLogprobs, SampledToken, Sampler, SamplingParams};
 
@@ -11,27 +12,6 @@ pub const ON_HOST: u32 = u32::MAX;
 
 /// The most tokens the kernel sorts for a nucleus (`PHI_SAMPLE_MAX_CANDIDATES`).
 const MAX_CANDIDATES: usize = 4096;
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11
-    }
-
-    /// Uniform in `[-10, 10)`.
-    fn logit(&mut self) -> f32 {
-        (self.next() % 2_000_000) as f32 / 100_000.0 - 10.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        self.next() as usize % n.max(1)
-    }
-}
 
 /// Rows of logits, one seeded sampler each, and each row's draw as the kernel takes it.
 pub struct Case {
