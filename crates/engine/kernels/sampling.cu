@@ -14,8 +14,9 @@
 //
 // A row's answer is PHI_SAMPLE_ON_HOST where the host would report an error (a NaN or +inf
 // anywhere in the row, nothing but -inf among the ids it may choose), and where the nucleus does
-// not fit this kernel (more than PHI_SAMPLE_MAX_CANDIDATES tokens in the probability range it
-// starts from): the host then samples that row itself, with the same draw.
+// not fit this kernel (more than PHI_SAMPLE_MAX_CANDIDATES tokens at or above the lowest
+// probability it needs, ties included): the host then samples that row itself, with the same
+// draw.
 //
 // Also compiled on the CPU against crates/engine/tests/cuda_emulation (see common.cuh).
 
@@ -241,25 +242,48 @@ extern "C" __global__ void sample_rows_f32(const float *__restrict__ logits, uin
     if (sample_block_sum(above, sums, warp_sums) >= wanted) lo = mid;
     else hi = mid;
   }
-  const uint32_t floor_bucket = lo;
+  // The floor as the bits of the lowest probability the candidates may have (a positive
+  // float's bits are ordered as its value): the bucket's lowest.
+  uint32_t floor_bits = lo << 23;
 
-  // The candidates, as keys that sort by probability, largest first, then by id.
-  if (threadIdx.x == 0) n_keys = 0u;
-  __syncthreads();
-  for (uint32_t i = begin; i < end; ++i) {
-    const float e = w[i];
-    if (e > 0.0f && sample_exponent(e) >= floor_bucket) {
-      const uint32_t slot = atomicAdd(&n_keys, 1u);
-      if (slot < PHI_SAMPLE_MAX_CANDIDATES) {
-        keys[slot] = ((unsigned long long)(0xffffffffu - __float_as_uint(e)) << 32) | i;
+  // The candidates, as keys that sort by probability, largest first, then by id. Where the
+  // floor's bucket holds too many of them (a factor of two spans thousands of tokens in a
+  // high-entropy row), the floor is raised within the bucket, by bisection over its values' bits
+  // with the same test, to the highest value whose tokens and those above still hold the mass:
+  // every token of the nucleus is still among them, and little else.
+  uint32_t n = 0u;
+  for (uint32_t attempt = 0u;; ++attempt) {
+    __syncthreads(); // every thread has read the last attempt's count
+    if (threadIdx.x == 0) n_keys = 0u;
+    __syncthreads();
+    for (uint32_t i = begin; i < end; ++i) {
+      const float e = w[i];
+      if (e > 0.0f && __float_as_uint(e) >= floor_bits) {
+        const uint32_t slot = atomicAdd(&n_keys, 1u);
+        if (slot < PHI_SAMPLE_MAX_CANDIDATES) {
+          keys[slot] = ((unsigned long long)(0xffffffffu - __float_as_uint(e)) << 32) | i;
+        }
       }
     }
-  }
-  __syncthreads();
-  const uint32_t n = n_keys;
-  if (n > PHI_SAMPLE_MAX_CANDIDATES) {
-    if (threadIdx.x == 0) tokens[blockIdx.x] = PHI_SAMPLE_ON_HOST;
-    return;
+    __syncthreads();
+    n = n_keys;
+    if (n <= PHI_SAMPLE_MAX_CANDIDATES) break;
+    if (attempt == 1u) {
+      if (threadIdx.x == 0) tokens[blockIdx.x] = PHI_SAMPLE_ON_HOST;
+      return;
+    }
+    uint32_t lo_bits = floor_bits, hi_bits = (lo + 1u) << 23;
+    while (hi_bits - lo_bits > 1u) {
+      const uint32_t mid = lo_bits + (hi_bits - lo_bits) / 2u;
+      double above = 0.0;
+      for (uint32_t i = begin; i < end; ++i) {
+        const float e = w[i];
+        if (__float_as_uint(e) >= mid) above += (double)e;
+      }
+      if (sample_block_sum(above, sums, warp_sums) >= wanted) lo_bits = mid;
+      else hi_bits = mid;
+    }
+    floor_bits = lo_bits;
   }
   uint32_t padded = 1u;
   while (padded < n) padded *= 2u;
@@ -294,7 +318,7 @@ extern "C" __global__ void sample_rows_f32(const float *__restrict__ logits, uin
       }
     }
     if (len == 0u) {
-      if (floor_bucket > 0u) {
+      if (floor_bits > 0u) {
         // The floor's sums and the sorted ones rounded apart: the host looks at every token.
         tokens[blockIdx.x] = PHI_SAMPLE_ON_HOST;
         return;
