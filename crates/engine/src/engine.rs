@@ -6,6 +6,7 @@
 //! serving core's scheduler builds continuous batching.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -86,6 +87,20 @@ pub struct Engine {
     padding_ids: Vec<u32>,
     files: CheckpointFiles,
     prefill_chunk: Option<usize>,
+    /// Tokens picked on the device and by the host sampler, for [`Engine::sampling_stats`].
+    picked_on_device: AtomicU64,
+    picked_on_host: AtomicU64,
+}
+
+/// Where the engine's sampled tokens were picked, since it was loaded: exists so that an
+/// operator can see whether a GPU's traffic takes its sampling kernels or falls back to copying
+/// logits out (on a CPU every token is the host's).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SamplingStats {
+    /// Picked where the logits are (a GPU's greedy and sampling kernels).
+    pub on_device: u64,
+    /// Picked by the host sampler from logits in host memory.
+    pub on_host: u64,
 }
 
 /// Why a sequence ended.
@@ -407,6 +422,8 @@ impl Engine {
             padding_ids,
             files,
             prefill_chunk: opts.prefill_chunk.filter(|&n| n > 0),
+            picked_on_device: AtomicU64::new(0),
+            picked_on_host: AtomicU64::new(0),
         })
     }
 
@@ -618,6 +635,14 @@ impl Engine {
         Ok(state.prefix.as_mut().and_then(|p| p.lookup(&mut state.alloc, &pool, tokens)))
     }
 
+    /// Where the sampled tokens were picked so far.
+    pub fn sampling_stats(&self) -> SamplingStats {
+        SamplingStats {
+            on_device: self.picked_on_device.load(Ordering::Relaxed),
+            on_host: self.picked_on_host.load(Ordering::Relaxed),
+        }
+    }
+
     /// How the prefix cache is used, if reuse is on.
     pub fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
         let pool = self.model.kv_pool().ok()?;
@@ -703,6 +728,11 @@ impl Engine {
         // From a GPU: the tokens of the rows it picks, and the other sampled rows in one
         // transfer.
         let logits = StepLogits::read(&out.logits, &needs)?;
+        let rows = sample_row.iter().flatten();
+        let on_device = rows.clone().filter(|&&r| matches!(logits.row(r), RowChoice::Picked(..)));
+        let on_device = on_device.count() as u64;
+        self.picked_on_device.fetch_add(on_device, Ordering::Relaxed);
+        self.picked_on_host.fetch_add(rows.count() as u64 - on_device, Ordering::Relaxed);
         // Sampling is a few passes over a vocabulary-sized row per sequence (more with top_p
         // or logprobs); serially that is milliseconds a step for a large batch, with the
         // accelerator idle, so the rows are sampled in parallel.

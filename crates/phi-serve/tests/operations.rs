@@ -380,6 +380,10 @@ fn metrics_and_readiness() {
     assert_eq!(requests("/info", 401), 1.0);
     assert_eq!(sample(&page, "phi_serve_prompt_tokens_total"), 2.0 * prompt);
     assert_eq!(sample(&page, "phi_serve_generated_tokens_total"), 2.0 * generated);
+    // Every token was sampled once on the host (a stop token too, which the usage leaves out).
+    let on = |at: &str| sample(&page, &format!("phi_serve_sampled_tokens_total{{on=\"{at}\"}}"));
+    assert_eq!(on("device"), 0.0, "a CPU has no sampling kernels");
+    assert!((2.0 * generated..=2.0 * generated + 2.0).contains(&on("host")), "{}", on("host"));
     assert_eq!(
         sample(&page, &format!("phi_serve_finish_reason_total{{reason=\"{finish}\"}}")),
         2.0

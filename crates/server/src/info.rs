@@ -65,8 +65,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     responses((status = 200, description = "Prometheus text exposition format 0.0.4.",
         body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let prefix = state.engine().prefix_cache_stats();
-    let body = state.metrics().render(state.worker().stats(), state.is_draining(), prefix);
+    let (prefix, sampled) = (state.engine().prefix_cache_stats(), state.engine().sampling_stats());
+    let body = state.metrics().render(state.worker().stats(), state.is_draining(), prefix, sampled);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use phi_engine::engine::SamplingStats;
 use phi_engine::prefix_cache::PrefixCacheStats;
 
 use crate::worker::WorkerStats;
@@ -131,12 +132,14 @@ impl Metrics {
         }
     }
 
-    /// The exposition text, with the worker's live gauges and the engine's prefix cache.
+    /// The exposition text, with the worker's live gauges and the engine's prefix cache and
+    /// sampling counts.
     pub fn render(
         &self,
         worker: &WorkerStats,
         draining: bool,
         prefix: Option<PrefixCacheStats>,
+        sampled: SamplingStats,
     ) -> String {
         let mut out = String::new();
         if let Some(p) = prefix {
@@ -199,6 +202,15 @@ impl Metrics {
         let name = "phi_serve_shared_prompt_tokens_total";
         let help = "Prompt tokens taken from another running sequence instead of computed.";
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {shared}");
+        let name = "phi_serve_sampled_tokens_total";
+        let help = "Tokens picked from the logits: on the device that holds them (a GPU's \
+                    sampling kernels), or on the host (the CPU, and rows a GPU leaves to it).";
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{on=\"device\"}} {}\n\
+             {name}{{on=\"host\"}} {}",
+            sampled.on_device, sampled.on_host
+        );
         let _ = writeln!(
             out,
             "# HELP phi_serve_requests_total HTTP responses by route and status.\n\
@@ -287,7 +299,10 @@ mod tests {
         };
         m.completion(sample, &["stop", "length"]);
         let prefix = PrefixCacheStats { hits: 3, reused_tokens: 120, ..Default::default() };
-        let text = m.render(&WorkerStats::default(), false, Some(prefix));
+        let sampled = SamplingStats { on_device: 7, on_host: 2 };
+        let text = m.render(&WorkerStats::default(), false, Some(prefix), sampled);
+        assert!(text.contains("phi_serve_sampled_tokens_total{on=\"device\"} 7\n"));
+        assert!(text.contains("phi_serve_sampled_tokens_total{on=\"host\"} 2\n"));
         assert!(text.contains("phi_serve_prefix_cache_hits_total 3\n"));
         assert!(text.contains("phi_serve_prefix_cache_reused_tokens_total 120\n"));
         assert!(text.contains(
