@@ -13,7 +13,7 @@
 
 #include "common.cuh"
 
-// A row the host has to sample itself (crates/engine/src/cuda_greedy.rs: ON_HOST).
+// A row the host has to sample itself (crates/engine/src/device_draw.rs: ON_HOST).
 #define PHI_GREEDY_ON_HOST 0xffffffffu
 // The largest block: 32 warps.
 #define PHI_GREEDY_MAX_WARPS 32u
@@ -26,11 +26,18 @@ __device__ __forceinline__ bool beats(float value, uint32_t id, float best, uint
   return value > best || (value == best && id < best_id);
 }
 
-// Grid: (n_rows); block: a multiple of 32, at most 1024. `logits`: `[n_rows, vocab]`,
-// contiguous; `tokens`: `[n_rows]`.
+// Words of a row's parameters (crates/engine/src/device_draw.rs: GREEDY_ROW_WORDS): the logits
+// row, and n_valid.
+#define PHI_GREEDY_ROW_WORDS 2u
+
+// Grid: (n_rows); block: a multiple of 32, at most 1024. `logits`: `[*, vocab]`, contiguous;
+// `params`: PHI_GREEDY_ROW_WORDS words a row; `tokens`: `[n_rows]`.
 extern "C" __global__ void greedy_argmax_f32(const float *__restrict__ logits, uint32_t vocab,
-                                             uint32_t n_valid, uint32_t *__restrict__ tokens) {
-  const float *row = logits + (size_t)blockIdx.x * vocab;
+                                             const uint32_t *__restrict__ params,
+                                             uint32_t *__restrict__ tokens) {
+  const uint32_t *p = params + (size_t)blockIdx.x * PHI_GREEDY_ROW_WORDS;
+  const float *row = logits + (size_t)p[0] * vocab;
+  const uint32_t n_valid = p[1];
   float best = -INFINITY;
   uint32_t best_id = PHI_GREEDY_ON_HOST, unusable = 0u;
   // Each thread walks its ids upwards, so a strict `>` keeps its lowest id among equals. It

@@ -22,7 +22,7 @@
 
 #include "common.cuh"
 
-// A row the host has to sample itself (crates/engine/src/cuda_sampling.rs: ON_HOST).
+// A row the host has to sample itself (crates/engine/src/device_draw.rs: ON_HOST).
 #define PHI_SAMPLE_ON_HOST 0xffffffffu
 // The largest block: 32 warps.
 #define PHI_SAMPLE_MAX_WARPS 32u
@@ -350,8 +350,14 @@ extern "C" __global__ void sample_rows_f32(const float *__restrict__ logits, uin
 // logits among the ids below `n_valid` (descending, ties to the lower id; fewer where there are
 // fewer). The host turns them into log-probabilities.
 //
+// It runs after the kernels that picked the tokens, in the same answer: `picks` holds their
+// `n_picks` tokens (greedy.cu's and sample_rows_f32's), then PHI_LOGPROB_OUT_WORDS words for
+// each row of this kernel. A row whose token was left to the host (PHI_SAMPLE_ON_HOST) is left
+// as it is: the host samples it and computes its log-probabilities itself.
+//
 // Parameters, PHI_LOGPROB_ROW_WORDS words a row (crates/engine/src/device_draw.rs):
-//   0 the logits row, 1 n_valid, 2 k (at most PHI_LOGPROB_MAX_TOP), 3 the picked token.
+//   0 the logits row, 1 n_valid, 2 k (at most PHI_LOGPROB_MAX_TOP), 3 where the row's token is
+//   among the picks.
 // Answer, PHI_LOGPROB_OUT_WORDS words a row: 0 the largest logit (f32 bits), 1 the token's
 // logit, 2 and 3 the sum's high and low words (f64 bits), 4 the number of top logits, then
 // that many (id, logit) pairs.
@@ -366,10 +372,11 @@ __device__ __forceinline__ bool sample_first(float value, uint32_t id, float bes
   return value > best || (value == best && id < best_id);
 }
 
-// Grid: (n_rows); block: a multiple of 32, at most 1024. `logits`: `[*, vocab]`, contiguous.
+// Grid: (n_rows); block: a multiple of 32, at most 1024. `logits`: `[*, vocab]`, contiguous;
+// `picks`: `n_picks` tokens, then the answers.
 extern "C" __global__ void logprob_rows_f32(const float *__restrict__ logits, uint32_t vocab,
                                             const uint32_t *__restrict__ params,
-                                            uint32_t *__restrict__ out) {
+                                            uint32_t *__restrict__ picks, uint32_t n_picks) {
   __shared__ float max_scratch[PHI_SAMPLE_MAX_WARPS];
   __shared__ double sums[PHI_SAMPLE_MAX_WARPS * 32u];
   __shared__ double warp_sums[PHI_SAMPLE_MAX_WARPS];
@@ -382,7 +389,9 @@ extern "C" __global__ void logprob_rows_f32(const float *__restrict__ logits, ui
   const float *row = logits + (size_t)p[0] * vocab;
   const uint32_t n_valid = p[1];
   const uint32_t k = p[2] < PHI_LOGPROB_MAX_TOP ? p[2] : PHI_LOGPROB_MAX_TOP;
-  uint32_t *o = out + (size_t)blockIdx.x * PHI_LOGPROB_OUT_WORDS;
+  const uint32_t token = p[3] < n_picks ? picks[p[3]] : PHI_SAMPLE_ON_HOST;
+  uint32_t *o = picks + n_picks + (size_t)blockIdx.x * PHI_LOGPROB_OUT_WORDS;
+  if (token >= vocab) return; // the host's row (the whole block returns)
 
   const uint32_t share = (vocab + blockDim.x - 1u) / blockDim.x;
   const uint32_t begin = threadIdx.x * share < vocab ? threadIdx.x * share : vocab;
@@ -452,7 +461,7 @@ extern "C" __global__ void logprob_rows_f32(const float *__restrict__ logits, ui
   if (threadIdx.x == 0) {
     const unsigned long long bits = __double_as_longlong(total);
     o[0] = __float_as_uint(row_max);
-    o[1] = __float_as_uint(row[p[3]]);
+    o[1] = __float_as_uint(row[token]);
     o[2] = (uint32_t)(bits >> 32);
     o[3] = (uint32_t)bits;
     o[4] = found;

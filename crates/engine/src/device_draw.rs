@@ -1,9 +1,10 @@
-//! A sampled row as a device draws it: what [`crate::sampling::Sampler::device_draw`] hands
-//! over, and the parameter words the sampling kernel (`kernels/sampling.cu`) reads; and the
-//! words in and out of its log-probability kernel.
+//! A row as a device picks its token: what [`crate::sampling::Sampler::device_draw`] hands over
+//! for a sampled row, and the plan of one step's picks ([`PickPlan`]): the parameter words the
+//! greedy, sampling and log-probability kernels (`kernels/greedy.cu`, `kernels/sampling.cu`)
+//! read, and how their one answer is read back.
 //!
 //! Exists apart from the CUDA launcher (`cuda_sampling`) so that the packing is the same code in
-//! the CPU build's tests of the kernel (`tests/cuda_kernels_emulated.rs`) as on a GPU.
+//! the CPU build's tests of the kernels (`tests/cuda_kernels_emulated.rs`) as on a GPU.
 
 use crate::error::{EngineError, Result};
 
@@ -26,32 +27,192 @@ pub struct DeviceDraw {
     pub penalties: Vec<(u32, f32)>,
 }
 
-/// Words of a row's parameters (`PHI_SAMPLE_ROW_WORDS` in the kernel).
+/// Words of a greedy row's parameters (`PHI_GREEDY_ROW_WORDS` in `kernels/greedy.cu`): the
+/// logits row and `n_valid`.
+pub const GREEDY_ROW_WORDS: usize = 2;
+
+/// Words of a drawn row's parameters (`PHI_SAMPLE_ROW_WORDS` in `kernels/sampling.cu`).
 pub const ROW_WORDS: usize = 8;
 
-/// The kernel's parameters for `draws` (`(logits row, draw)`) from `[n_rows, vocab]` logits:
-/// per draw [`ROW_WORDS`] words (the logits row, `n_valid`, `1 / temperature` and `top_p` as
-/// f32 bits, the draw's high and low words, the row's first penalty and their number), then the
-/// penalties as `(id, amount as f32 bits)` pairs. Errors on a row, `n_valid`, draw or penalty
-/// that does not fit the logits.
-pub fn kernel_params(
-    draws: &[(usize, &DeviceDraw)],
-    n_rows: usize,
-    vocab: usize,
-) -> Result<Vec<u32>> {
-    let invalid = |what: String| EngineError::Candle(candle_core::Error::Msg(what));
-    let n_penalties: usize = draws.iter().map(|(_, d)| d.penalties.len()).sum();
-    if vocab > u32::MAX as usize || n_penalties > u32::MAX as usize {
-        return Err(invalid(format!("{n_penalties} penalties over {vocab} ids")));
+/// Words of a row's parameters for the log-probability kernel (`PHI_LOGPROB_ROW_WORDS`).
+pub const LOGPROB_ROW_WORDS: usize = 4;
+
+/// The most top logits the kernel lists (`PHI_LOGPROB_MAX_TOP`): the API's limit.
+pub const LOGPROB_MAX_TOP: usize = crate::sampling::MAX_TOP_LOGPROBS;
+
+/// Words of a row's answer from the log-probability kernel (`PHI_LOGPROB_OUT_WORDS`).
+pub const LOGPROB_OUT_WORDS: usize = 5 + 2 * LOGPROB_MAX_TOP;
+
+/// A row's answer where the device leaves it to the host (`PHI_GREEDY_ON_HOST`,
+/// `PHI_SAMPLE_ON_HOST`): the host samples it itself, with the same draw.
+pub const ON_HOST: u32 = u32::MAX;
+
+/// How the device picks a row's token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PickRule<'a> {
+    /// The lowest id among the largest of the first `n_valid` logits
+    /// ([`crate::sampling::Sampler::greedy_prefix`]): `kernels/greedy.cu`.
+    Greedy { n_valid: usize },
+    /// Drawn as [`crate::sampling::Sampler::device_draw`] says: `kernels/sampling.cu`.
+    Draw(&'a DeviceDraw),
+}
+
+impl PickRule<'_> {
+    /// The ids the row chooses among are `0..n_valid`.
+    pub fn n_valid(&self) -> usize {
+        match self {
+            PickRule::Greedy { n_valid } => *n_valid,
+            PickRule::Draw(d) => d.n_valid,
+        }
     }
-    let mut words = Vec::with_capacity(draws.len() * ROW_WORDS + 2 * n_penalties);
-    let mut first_penalty = 0u32;
-    for &(row, d) in draws {
-        if row >= n_rows || d.n_valid > vocab || d.draw >= 1 << 53 {
+}
+
+/// A row of a step's logits whose token the device picks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PickRow<'a> {
+    /// The logits row.
+    pub row: usize,
+    pub rule: PickRule<'a>,
+    /// How many top logits its log-probabilities list, where it reports them
+    /// ([`crate::sampling::Sampler::logprobs_wanted`]).
+    pub logprobs: Option<usize>,
+}
+
+/// A row's token as the device picked it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pick {
+    pub token: u32,
+    /// What its log-probabilities are made from, where the row asked for them.
+    pub logprobs: Option<RawLogprobs>,
+}
+
+/// One step's device picks as the kernels take them: every pick's parameter words in one
+/// array, so that a step is one transfer in, the kernels' launches one after another, and one
+/// transfer out (`cuda_sampling::pick_rows`).
+///
+/// The words are the greedy rows' ([`GREEDY_ROW_WORDS`] each), from `draw_offset` the drawn
+/// rows' ([`ROW_WORDS`] each, then their penalties as `(id, amount as f32 bits)` pairs), and
+/// from `logprob_offset` the log-probability rows' ([`LOGPROB_ROW_WORDS`] each: the logits row,
+/// `n_valid`, the top count, and where the row's token is in the answer). The answer is
+/// the greedy rows' tokens, the drawn rows' tokens, then [`LOGPROB_OUT_WORDS`] words a
+/// log-probability row; the log-probability kernel reads the tokens the first two kernels wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PickPlan {
+    pub words: Vec<u32>,
+    pub n_greedy: usize,
+    pub n_draw: usize,
+    pub n_logprob: usize,
+    pub draw_offset: usize,
+    pub logprob_offset: usize,
+    /// Per row asked for: where its token is in the answer, and its log-probabilities.
+    slots: Vec<(usize, Option<usize>)>,
+}
+
+impl PickPlan {
+    /// The plan for `rows` of `[n_rows, vocab]` logits. Errors on a row, `n_valid`, draw or
+    /// penalty that does not fit the logits.
+    pub fn new(rows: &[PickRow], n_rows: usize, vocab: usize) -> Result<PickPlan> {
+        if vocab > u32::MAX as usize || n_rows > u32::MAX as usize {
+            return Err(invalid(format!("{n_rows} rows of {vocab} logits")));
+        }
+        for r in rows {
+            if r.row >= n_rows || r.rule.n_valid() > vocab {
+                return Err(invalid(format!(
+                    "a device pick from row {} of {n_rows}, over {} of {vocab} ids",
+                    r.row,
+                    r.rule.n_valid()
+                )));
+            }
+        }
+        let mut words = Vec::new();
+        let mut token_at = vec![0usize; rows.len()];
+        let mut n_greedy = 0;
+        for (i, r) in rows.iter().enumerate() {
+            if let PickRule::Greedy { n_valid } = r.rule {
+                words.extend([r.row as u32, n_valid as u32]);
+                token_at[i] = n_greedy;
+                n_greedy += 1;
+            }
+        }
+        let draw_offset = words.len();
+        let draws: Vec<(usize, usize, &DeviceDraw)> = (rows.iter().enumerate())
+            .filter_map(|(i, r)| match r.rule {
+                PickRule::Draw(d) => Some((i, r.row, d)),
+                PickRule::Greedy { .. } => None,
+            })
+            .collect();
+        for (k, &(i, _, _)) in draws.iter().enumerate() {
+            token_at[i] = n_greedy + k;
+        }
+        draw_words(&draws, vocab, &mut words)?;
+        let n_draw = draws.len();
+        let logprob_offset = words.len();
+        let mut slots = Vec::with_capacity(rows.len());
+        let mut n_logprob = 0;
+        for (r, &at) in rows.iter().zip(&token_at) {
+            let logprobs = r.logprobs.map(|top| {
+                let top = top.min(LOGPROB_MAX_TOP) as u32;
+                words.extend([r.row as u32, r.rule.n_valid() as u32, top, at as u32]);
+                n_logprob += 1;
+                n_logprob - 1
+            });
+            slots.push((at, logprobs));
+        }
+        Ok(PickPlan { words, n_greedy, n_draw, n_logprob, draw_offset, logprob_offset, slots })
+    }
+
+    /// Words of the kernels' answer.
+    pub fn answer_words(&self) -> usize {
+        self.n_greedy + self.n_draw + self.n_logprob * LOGPROB_OUT_WORDS
+    }
+
+    /// Per row asked for, in order, its pick from the kernels' `answer`, or `None` where the
+    /// device left the row to the host.
+    pub fn read(&self, answer: &[u32]) -> Result<Vec<Option<Pick>>> {
+        if answer.len() != self.answer_words() {
             return Err(invalid(format!(
-                "a device draw from row {row} of {n_rows}, over {} of {vocab} ids",
-                d.n_valid
+                "{} words of device picks, {} expected",
+                answer.len(),
+                self.answer_words()
             )));
+        }
+        let n_tokens = self.n_greedy + self.n_draw;
+        let logprobs = read_logprobs(&answer[n_tokens..])?;
+        Ok(self
+            .slots
+            .iter()
+            .map(|&(at, lp)| {
+                let token = answer[at];
+                (token != ON_HOST)
+                    .then(|| Pick { token, logprobs: lp.map(|i| logprobs[i].clone()) })
+            })
+            .collect())
+    }
+}
+
+/// An error about a pick that does not fit the logits.
+fn invalid(what: String) -> EngineError {
+    EngineError::Candle(candle_core::Error::Msg(what))
+}
+
+/// Appends the sampling kernel's parameters for `draws` (`(pick, logits row, draw)`) to
+/// `words`: per draw [`ROW_WORDS`] words (the logits row, `n_valid`, `1 / temperature` and
+/// `top_p` as f32 bits, the draw's high and low words, the row's first penalty and their
+/// number), then the penalties as `(id, amount as f32 bits)` pairs; the kernel finds its
+/// penalties after its rows' words.
+fn draw_words(
+    draws: &[(usize, usize, &DeviceDraw)],
+    vocab: usize,
+    words: &mut Vec<u32>,
+) -> Result<()> {
+    let n_penalties: usize = draws.iter().map(|(_, _, d)| d.penalties.len()).sum();
+    if n_penalties > u32::MAX as usize {
+        return Err(invalid(format!("{n_penalties} penalties")));
+    }
+    let mut first_penalty = 0u32;
+    for &(_, row, d) in draws {
+        if d.draw >= 1 << 53 {
+            return Err(invalid(format!("a device draw of {} (53 bits at most)", d.draw)));
         }
         words.extend([
             row as u32,
@@ -65,7 +226,7 @@ pub fn kernel_params(
         ]);
         first_penalty += d.penalties.len() as u32;
     }
-    for &(_, d) in draws {
+    for &(_, _, d) in draws {
         for &(id, amount) in &d.penalties {
             if id as usize >= vocab {
                 return Err(invalid(format!("a penalty on id {id} of {vocab}")));
@@ -73,62 +234,21 @@ pub fn kernel_params(
             words.extend([id, amount.to_bits()]);
         }
     }
-    Ok(words)
+    Ok(())
 }
 
-/// Words of a row's parameters for the log-probability kernel (`PHI_LOGPROB_ROW_WORDS`).
-pub const LOGPROB_ROW_WORDS: usize = 4;
-
-/// The most top logits the kernel lists (`PHI_LOGPROB_MAX_TOP`): the API's limit.
-pub const LOGPROB_MAX_TOP: usize = crate::sampling::MAX_TOP_LOGPROBS;
-
-/// Words of a row's answer from the log-probability kernel (`PHI_LOGPROB_OUT_WORDS`).
-pub const LOGPROB_OUT_WORDS: usize = 5 + 2 * LOGPROB_MAX_TOP;
-
-/// A row whose token was picked on the device and that reports log-probabilities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LogprobRow {
-    /// The logits row.
-    pub row: usize,
-    /// The ids the top logits may be among are `0..n_valid` (the rest are suppressed).
-    pub n_valid: usize,
-    /// How many top logits to list.
-    pub top: usize,
-    /// The picked token.
-    pub token: u32,
-}
-
-/// The log-probability kernel's parameters for `rows` of `[n_rows, vocab]` logits:
-/// [`LOGPROB_ROW_WORDS`] words a row (the logits row, `n_valid`, the top count, the token).
-pub fn logprob_params(rows: &[LogprobRow], n_rows: usize, vocab: usize) -> Result<Vec<u32>> {
-    let mut words = Vec::with_capacity(rows.len() * LOGPROB_ROW_WORDS);
-    for r in rows {
-        if r.row >= n_rows
-            || r.n_valid > vocab
-            || r.token as usize >= vocab
-            || vocab > u32::MAX as usize
-        {
-            return Err(EngineError::Candle(candle_core::Error::Msg(format!(
-                "log-probabilities of token {} in row {} of {n_rows}, over {} of {vocab} ids",
-                r.token, r.row, r.n_valid
-            ))));
-        }
-        words.extend([r.row as u32, r.n_valid as u32, r.top.min(LOGPROB_MAX_TOP) as u32, r.token]);
-    }
-    Ok(words)
-}
-
-/// The kernel's answers ([`LOGPROB_OUT_WORDS`] words a row) as the sampler takes them.
-pub fn read_logprobs(words: &[u32]) -> Result<Vec<RawLogprobs>> {
+/// The log-probability kernel's answers ([`LOGPROB_OUT_WORDS`] words a row) as the sampler
+/// takes them.
+fn read_logprobs(words: &[u32]) -> Result<Vec<RawLogprobs>> {
     words
         .chunks(LOGPROB_OUT_WORDS)
         .map(|o| {
             let n = *o.get(4).unwrap_or(&u32::MAX) as usize;
             if o.len() != LOGPROB_OUT_WORDS || n > LOGPROB_MAX_TOP {
-                return Err(EngineError::Candle(candle_core::Error::Msg(format!(
+                return Err(invalid(format!(
                     "a log-probability answer of {} words listing {n}",
                     o.len()
-                ))));
+                )));
             }
             Ok(RawLogprobs {
                 max: f32::from_bits(o[0]),
@@ -159,8 +279,12 @@ pub struct RawLogprobs {
 mod tests {
     use super::*;
 
+    fn f(x: f32) -> u32 {
+        x.to_bits()
+    }
+
     #[test]
-    fn rows_then_penalties() {
+    fn greedy_rows_then_drawn_rows_then_penalties_then_logprob_rows() {
         let a = DeviceDraw {
             n_valid: 5,
             inv_temperature: 2.0,
@@ -169,51 +293,71 @@ mod tests {
             penalties: vec![(1, 0.25), (4, 1.0)],
         };
         let b = DeviceDraw { penalties: vec![(0, -1.0)], draw: 9, ..a.clone() };
-        let words = kernel_params(&[(2, &a), (0, &b)], 3, 6).unwrap();
-        let f = |x: f32| x.to_bits();
+        let rows = [
+            PickRow { row: 2, rule: PickRule::Draw(&a), logprobs: Some(3) },
+            PickRow { row: 1, rule: PickRule::Greedy { n_valid: 6 }, logprobs: None },
+            PickRow { row: 0, rule: PickRule::Draw(&b), logprobs: None },
+            PickRow { row: 3, rule: PickRule::Greedy { n_valid: 4 }, logprobs: Some(25) },
+        ];
+        let plan = PickPlan::new(&rows, 4, 6).unwrap();
+        assert_eq!((plan.n_greedy, plan.n_draw, plan.n_logprob), (2, 2, 2));
+        assert_eq!((plan.draw_offset, plan.logprob_offset), (4, 26));
         assert_eq!(
-            words,
+            plan.words,
             [
+                vec![1, 6, 3, 4],
                 vec![2, 5, f(2.0), f(0.5), 3, 7, 0, 2],
                 vec![0, 5, f(2.0), f(0.5), 0, 9, 2, 1],
                 vec![1, f(0.25), 4, f(1.0), 0, f(-1.0)],
+                // The first row's token is the first drawn one (2), the last row's the
+                // second greedy one (1).
+                vec![2, 5, 3, 2],
+                vec![3, 4, LOGPROB_MAX_TOP as u32, 1],
             ]
             .concat()
         );
-        assert!(kernel_params(&[(3, &a)], 3, 6).is_err(), "a row past the logits");
-        assert!(kernel_params(&[(0, &a)], 3, 4).is_err(), "n_valid past the row");
-        let far = DeviceDraw { penalties: vec![(6, 1.0)], ..a.clone() };
-        assert!(kernel_params(&[(0, &far)], 3, 6).is_err(), "a penalty past the row");
-        let big = DeviceDraw { draw: 1 << 53, ..a };
-        assert!(kernel_params(&[(0, &big)], 3, 6).is_err(), "a draw of more than 53 bits");
+        assert_eq!(plan.answer_words(), 4 + 2 * LOGPROB_OUT_WORDS);
+
+        // Greedy tokens 10 and 11, drawn 12 and none (the host's), then two answers.
+        let sum = 12.5f64.to_bits();
+        let mut answer = vec![10, 11, 12, ON_HOST];
+        let mut lp = vec![0u32; 2 * LOGPROB_OUT_WORDS];
+        lp[..7].copy_from_slice(&[f(3.0), f(2.0), (sum >> 32) as u32, sum as u32, 1, 7, f(3.0)]);
+        lp[LOGPROB_OUT_WORDS] = f(-1.0);
+        answer.extend(lp);
+        let picks = plan.read(&answer).unwrap();
+        let raw = RawLogprobs { max: 3.0, sum: 12.5, token_logit: 2.0, top: vec![(7, 3.0)] };
+        assert_eq!(picks[0], Some(Pick { token: 12, logprobs: Some(raw) }));
+        assert_eq!(picks[1], Some(Pick { token: 10, logprobs: None }));
+        assert_eq!(picks[2], None, "left to the host");
+        let last = picks[3].as_ref().unwrap();
+        assert_eq!((last.token, last.logprobs.as_ref().unwrap().max), (11, -1.0));
+        assert!(last.logprobs.as_ref().unwrap().top.is_empty());
+
+        assert!(plan.read(&answer[1..]).is_err(), "a short answer");
+        answer[4 + 4] = LOGPROB_MAX_TOP as u32 + 1;
+        assert!(plan.read(&answer).is_err(), "more top logits than there are words for");
     }
 
     #[test]
-    fn logprob_words_in_and_out() {
-        let row = LogprobRow { row: 1, n_valid: 5, top: 25, token: 4 };
-        assert_eq!(logprob_params(&[row], 2, 6).unwrap(), vec![1, 5, LOGPROB_MAX_TOP as u32, 4]);
-        assert!(logprob_params(&[LogprobRow { token: 6, ..row }], 2, 6).is_err());
-        assert!(logprob_params(&[LogprobRow { row: 2, ..row }], 2, 6).is_err());
-
-        let sum = 12.5f64.to_bits();
-        let mut words = vec![0u32; 2 * LOGPROB_OUT_WORDS];
-        words[..7].copy_from_slice(&[
-            3f32.to_bits(),
-            2f32.to_bits(),
-            (sum >> 32) as u32,
-            sum as u32,
-            1,
-            7,
-            3f32.to_bits(),
-        ]);
-        let raw = read_logprobs(&words).unwrap();
-        assert_eq!(
-            raw[0],
-            RawLogprobs { max: 3.0, sum: 12.5, token_logit: 2.0, top: vec![(7, 3.0)] }
-        );
-        assert!(raw[1].top.is_empty());
-        words[4] = LOGPROB_MAX_TOP as u32 + 1;
-        assert!(read_logprobs(&words).is_err(), "more top logits than there are words for");
-        assert!(read_logprobs(&words[..LOGPROB_OUT_WORDS - 1]).is_err(), "a short answer");
+    fn picks_that_do_not_fit_the_logits_are_errors() {
+        let a = DeviceDraw {
+            n_valid: 5,
+            inv_temperature: 1.0,
+            top_p: 1.0,
+            draw: 1,
+            penalties: vec![(1, 0.25)],
+        };
+        let draw = |row, d| PickRow { row, rule: PickRule::Draw(d), logprobs: None };
+        assert!(PickPlan::new(&[draw(3, &a)], 3, 6).is_err(), "a row past the logits");
+        assert!(PickPlan::new(&[draw(0, &a)], 3, 4).is_err(), "n_valid past the row");
+        let far = DeviceDraw { penalties: vec![(6, 1.0)], ..a.clone() };
+        assert!(PickPlan::new(&[draw(0, &far)], 3, 6).is_err(), "a penalty past the row");
+        let big = DeviceDraw { draw: 1 << 53, ..a.clone() };
+        assert!(PickPlan::new(&[draw(0, &big)], 3, 6).is_err(), "a draw of more than 53 bits");
+        let greedy = PickRow { row: 0, rule: PickRule::Greedy { n_valid: 7 }, logprobs: None };
+        assert!(PickPlan::new(&[greedy], 3, 6).is_err(), "a greedy prefix past the row");
+        let empty = PickPlan::new(&[], 3, 6).unwrap();
+        assert_eq!((empty.words.len(), empty.answer_words()), (0, 0));
     }
 }

@@ -725,8 +725,8 @@ impl Engine {
                 };
             }
         }
-        // From a GPU: the tokens of the rows it picks, and the other sampled rows in one
-        // transfer.
+        // From a GPU: the tokens (and logprobs) of the rows it picks in one read, and the
+        // other sampled rows in one more transfer.
         let logits = StepLogits::read(&out.logits, &needs)?;
         let rows = sample_row.iter().flatten();
         let on_device = rows.clone().filter(|&&r| matches!(logits.row(r), RowChoice::Picked(..)));

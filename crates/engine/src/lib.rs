@@ -3,8 +3,6 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
-pub mod cuda_greedy;
-#[cfg(feature = "cuda")]
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda_layer_ops;

@@ -326,9 +326,10 @@ impl Sampler {
     }
 
     /// Where this sampler's choice over a `vocab`-wide logits row is nothing but the argmax of
-    /// the row's first `n` raw logits (greedy, no penalties, no logprobs, and the suppressed ids
-    /// among the row's exactly the ids from `n` on), that `n`. Such a row can be decided where
-    /// the logits are (a GPU argmax, `cuda_greedy`) and only the token read back: see
+    /// the row's first `n` raw logits (greedy, no penalties, and the suppressed ids among the
+    /// row's exactly the ids from `n` on), that `n`; its logprobs, where it reports them, come
+    /// from [`RawLogprobs`]. Such a row can be decided where
+    /// the logits are (a GPU argmax, `cuda_sampling`) and only the token read back: see
     /// [`Sampler::take_picked`]. The device's pick must follow [`Sampler::sample`]'s rules
     /// (ties to the lowest id, `-inf` never chosen) and leave rows `sample` would reject with an
     /// error to `sample`.

@@ -6,13 +6,15 @@
 //! ([`crate::sampling::Sampler::greedy_prefix`]) is decided on the device and only its token id
 //! read back, and so is any other row the device can pick from
 //! ([`crate::sampling::Sampler::device_draw`]), with what its log-probabilities are made from
-//! where it reports them; the rows left to the host are gathered and copied in one transfer;
+//! where it reports them, all of them in one read of one answer (so that the step waits for the
+//! GPU once); the rows left to the host are gathered and copied in one more transfer;
 //! rows nothing samples from (prompt chunks that do not reach the end of their prompt) are not
 //! copied at all.
 //! On the CPU the logits are already in memory: they are read as they are.
 
 use candle_core::Tensor;
 
+use crate::device_draw::{Pick, PickRow, PickRule};
 use crate::error::{EngineError, Result};
 use crate::sampling::{DeviceDraw, RawLogprobs};
 
@@ -43,14 +45,17 @@ pub(crate) enum RowNeed {
 }
 
 impl RowNeed {
-    /// The ids a device pick chooses among (`0..n`) and the log-probabilities it reports.
+    /// The row as the device picks it, where it does (a GPU's `cuda_sampling::pick_rows`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn device_logprobs(&self) -> Option<(usize, Option<usize>)> {
-        match self {
-            RowNeed::Greedy { n_valid, logprobs } => Some((*n_valid, *logprobs)),
-            RowNeed::Draw { draw, logprobs } => Some((draw.n_valid, *logprobs)),
-            RowNeed::Unused | RowNeed::Host => None,
-        }
+    fn pick(&self, row: usize) -> Option<PickRow<'_>> {
+        let (rule, logprobs) = match self {
+            RowNeed::Greedy { n_valid, logprobs } => {
+                (PickRule::Greedy { n_valid: *n_valid }, *logprobs)
+            }
+            RowNeed::Draw { draw, logprobs } => (PickRule::Draw(draw), *logprobs),
+            RowNeed::Unused | RowNeed::Host => return None,
+        };
+        Some(PickRow { row, rule, logprobs })
     }
 }
 
@@ -65,12 +70,12 @@ pub(crate) enum RowChoice<'a> {
 }
 
 /// Where a sampled row's answer is.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum RowSource {
     /// The row starts at this offset in `host`.
     Host(usize),
-    /// The device's pick, and the index of its log-probabilities in `raw`.
-    Picked(u32, Option<usize>),
+    /// The device's pick.
+    Picked(Pick),
 }
 
 /// A step's logits as the samplers read them.
@@ -80,8 +85,6 @@ pub(crate) struct StepLogits {
     host: Vec<f32>,
     /// Per logits row; `None` for unused rows.
     rows: Vec<Option<RowSource>>,
-    /// The picked rows' log-probabilities, computed on the device.
-    raw: Vec<RawLogprobs>,
 }
 
 impl StepLogits {
@@ -94,15 +97,15 @@ impl StepLogits {
                 needs.len()
             ))));
         }
-        let (picked, raw) = device_picks(logits, needs)?;
+        let mut picked = device_picks(logits, needs)?.into_iter();
         let mut rows = vec![None; n_rows];
         let mut host_rows = Vec::new();
         for (row, need) in needs.iter().enumerate() {
             if matches!(need, RowNeed::Unused) {
                 continue;
             }
-            match picked.get(row).copied().flatten() {
-                Some((token, at)) => rows[row] = Some(RowSource::Picked(token, at)),
+            match picked.next().flatten() {
+                Some(pick) => rows[row] = Some(RowSource::Picked(pick)),
                 None => host_rows.push(row as u32),
             }
         }
@@ -120,100 +123,42 @@ impl StepLogits {
             let index = Tensor::new(host_rows.as_slice(), logits.device())?;
             logits.index_select(&index, 0)?.flatten_all()?.to_vec1::<f32>()?
         };
-        Ok(StepLogits { vocab, host, rows, raw })
+        Ok(StepLogits { vocab, host, rows })
     }
 
     /// Row `row`'s answer. A row read as [`RowNeed::Unused`] has no logits (an empty row,
     /// which the sampler rejects as such).
     pub(crate) fn row(&self, row: usize) -> RowChoice<'_> {
-        match self.rows.get(row).copied().flatten() {
-            Some(RowSource::Picked(token, at)) => {
-                RowChoice::Picked(token, at.and_then(|i| self.raw.get(i)))
-            }
-            Some(RowSource::Host(at)) => RowChoice::Logits(&self.host[at..at + self.vocab]),
+        match self.rows.get(row).and_then(Option::as_ref) {
+            Some(RowSource::Picked(pick)) => RowChoice::Picked(pick.token, pick.logprobs.as_ref()),
+            Some(&RowSource::Host(at)) => RowChoice::Logits(&self.host[at..at + self.vocab]),
             None => RowChoice::Logits(&[]),
         }
     }
 }
 
-/// Per row, the device's pick where it made one, on a GPU (the greedy rows that ask for the most
-/// common greedy prefix, and the drawn rows), with the index of its log-probabilities in the
-/// second vector where it reports them. Empty where no row is picked on the device.
+/// Per row that is not [`RowNeed::Unused`], in order, the device's pick where it made one, on
+/// a GPU: one launch sequence and one read for every row ([`RowNeed::pick`]). Empty where no
+/// row is picked on the device.
 #[cfg(feature = "cuda")]
-fn device_picks(logits: &Tensor, needs: &[RowNeed]) -> Result<(Vec<Picked>, Vec<RawLogprobs>)> {
-    use crate::device_draw::LogprobRow;
-    use crate::{cuda_greedy, cuda_sampling};
-    if !cuda_sampling::supports(logits) {
-        return Ok((Vec::new(), Vec::new()));
+fn device_picks(logits: &Tensor, needs: &[RowNeed]) -> Result<Vec<Option<Pick>>> {
+    if !crate::cuda_sampling::supports(logits) {
+        return Ok(Vec::new());
     }
-    let mut picked: Vec<Option<u32>> = vec![None; needs.len()];
-    // Every sequence of an engine suppresses the same ids, so one prefix is the rule; a row
-    // that asks for another is sampled on the host.
-    if let Some(n) = most_common_prefix(needs) {
-        let tokens = cuda_greedy::argmax_rows(logits, n)?;
-        for ((pick, need), t) in picked.iter_mut().zip(needs).zip(tokens) {
-            if matches!(need, RowNeed::Greedy { n_valid, .. } if *n_valid == n)
-                && t != cuda_greedy::ON_HOST
-            {
-                *pick = Some(t);
-            }
-        }
+    let used = needs.iter().enumerate().filter(|(_, n)| !matches!(n, RowNeed::Unused));
+    let (slots, rows): (Vec<usize>, Vec<PickRow>) =
+        used.clone().enumerate().filter_map(|(k, (row, n))| Some((k, n.pick(row)?))).unzip();
+    let mut answers = crate::cuda_sampling::pick_rows(logits, &rows)?.into_iter();
+    let mut picks = vec![None; used.count()];
+    for slot in slots {
+        picks[slot] = answers.next().flatten();
     }
-    let draws: Vec<(usize, &DeviceDraw)> = needs
-        .iter()
-        .enumerate()
-        .filter_map(|(row, need)| match need {
-            RowNeed::Draw { draw, .. } => Some((row, draw)),
-            _ => None,
-        })
-        .collect();
-    let tokens = cuda_sampling::sample_rows(logits, &draws)?;
-    for ((row, _), t) in draws.into_iter().zip(tokens) {
-        if t != cuda_sampling::ON_HOST {
-            picked[row] = Some(t);
-        }
-    }
-    // The log-probabilities of the picked rows that report them, in one more launch.
-    let mut wanted = Vec::new();
-    for (row, (pick, need)) in picked.iter().zip(needs).enumerate() {
-        if let (Some(token), Some((n_valid, Some(top)))) = (*pick, need.device_logprobs()) {
-            wanted.push(LogprobRow { row, n_valid, top, token });
-        }
-    }
-    let raw = cuda_sampling::logprob_rows(logits, &wanted)?;
-    let mut at = wanted.iter().map(|w| w.row).zip(0..).peekable();
-    let picked = picked
-        .into_iter()
-        .enumerate()
-        .map(|(row, pick)| {
-            let raw = at.next_if(|&(r, _)| r == row).map(|(_, i)| i);
-            pick.map(|t| (t, raw))
-        })
-        .collect();
-    Ok((picked, raw))
+    Ok(picks)
 }
-
-/// A row's pick on the device and where its log-probabilities are.
-type Picked = Option<(u32, Option<usize>)>;
 
 #[cfg(not(feature = "cuda"))]
-fn device_picks(_: &Tensor, _: &[RowNeed]) -> Result<(Vec<Picked>, Vec<RawLogprobs>)> {
-    Ok((Vec::new(), Vec::new()))
-}
-
-/// The greedy prefix most rows ask for (the smallest among equally common ones), if any.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn most_common_prefix(needs: &[RowNeed]) -> Option<usize> {
-    let mut counts: Vec<(usize, usize)> = Vec::new();
-    for need in needs {
-        if let RowNeed::Greedy { n_valid: n, .. } = *need {
-            match counts.iter_mut().find(|(m, _)| *m == n) {
-                Some((_, c)) => *c += 1,
-                None => counts.push((n, 1)),
-            }
-        }
-    }
-    counts.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(n, _)| n)
+fn device_picks(_: &Tensor, _: &[RowNeed]) -> Result<Vec<Option<Pick>>> {
+    Ok(Vec::new())
 }
 
 #[cfg(test)]
@@ -246,12 +191,21 @@ mod tests {
     }
 
     #[test]
-    fn the_prefix_most_rows_ask_for() {
-        use RowNeed::*;
-        let greedy = |n_valid| Greedy { n_valid, logprobs: None };
-        assert_eq!(most_common_prefix(&[Host, Unused]), None);
-        assert_eq!(most_common_prefix(&[greedy(7), Host, greedy(5), greedy(5)]), Some(5));
-        let with_logprobs = Greedy { n_valid: 7, logprobs: Some(0) };
-        assert_eq!(most_common_prefix(&[with_logprobs, greedy(7), greedy(5)]), Some(7));
+    fn greedy_and_drawn_rows_are_picked_on_the_device_as_they_ask() {
+        let draw = DeviceDraw {
+            n_valid: 7,
+            inv_temperature: 2.0,
+            top_p: 0.5,
+            draw: 3,
+            penalties: vec![(1, 0.5)],
+        };
+        assert_eq!(RowNeed::Unused.pick(0), None);
+        assert_eq!(RowNeed::Host.pick(0), None);
+        let greedy = RowNeed::Greedy { n_valid: 5, logprobs: Some(2) };
+        let want = PickRow { row: 3, rule: PickRule::Greedy { n_valid: 5 }, logprobs: Some(2) };
+        assert_eq!(greedy.pick(3), Some(want));
+        let drawn = RowNeed::Draw { draw: draw.clone(), logprobs: None };
+        let want = PickRow { row: 1, rule: PickRule::Draw(&draw), logprobs: None };
+        assert_eq!(drawn.pick(1), Some(want));
     }
 }

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, D};
 use phi_engine::decode_split::decode_splits;
-use phi_engine::device_draw::{kernel_params, logprob_params, read_logprobs};
+use phi_engine::device_draw::{Pick, PickPlan, PickRow};
 use phi_engine::kv_pool::{slot_offset, BLOCK_SIZE};
 
 /// A small deterministic generator (no seeded-RNG crate needed for test data).
@@ -603,6 +603,36 @@ fn read_u32(path: &Path) -> Vec<u32> {
     bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
+/// The answers for `rows` of `logits` (rows of `vocab`) from the harness, which launches the
+/// pick kernels as `cuda_sampling::pick_rows` does, in blocks of `threads`: the same plan, the
+/// same words, the same answer read the same way.
+fn run_picks(
+    harness: &Path,
+    name: &str,
+    logits: &[f32],
+    vocab: usize,
+    rows: &[PickRow],
+    threads: usize,
+) -> Vec<Option<Pick>> {
+    let n_rows = logits.len() / vocab;
+    let plan = PickPlan::new(rows, n_rows, vocab).unwrap();
+    let dir = scratch(name);
+    let meta = format!(
+        "{} {} {} {} {} {} {vocab} {threads} {n_rows}\n",
+        plan.n_greedy,
+        plan.n_draw,
+        plan.n_logprob,
+        plan.draw_offset,
+        plan.logprob_offset,
+        plan.words.len()
+    );
+    std::fs::write(dir.join("meta.txt"), meta).unwrap();
+    write_f32(&dir.join("logits.f32"), logits);
+    write_u32(&dir.join("params.u32"), &plan.words);
+    run_harness(harness, "pick", &dir, Elem::F32, name);
+    plan.read(&read_u32(&dir.join("answer.u32"))).unwrap()
+}
+
 #[test]
 fn greedy_kernel_picks_what_the_host_sampler_picks() {
     let Some(harness) = harness() else { return };
@@ -617,11 +647,9 @@ fn greedy_kernel_picks_what_the_host_sampler_picks() {
     ];
     for (i, (name, n, vocab, n_valid, threads)) in cases.into_iter().enumerate() {
         let logits = greedy_cases::rows(i as u64, n, vocab, n_valid);
-        let dir = scratch(name);
-        std::fs::write(dir.join("meta.txt"), format!("{n} {vocab} {n_valid} {threads}\n")).unwrap();
-        write_f32(&dir.join("logits.f32"), &logits);
-        run_harness(&harness, "greedy", &dir, Elem::F32, name);
-        greedy_cases::check(name, &logits, vocab, n_valid, &read_u32(&dir.join("tokens.u32")));
+        let picks = greedy_cases::picks(n, n_valid);
+        let answers = run_picks(&harness, name, &logits, vocab, &picks, threads);
+        greedy_cases::check(name, &logits, vocab, n_valid, &greedy_cases::tokens(&answers));
     }
 }
 
@@ -641,35 +669,24 @@ fn sampling_kernel_draws_what_the_host_sampler_draws() {
     ];
     for (i, (name, n, vocab, n_valid, threads)) in cases.into_iter().enumerate() {
         let case = sample_cases::Case::new(i as u64 + 1, n, vocab, n_valid);
-        let params = kernel_params(&case.draws(), n, vocab).unwrap();
-        let dir = scratch(name);
-        let meta = format!("{n} {vocab} {} {threads} {n}\n", params.len());
-        std::fs::write(dir.join("meta.txt"), meta).unwrap();
-        write_f32(&dir.join("logits.f32"), &case.logits);
-        write_u32(&dir.join("params.u32"), &params);
-        run_harness(&harness, "sample", &dir, Elem::F32, name);
-        case.check(name, &read_u32(&dir.join("tokens.u32")));
+        let answers = run_picks(&harness, name, &case.logits, vocab, &case.picks(), threads);
+        case.check(name, &answers);
     }
 }
 
 #[test]
-fn logprob_kernel_gives_the_host_samplers_logprobs() {
+fn logprob_kernel_gives_the_host_samplers_logprobs_after_either_pick() {
     let Some(harness) = harness() else { return };
-    // (name, rows, vocab, n_valid, block width)
+    // (name, rows, vocab, n_valid, block width): every row kind with every logprobs kind.
     let cases = [
-        ("logprob_small", 20, 300, 300, 64),
-        ("logprob_tail", 20, 301, 250, 96),
-        ("logprob_narrow_row", 20, 20, 17, 64),
-        ("logprob_phi3", 20, 32064, 32011, 1024),
+        ("logprob_small", 30, 300, 300, 64),
+        ("logprob_tail", 30, 301, 250, 96),
+        ("logprob_narrow_row", 30, 20, 17, 64),
+        ("logprob_phi3", 30, 32064, 32011, 1024),
     ];
     for (i, (name, n, vocab, n_valid, threads)) in cases.into_iter().enumerate() {
         let case = sample_cases::LogprobCase::new(i as u64 + 1, n, vocab, n_valid);
-        let params = logprob_params(&case.rows, n, vocab).unwrap();
-        let dir = scratch(name);
-        std::fs::write(dir.join("meta.txt"), format!("{n} {vocab} {threads} {n}\n")).unwrap();
-        write_f32(&dir.join("logits.f32"), &case.logits);
-        write_u32(&dir.join("params.u32"), &params);
-        run_harness(&harness, "logprob", &dir, Elem::F32, name);
-        case.check(name, &read_logprobs(&read_u32(&dir.join("out.u32"))).unwrap());
+        let answers = run_picks(&harness, name, &case.logits, vocab, &case.picks(), threads);
+        case.check(name, &answers);
     }
 }

@@ -33,9 +33,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use phi_engine::checkpoint::ModelSource;
-use phi_engine::cuda_greedy::argmax_rows;
 use phi_engine::cuda_paged::{BatchSlots, DecodeSeq};
-use phi_engine::cuda_sampling::{logprob_rows, sample_rows};
+use phi_engine::cuda_sampling::pick_rows;
 use phi_engine::engine::{Engine, GenerateOptions, LoadOptions, Sequence};
 use phi_engine::gguf::GgufFile;
 use phi_engine::kv_pool::{KvPool, PoolGeometry, BLOCK_SIZE};
@@ -543,7 +542,8 @@ fn greedy_argmax_on_cuda_picks_what_the_host_sampler_picks() {
         let name = format!("greedy_cuda_{n}x{vocab}");
         let logits = greedy_cases::rows(100 + i as u64, n, vocab, n_valid);
         let t = Tensor::from_slice(&logits, (n, vocab), &dev).unwrap();
-        greedy_cases::check(&name, &logits, vocab, n_valid, &argmax_rows(&t, n_valid).unwrap());
+        let picks = greedy_cases::tokens(&pick_rows(&t, &greedy_cases::picks(n, n_valid)).unwrap());
+        greedy_cases::check(&name, &logits, vocab, n_valid, &picks);
         // A view of every other row (not contiguous): the launcher copies it first.
         let every_other = Tensor::from_slice(&logits, (n / 2, 2 * vocab), &dev)
             .unwrap()
@@ -555,7 +555,9 @@ fn greedy_argmax_on_cuda_picks_what_the_host_sampler_picks() {
             &even,
             vocab,
             n_valid,
-            &argmax_rows(&every_other, n_valid).unwrap(),
+            &greedy_cases::tokens(
+                &pick_rows(&every_other, &greedy_cases::picks(n / 2, n_valid)).unwrap(),
+            ),
         );
     }
 }
@@ -580,22 +582,24 @@ fn sampling_kernel_on_cuda_draws_what_the_host_sampler_draws() {
         let name = format!("sample_cuda_{n}x{vocab}");
         let case = sample_cases::Case::new(200 + i as u64, n, vocab, n_valid);
         let t = Tensor::from_slice(&case.logits, (n, vocab), &dev).unwrap();
-        case.check(&name, &sample_rows(&t, &case.draws()).unwrap());
+        case.check(&name, &pick_rows(&t, &case.picks()).unwrap());
     }
 }
 
 #[test]
-fn logprob_kernel_on_cuda_gives_the_host_samplers_logprobs() {
-    let Some(dev) = gpu("logprob_kernel_on_cuda_gives_the_host_samplers_logprobs") else {
+fn logprob_kernel_on_cuda_gives_the_host_samplers_logprobs_after_either_pick() {
+    let Some(dev) =
+        gpu("logprob_kernel_on_cuda_gives_the_host_samplers_logprobs_after_either_pick")
+    else {
         return;
     };
     for (i, (n, vocab, n_valid)) in
-        [(20, 300, 300), (20, 301, 250), (20, 20, 17), (40, 32064, 32011)].into_iter().enumerate()
+        [(30, 300, 300), (30, 301, 250), (30, 20, 17), (60, 32064, 32011)].into_iter().enumerate()
     {
         let name = format!("logprob_cuda_{n}x{vocab}");
         let case = sample_cases::LogprobCase::new(300 + i as u64, n, vocab, n_valid);
         let t = Tensor::from_slice(&case.logits, (n, vocab), &dev).unwrap();
-        case.check(&name, &logprob_rows(&t, &case.rows).unwrap());
+        case.check(&name, &pick_rows(&t, &case.picks()).unwrap());
     }
 }
 

@@ -18,14 +18,12 @@
 //   norm   meta "n_rows n_cols eps"; x.f32, delta.f32, weight.f32: rms_norm_* of x into
 //          out.f32, add_rms_norm_* of x + delta into sum.f32 and add_out.f32.
 //   silu   meta "n_rows n_cols"; gate_up.f32 (`[n_rows, 2 * n_cols]`): silu_mul_* into out.f32.
-//   greedy meta "n_rows vocab n_valid threads" (element type f32 only); logits.f32:
-//          greedy_argmax_f32 in blocks of `threads` into tokens.u32.
-//   sample meta "n_draws vocab n_words threads n_rows" (element type f32 only); logits.f32 and the
-//          parameters params.u32 (device_draw.rs: kernel_params) for `n_rows` logits rows: sample_rows_f32 in blocks of
-//          `threads` into tokens.u32, over a scratch filled with NaN (a read of scratch the
-//          kernel did not write first shows).
-//   logprob meta "n_picked vocab threads n_rows" (f32 only); logits.f32 and params.u32
-//          (device_draw.rs: logprob_params): logprob_rows_f32 into out.u32.
+//   pick   meta "n_greedy n_draw n_logprob draw_offset logprob_offset n_words vocab threads
+//          n_rows" (element type f32 only; device_draw.rs: PickPlan); logits.f32 (`n_rows`
+//          rows) and the plan's words params.u32: greedy_argmax_f32, sample_rows_f32 and
+//          logprob_rows_f32 in blocks of `threads`, into one zeroed answer as cuda_sampling.rs
+//          launches them, over a sampling scratch filled with NaN (a read of scratch the kernel
+//          did not write first shows): answer.u32.
 #include <cstdio>
 #include <algorithm>
 #include <cmath>
@@ -214,46 +212,31 @@ template <typename T> static void silu(const std::string &dir, const Kernels<T> 
   write(dir + "/out.f32", widen(out));
 }
 
-static void greedy(const std::string &dir) {
-  unsigned n, vocab, n_valid, threads;
+static void pick(const std::string &dir) {
+  unsigned n_greedy, n_draw, n_logprob, draw_offset, logprob_offset, words, vocab, threads,
+      logit_rows;
   FILE *m = meta(dir);
-  if (std::fscanf(m, "%u %u %u %u", &n, &vocab, &n_valid, &threads) != 4) std::exit(1);
-  std::fclose(m);
-  auto logits = read<float>(dir + "/logits.f32", (size_t)n * vocab);
-  // Filled with a value the kernel never writes: a row it skipped shows.
-  std::vector<uint32_t> tokens(n, 0xfffffffeu);
-  emu::launch(dim3{n, 1, 1}, threads, greedy_argmax_f32, (const float *)logits.data(), vocab,
-              n_valid, tokens.data());
-  write_u32(dir + "/tokens.u32", tokens);
-}
-
-static void sample(const std::string &dir) {
-  unsigned n, vocab, words, threads, logit_rows;
-  FILE *m = meta(dir);
-  if (std::fscanf(m, "%u %u %u %u %u", &n, &vocab, &words, &threads, &logit_rows) != 5)
+  if (std::fscanf(m, "%u %u %u %u %u %u %u %u %u", &n_greedy, &n_draw, &n_logprob, &draw_offset,
+                  &logprob_offset, &words, &vocab, &threads, &logit_rows) != 9)
     std::exit(1);
   std::fclose(m);
   auto logits = read<float>(dir + "/logits.f32", (size_t)logit_rows * vocab);
   auto params = read<uint32_t>(dir + "/params.u32", words);
-  std::vector<float> work((size_t)n * vocab, NAN);
-  std::vector<uint32_t> tokens(n, 0xfffffffeu);
-  emu::launch(dim3{n, 1, 1}, threads, sample_rows_f32, (const float *)logits.data(), vocab,
-              (const uint32_t *)params.data(), work.data(), tokens.data());
-  write_u32(dir + "/tokens.u32", tokens);
-}
-
-static void logprob(const std::string &dir) {
-  unsigned n, vocab, threads, logit_rows;
-  FILE *m = meta(dir);
-  if (std::fscanf(m, "%u %u %u %u", &n, &vocab, &threads, &logit_rows) != 4) std::exit(1);
-  std::fclose(m);
-  auto logits = read<float>(dir + "/logits.f32", (size_t)logit_rows * vocab);
-  auto params = read<uint32_t>(dir + "/params.u32", (size_t)n * PHI_LOGPROB_ROW_WORDS);
-  // Zeroed as the launcher zeroes it.
-  std::vector<uint32_t> out((size_t)n * PHI_LOGPROB_OUT_WORDS, 0u);
-  emu::launch(dim3{n, 1, 1}, threads, logprob_rows_f32, (const float *)logits.data(), vocab,
-              (const uint32_t *)params.data(), out.data());
-  write_u32(dir + "/out.u32", out);
+  const unsigned n_picks = n_greedy + n_draw;
+  std::vector<uint32_t> answer(n_picks + (size_t)n_logprob * PHI_LOGPROB_OUT_WORDS, 0u);
+  if (n_greedy > 0)
+    emu::launch(dim3{n_greedy, 1, 1}, threads, greedy_argmax_f32, (const float *)logits.data(),
+                vocab, (const uint32_t *)params.data(), answer.data());
+  if (n_draw > 0) {
+    std::vector<float> work((size_t)n_draw * vocab, NAN);
+    emu::launch(dim3{n_draw, 1, 1}, threads, sample_rows_f32, (const float *)logits.data(), vocab,
+                (const uint32_t *)params.data() + draw_offset, work.data(),
+                answer.data() + n_greedy);
+  }
+  if (n_logprob > 0)
+    emu::launch(dim3{n_logprob, 1, 1}, threads, logprob_rows_f32, (const float *)logits.data(),
+                vocab, (const uint32_t *)params.data() + logprob_offset, answer.data(), n_picks);
+  write_u32(dir + "/answer.u32", answer);
 }
 
 template <typename T> static int run(const std::string &op, const std::string &dir,
@@ -275,19 +258,9 @@ template <typename T> static int run(const std::string &op, const std::string &d
 int main(int argc, char **argv) {
   if (argc != 4) return 2;
   std::string op = argv[1], dir = argv[2], dtype = argv[3];
-  if (op == "greedy") {
+  if (op == "pick") {
     if (dtype != "f32") return 2;
-    greedy(dir);
-    return 0;
-  }
-  if (op == "sample") {
-    if (dtype != "f32") return 2;
-    sample(dir);
-    return 0;
-  }
-  if (op == "logprob") {
-    if (dtype != "f32") return 2;
-    logprob(dir);
+    pick(dir);
     return 0;
   }
   if (dtype == "f32") return run<float>(op, dir, Kernels<float> PHI_KERNEL_SET(f32));

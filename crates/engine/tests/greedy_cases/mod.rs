@@ -2,10 +2,26 @@
 //! against the host sampler, shared by `cuda_kernels_emulated.rs` (the kernel on the CPU) and
 //! `cuda_parity.rs` (the kernel on a GPU).
 
+use phi_engine::device_draw::{Pick, PickRow, PickRule};
 use phi_engine::sampling::{Sampler, SamplingParams};
 
-/// The kernel's answer for a row the host samples itself (`cuda_greedy::ON_HOST`).
+/// The kernel's answer for a row the host samples itself (`device_draw::ON_HOST`).
 pub const ON_HOST: u32 = u32::MAX;
+
+/// The picks of `n_rows` greedy rows over the ids below `n_valid`, in reverse order of their
+/// rows (the `k`th answer is for row `n_rows - 1 - k`).
+pub fn picks(n_rows: usize, n_valid: usize) -> Vec<PickRow<'static>> {
+    (0..n_rows)
+        .rev()
+        .map(|row| PickRow { row, rule: PickRule::Greedy { n_valid }, logprobs: None })
+        .collect()
+}
+
+/// The tokens of `answers` in row order (`answers` being for [`picks`]), [`ON_HOST`] where the
+/// device left a row to the host.
+pub fn tokens(answers: &[Option<Pick>]) -> Vec<u32> {
+    answers.iter().rev().map(|a| a.as_ref().map_or(ON_HOST, |p| p.token)).collect()
+}
 
 /// A small deterministic generator (xorshift64*), also `sample_cases`'.
 pub struct Rng(pub u64);

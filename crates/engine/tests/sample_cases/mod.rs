@@ -4,10 +4,10 @@
 //! and `cuda_parity.rs` (the kernels on a GPU).
 
 use crate::greedy_cases::Rng;
-use phi_engine::device_draw::LogprobRow;
-use phi_engine::sampling::{DeviceDraw, RawLogprobs, SampledToken, Sampler, SamplingParams};
+use phi_engine::device_draw::{Pick, PickRow, PickRule};
+use phi_engine::sampling::{DeviceDraw, SampledToken, Sampler, SamplingParams};
 
-/// The kernel's answer for a row the host samples itself (`cuda_sampling::ON_HOST`).
+/// The kernel's answer for a row the host samples itself (`device_draw::ON_HOST`).
 pub const ON_HOST: u32 = u32::MAX;
 
 /// The most tokens the kernel sorts for a nucleus (`PHI_SAMPLE_MAX_CANDIDATES`).
@@ -112,21 +112,24 @@ impl Case {
         Case { vocab, n_valid, logits, samplers, generated, draws }
     }
 
-    /// The rows' draws for the kernel, in reverse order of their rows (the kernel's `k`th
-    /// token is for the `k`th of these).
-    pub fn draws(&self) -> Vec<(usize, &DeviceDraw)> {
-        self.draws.iter().enumerate().rev().collect()
+    /// The rows' picks, in reverse order of their rows (the kernel's `k`th token is for the
+    /// `k`th of these).
+    pub fn picks(&self) -> Vec<PickRow<'_>> {
+        let rows = self.draws.iter().enumerate().rev();
+        rows.map(|(row, d)| PickRow { row, rule: PickRule::Draw(d), logprobs: None }).collect()
     }
 
-    /// Checks the kernel's `tokens` for [`Case::draws`]: each row's is the token the host
-    /// sampler draws with the same draw, or [`ON_HOST`] exactly where the host reports an
+    /// Checks the kernels' `answers` for [`Case::picks`]: each row's is the token the host
+    /// sampler draws with the same draw, or left to the host exactly where the host reports an
     /// error and where a flat row's nucleus (all of its tied tokens) has more tokens than the
     /// kernel sorts.
-    pub fn check(&self, name: &str, tokens: &[u32]) {
-        let order = self.draws();
-        assert_eq!(tokens.len(), order.len(), "{name}: one token a row");
+    pub fn check(&self, name: &str, answers: &[Option<Pick>]) {
+        let order = self.picks();
+        assert_eq!(answers.len(), order.len(), "{name}: one answer a row");
         let (mut errors, mut distinct) = (0, std::collections::HashSet::new());
-        for (&(r, _), &token) in order.iter().zip(tokens) {
+        for (pick, answer) in order.iter().zip(answers) {
+            let (r, token) = (pick.row, answer.as_ref().map_or(ON_HOST, |a| a.token));
+            assert!(answer.as_ref().is_none_or(|a| a.logprobs.is_none()), "{name}: row {r}");
             let row = &self.logits[r * self.vocab..(r + 1) * self.vocab];
             let too_flat = r % 8 == 7 && (r / 8).is_multiple_of(2) && self.n_valid > MAX_CANDIDATES;
             match self.samplers[r].clone().sample(row, &self.generated[r]) {
@@ -148,32 +151,35 @@ impl Case {
     }
 }
 
-/// Rows whose token was picked, for the log-probability kernel: the host sampler's answers with
-/// logprobs on, and the rows as the kernel takes them.
+/// Rows that report log-probabilities, for the log-probability kernel after the greedy and
+/// sampling kernels: the host sampler's answers, and the rows as the kernels take them.
 pub struct LogprobCase {
+    vocab: usize,
     /// `[rows, vocab]`.
     pub logits: Vec<f32>,
-    /// Per row, as it was before sampling.
+    /// Per row, as it was before sampling (a sampled row's with its draw taken).
     samplers: Vec<Sampler>,
-    /// Per row, the host's answer.
-    answers: Vec<SampledToken>,
-    /// Per row, with the host's token.
-    pub rows: Vec<LogprobRow>,
+    /// Per row, the host's answer (`None` where it reports an error).
+    answers: Vec<Option<SampledToken>>,
+    /// Per sampled row, its draw.
+    draws: Vec<Option<DeviceDraw>>,
+    n_valid: usize,
 }
 
 impl LogprobCase {
-    /// `n_rows` rows of `vocab` logits, the ids from `n_valid` on suppressed: by row modulo 4,
+    /// `n_rows` rows of `vocab` logits, the ids from `n_valid` on suppressed: by row modulo 5,
     /// random values, ties at the top, the largest value among the suppressed ids with `-inf`
-    /// among the others, and fewer finite logits than the top asked for; greedy with 0, 1, 5 and
-    /// 20 top logprobs, and sampled with 3.
+    /// among the others, fewer finite logits than the top asked for, and a NaN the host
+    /// reports; then by `(row / 5) % 6`, greedy with 0, 1, 5 and 20 top logprobs, sampled with
+    /// 3, and sampled without logprobs.
     pub fn new(seed: u64, n_rows: usize, vocab: usize, n_valid: usize) -> LogprobCase {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-        let (mut logits, mut samplers, mut answers, mut rows) =
+        let (mut logits, mut samplers, mut answers, mut draws) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let tail = vocab - n_valid;
         for r in 0..n_rows {
             let mut row: Vec<f32> = (0..vocab).map(|_| rng.logit()).collect();
-            match r % 4 {
+            match r % 5 {
                 0 => {}
                 1 => {
                     for _ in 0..6 {
@@ -189,57 +195,83 @@ impl LogprobCase {
                     }
                     row[rng.below(n_valid)] = 5.0;
                 }
-                _ => {
+                3 => {
                     row[..n_valid].fill(f32::NEG_INFINITY);
                     for _ in 0..3 {
                         row[rng.below(n_valid)] = rng.logit();
                     }
                 }
+                _ => row[rng.below(n_valid)] = f32::NAN,
             }
-            let top = [None, Some(1), Some(5), Some(20), Some(3)][(r / 4) % 5];
-            let temperature = if (r / 4) % 5 == 4 { 0.9 } else { 0.0 };
+            let kind = (r / 5) % 6;
+            let top = [None, Some(1), Some(5), Some(20), Some(3), None][kind];
             let params = SamplingParams {
-                temperature,
+                temperature: if kind >= 4 { 0.9 } else { 0.0 },
                 top_p: 0.9,
-                logprobs: true,
+                logprobs: kind != 5,
                 top_logprobs: top,
                 seed: Some(seed as i64 + r as i64),
                 ..Default::default()
             };
-            let sampler =
+            let mut sampler =
                 Sampler::new(params).unwrap().with_suppressed_tokens(n_valid as u32..vocab as u32);
-            let answer = sampler.clone().sample(&row, &[]).expect("a row with a token");
-            rows.push(LogprobRow {
-                row: r,
-                n_valid,
-                top: sampler.logprobs_wanted().unwrap(),
-                token: answer.token,
-            });
+            if kind >= 4 {
+                draws.push(Some(sampler.device_draw(vocab, &[]).expect("a drawn row")));
+            } else {
+                assert_eq!(sampler.greedy_prefix(vocab), Some(n_valid), "a greedy row");
+                draws.push(None);
+            }
+            answers.push(sampler.clone().sample(&row, &[]).ok());
             logits.extend(row);
             samplers.push(sampler);
-            answers.push(answer);
         }
-        LogprobCase { logits, samplers, answers, rows }
+        LogprobCase { vocab, logits, samplers, answers, draws, n_valid }
     }
 
-    /// Checks the kernel's answers for [`LogprobCase::rows`]: taken by the sampler, each gives
-    /// the host's token, top ids and (within an ulp or so of their f64 sums' order) logprobs.
-    pub fn check(&self, name: &str, raw: &[RawLogprobs]) {
-        assert_eq!(raw.len(), self.rows.len(), "{name}: one answer a row");
-        for (r, raw) in raw.iter().enumerate() {
-            let want = &self.answers[r];
-            let got = self.samplers[r].clone().take_picked(want.token, Some(raw));
+    /// The rows' picks, in row order.
+    pub fn picks(&self) -> Vec<PickRow<'_>> {
+        (self.draws.iter().zip(&self.samplers).enumerate())
+            .map(|(row, (draw, sampler))| PickRow {
+                row,
+                rule: match draw {
+                    Some(d) => PickRule::Draw(d),
+                    None => PickRule::Greedy { n_valid: self.n_valid },
+                },
+                logprobs: sampler.logprobs_wanted(),
+            })
+            .collect()
+    }
+
+    /// Checks the kernels' `answers` for [`LogprobCase::picks`]: taken by the sampler, each
+    /// gives the host's token, top ids and (within an ulp or so of their f64 sums' order)
+    /// logprobs; the rows the host reports an error for are left to the host.
+    pub fn check(&self, name: &str, answers: &[Option<Pick>]) {
+        assert_eq!(answers.len(), self.answers.len(), "{name}: one answer a row");
+        let mut on_host = 0;
+        for (r, answer) in answers.iter().enumerate() {
+            let Some(want) = &self.answers[r] else {
+                assert_eq!(answer, &None, "{name}: row {r} is the host's");
+                on_host += 1;
+                continue;
+            };
+            let pick =
+                answer.as_ref().unwrap_or_else(|| panic!("{name}: row {r} left to the host"));
+            let wanted = self.samplers[r].logprobs_wanted().is_some();
+            assert_eq!(pick.logprobs.is_some(), wanted, "{name}: row {r}: logprobs");
+            assert!(pick.token < self.vocab as u32, "{name}: row {r}");
+            let got = self.samplers[r].clone().take_picked(pick.token, pick.logprobs.as_ref());
             let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * a.abs().max(1.0);
             assert_eq!(got.token, want.token, "{name}: row {r}");
-            assert!(
-                close(got.logprob.unwrap(), want.logprob.unwrap()),
-                "{name}: row {r}: {got:?} vs {want:?}"
-            );
+            assert_eq!(got.logprob.is_some(), want.logprob.is_some(), "{name}: row {r}");
+            if let (Some(a), Some(b)) = (got.logprob, want.logprob) {
+                assert!(close(a, b), "{name}: row {r}: {got:?} vs {want:?}");
+            }
             let ids = |t: &SampledToken| t.top_logprobs.iter().map(|p| p.0).collect::<Vec<_>>();
             assert_eq!(ids(&got), ids(want), "{name}: row {r}: top ids");
             for (a, b) in got.top_logprobs.iter().zip(&want.top_logprobs) {
                 assert!(close(a.1, b.1), "{name}: row {r}: top {a:?} vs {b:?}");
             }
         }
+        assert_eq!(on_host, (answers.len() + 1) / 5, "{name}: the NaN rows are the host's");
     }
 }
