@@ -2,6 +2,7 @@
 every call shape of shared/api/CONTRACT.md section (b) works, and errors raise the SDK's
 exception types."""
 
+import json
 import threading
 import time
 
@@ -10,7 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import API_KEY, MODEL_NAME, SECOND_KEY
+from conftest import API_KEY, MODEL, MODEL_NAME, SECOND_KEY
 
 
 def make_client(base_url: str, key: str = API_KEY) -> OpenAI:
@@ -120,6 +121,45 @@ def test_logprobs(client):
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].token == entry.token
+
+
+def _token_id(piece: str) -> int:
+    """The tiny model's id of a SentencePiece piece ("▁" is the space)."""
+    tokenizer = json.loads((MODEL / "tokenizer.json").read_text(encoding="utf-8"))
+    return tokenizer["model"]["vocab"][piece]
+
+
+def test_logit_bias_forces_and_bans_tokens(client):
+    # +100 makes one token the only choice, greedy and sampled alike (OpenAI's semantics).
+    hello = _token_id("▁hello")
+    for temperature in (0, 1.0):
+        resp = client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=temperature,
+            logit_bias={str(hello): 100}, logprobs=True, seed=3,
+        )
+        tokens = [entry.token for entry in resp.choices[0].logprobs.content]
+        assert tokens == [" hello"] * 5, tokens
+        # The reported log-probabilities are the model's own, before the bias.
+        assert all(entry.logprob < -1 for entry in resp.choices[0].logprobs.content)
+    # -100 bans what greedy decoding picks first; nothing else about the request changes.
+    plain = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=1, temperature=0, logprobs=True,
+        top_logprobs=2,
+    )
+    first = plain.choices[0].logprobs.content[0]
+    banned = _token_id(first.token.replace(" ", "▁"))
+    resp = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=1, temperature=0, logprobs=True,
+        logit_bias={str(banned): -100},
+    )
+    assert resp.choices[0].logprobs.content[0].token == first.top_logprobs[1].token
+    # An id outside the model's vocabulary is the request's fault, named as such.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, logit_bias={"32064": 5}
+        )
+    assert err.value.param == "logit_bias"
+    assert "32064" in err.value.message
 
 
 def test_server_root_base_url_reaches_the_azure_route(server):

@@ -4,6 +4,8 @@
 //! every error names the parameter at fault (a derived `Deserialize` would only say "line 1
 //! column 57"). `null` counts as absent everywhere, because the SDKs send explicit nulls.
 
+use std::collections::BTreeMap;
+
 use phi_engine::sampling::SamplingParams;
 use phi_engine::stop::StopStrings;
 use serde_json::{Map, Value};
@@ -83,6 +85,7 @@ pub fn parse_chat_request(body: &[u8], extra: ExtraParameters) -> Result<ChatReq
         seed: f.integer("seed")?,
         logprobs: f.boolean("logprobs")?.unwrap_or(false),
         top_logprobs: f.count("top_logprobs")?,
+        logit_bias: parse_logit_bias(f.get("logit_bias"))?,
     };
     sampling.validate().map_err(|e| match e.param() {
         Some(param) => ApiError::invalid_value(param, e.to_string()),
@@ -179,14 +182,6 @@ fn reject_unsupported(f: &Fields) -> Result<(), ApiError> {
             }
         }
     }
-    match f.get("logit_bias") {
-        None => {}
-        Some(Value::Object(o)) if o.is_empty() => {}
-        Some(Value::Object(_)) => {
-            return Err(ApiError::not_supported("logit_bias", "`logit_bias` is not supported"))
-        }
-        Some(_) => return Err(ApiError::invalid_type("logit_bias", "an object")),
-    }
     match f.get("modalities") {
         None => {}
         Some(Value::Array(a)) if a.iter().all(|m| m == "text") => {}
@@ -218,6 +213,42 @@ fn check_format_type(param: &str, t: &str) -> Result<(), ApiError> {
             format!("unknown response_format type {other:?} (expected text, json_object or json_schema)"),
         )),
     }
+}
+
+/// OpenAI's `logit_bias`: an object from token ids (decimal strings, as JSON keys are) to
+/// numbers. The ranges are [`SamplingParams::validate`]'s; the ids are checked against the
+/// model's vocabulary when the sequence is made.
+fn parse_logit_bias(value: Option<&Value>) -> Result<BTreeMap<u32, f32>, ApiError> {
+    let entries = match value {
+        None => return Ok(BTreeMap::new()),
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            return Err(ApiError::invalid_type("logit_bias", "an object from token ids to numbers"))
+        }
+    };
+    let mut bias = BTreeMap::new();
+    for (key, v) in entries {
+        let digits = !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit());
+        let id = digits.then(|| key.parse::<u32>().ok()).flatten().ok_or_else(|| {
+            ApiError::invalid_value(
+                "logit_bias",
+                format!("invalid value for `logit_bias`: key {key:?} is not a token id"),
+            )
+        })?;
+        let Some(amount) = v.as_f64() else {
+            return Err(ApiError::invalid_type(
+                "logit_bias",
+                "an object from token ids to numbers",
+            ));
+        };
+        if bias.insert(id, amount as f32).is_some() {
+            return Err(ApiError::invalid_value(
+                "logit_bias",
+                format!("invalid value for `logit_bias`: token id {id} is given twice"),
+            ));
+        }
+    }
+    Ok(bias)
 }
 
 fn parse_stop(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
@@ -352,6 +383,22 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_is_an_object_from_token_ids_to_numbers() {
+        let r = parse(json!({"messages": user(), "logit_bias": {"50256": -100, "7": 2.5,
+            "0": 100}}))
+        .unwrap();
+        let want: Vec<(u32, f32)> = vec![(0, 100.0), (7, 2.5), (50256, -100.0)];
+        assert_eq!(r.sampling.logit_bias.into_iter().collect::<Vec<_>>(), want);
+        for empty in [json!({}), Value::Null] {
+            let r = parse(json!({"messages": user(), "logit_bias": empty})).unwrap();
+            assert!(r.sampling.logit_bias.is_empty());
+        }
+        let many: Map<String, Value> = (0..=1024).map(|i| (i.to_string(), json!(1))).collect();
+        let e = parse(json!({"messages": user(), "logit_bias": many})).unwrap_err();
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("logit_bias")));
+    }
+
+    #[test]
     fn extra_parameters_policy() {
         let body = json!({"messages": user(), "foo": 1, "bar": null}).to_string();
         let e = parse_chat_request(body.as_bytes(), ExtraParameters::Error).unwrap_err();
@@ -406,7 +453,15 @@ mod tests {
             ),
             (json!({"messages": user(), "tools": [{"type": "function"}]}), 422, "tools"),
             (json!({"messages": user(), "tool_choice": "required"}), 422, "tool_choice"),
-            (json!({"messages": user(), "logit_bias": {"1": 5}}), 422, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": [1, 5]}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"x": 5}}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"+1": 5}}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"-1": 5}}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"4294967296": 5}}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"1": "5"}}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"1": 100.5}}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"1": -101}}), 400, "logit_bias"),
+            (json!({"messages": user(), "logit_bias": {"1": 5, "01": 3}}), 400, "logit_bias"),
             (json!({"messages": user(), "modalities": ["text", "audio"]}), 422, "modalities"),
             (json!({"model": "m"}), 400, "messages"),
         ];

@@ -14,7 +14,7 @@ use utoipa::{PartialSchema, ToSchema};
 /// The body of `POST /chat/completions` and `POST /v1/chat/completions`.
 ///
 /// Parameters this text-only server cannot honour (`tools`, `response_format` other than
-/// `text`, `logit_bias`, audio) are a 422 when they ask for something and are accepted when they
+/// `text`, audio) are a 422 when they ask for something and are accepted when they
 /// ask for nothing. Keys outside this list follow the `extra-parameters` header (Azure):
 /// `error` (the default, 400), `drop` or `pass-through`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -68,8 +68,10 @@ pub struct ChatCompletionsRequest {
     pub tool_choice: Option<String>,
     /// Only `true`/`false` is accepted and ignored (no tool calling).
     pub parallel_tool_calls: Option<bool>,
-    /// Only an empty object is accepted.
-    #[schema(value_type = Option<Object>)]
+    /// Token id (as a decimal string) -> amount added to that token's logit before sampling,
+    /// -100 to 100 (-100 bans the token, 100 makes it the only choice); at most 1024 ids, each
+    /// inside the model's vocabulary. Reported log-probabilities stay the model's own.
+    #[schema(value_type = Option<HashMap<String, f64>>)]
     pub logit_bias: Option<serde_json::Value>,
     /// Only `["text"]` is accepted.
     pub modalities: Option<Vec<Modality>>,

@@ -22,8 +22,8 @@ pub struct DeviceDraw {
     pub top_p: f32,
     /// The step's uniform draw `draw / 2^53`, as the 53-bit integer `draw`.
     pub draw: u64,
-    /// `(id, amount)`: the presence and frequency penalties as the amount subtracted from
-    /// each id's logit, ids distinct, ascending and inside the row.
+    /// `(id, amount)`: the presence and frequency penalties minus the `logit_bias`, as the
+    /// amount subtracted from each id's logit, ids distinct, ascending and inside the row.
     pub penalties: Vec<(u32, f32)>,
 }
 

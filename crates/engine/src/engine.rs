@@ -518,6 +518,7 @@ impl Engine {
         }
         let room = ctx - prompt.len();
         let max_new = opts.max_tokens.map_or(room, |m| m.min(room));
+        opts.sampling.validate_vocab(self.model.config().vocab_size)?;
         let sampler = Sampler::new(opts.sampling.clone())?
             .with_suppressed_tokens(self.padding_ids.iter().copied());
         let (cache, cached_prompt_tokens) = match self.lookup_prefix(prompt)? {

@@ -1,12 +1,14 @@
 //! Token sampling: turning one step's logits into the next token.
 //!
 //! This module implements the OpenAI sampling parameters (`temperature`, `top_p`,
-//! `presence_penalty`, `frequency_penalty`, `seed`, `logprobs`, `top_logprobs`)
+//! `presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `logprobs`, `top_logprobs`)
 //! for a single sequence. The pipeline applied by [`Sampler::sample`] is:
 //!
 //! 1. reject NaN / `+inf` logits (an error, never a panic);
 //! 2. compute the *raw* log-probabilities `log_softmax(logits)` used for reporting;
-//! 3. presence/frequency penalties over the tokens generated so far ([`apply_penalties`]);
+//! 3. presence/frequency penalties over the tokens generated so far ([`apply_penalties`]) and
+//!    `logit_bias`, as one amount subtracted from each affected logit: the penalty minus the
+//!    bias (so a bias alone is added exactly);
 //! 4. suppressed token ids (e.g. padding rows of the embedding) are masked to `-inf`;
 //! 5. `temperature < 1e-5` => greedy argmax (ties -> lowest id, like `torch.argmax`);
 //!    otherwise softmax(logits / temperature), `top_p` nucleus filtering, and one
@@ -16,7 +18,7 @@
 //!
 //! [`SampledToken::logprob`] and [`SampledToken::top_logprobs`] are taken from the
 //! **raw model distribution**, `log_softmax(logits)` computed *before* penalties,
-//! temperature and `top_p`. That is what vLLM returns by default and what the reference
+//! `logit_bias`, temperature and `top_p`. That is what vLLM returns by default and what the reference
 //! (Hugging Face transformers) greedy log-probabilities are, so values can be compared
 //! with both. The normalisation runs over the whole logits vector, suppressed ids
 //! included, so that it matches the reference exactly; suppressed ids are however never
@@ -29,7 +31,7 @@
 //! `f64` with its own code, so the same seed, parameters and logits give the same
 //! tokens on every platform and across versions of `rand`. Greedy steps draw nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rand::RngCore;
 use rand_chacha::rand_core::SeedableRng;
@@ -46,6 +48,14 @@ pub const GREEDY_TEMPERATURE: f32 = 1e-5;
 /// Largest `top_logprobs` the OpenAI API accepts; bounding it keeps the per-token cost
 /// of reporting alternatives small and predictable.
 pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Largest `logit_bias` magnitude the OpenAI API accepts: -100 bans a token in practice and
+/// 100 makes it the only choice.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
+
+/// Most token ids one request may bias: a bound on the per-step work and on the parameters a
+/// device reads for the row (8 bytes an id), far above what classification-style uses need.
+pub const MAX_LOGIT_BIAS_TOKENS: usize = 1024;
 
 /// Relative slack when deciding whether the nucleus has reached `top_p`: a set whose
 /// mass reaches `top_p` in exact arithmetic must not be widened by one more token
@@ -130,6 +140,11 @@ pub struct SamplingParams {
     /// How many most likely alternatives to report per position, `0..=20`; requires
     /// `logprobs: true` (as in the OpenAI API and vLLM). Default `None`.
     pub top_logprobs: Option<usize>,
+    /// OpenAI's `logit_bias`: token id -> amount added to its logit before sampling,
+    /// `-100..=100`, at most [`MAX_LOGIT_BIAS_TOKENS`] ids (in JSON an object keyed by the ids
+    /// as strings, as the API sends it). Default empty.
+    #[serde(deserialize_with = "null_as_empty")]
+    pub logit_bias: BTreeMap<u32, f32>,
 }
 
 impl Default for SamplingParams {
@@ -142,6 +157,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: false,
             top_logprobs: None,
+            logit_bias: BTreeMap::new(),
         }
     }
 }
@@ -152,6 +168,12 @@ fn null_as_one<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f32, D::E
 
 fn null_as_zero<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f32, D::Error> {
     Ok(Option::<f32>::deserialize(d)?.unwrap_or(0.0))
+}
+
+fn null_as_empty<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<u32, f32>, D::Error> {
+    Ok(Option::<BTreeMap<u32, f32>>::deserialize(d)?.unwrap_or_default())
 }
 
 fn null_as_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
@@ -184,6 +206,26 @@ impl SamplingParams {
         }
         check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
         check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        if self.logit_bias.len() > MAX_LOGIT_BIAS_TOKENS {
+            return Err(SamplingError::InvalidParameter {
+                param: "logit_bias",
+                message: format!(
+                    "at most {MAX_LOGIT_BIAS_TOKENS} token ids may be biased, got {}",
+                    self.logit_bias.len()
+                ),
+            });
+        }
+        for (&id, &bias) in &self.logit_bias {
+            if !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias) {
+                return Err(SamplingError::InvalidParameter {
+                    param: "logit_bias",
+                    message: format!(
+                        "the bias of token {id} must be between -{MAX_LOGIT_BIAS} and \
+                         {MAX_LOGIT_BIAS}, got {bias}"
+                    ),
+                });
+            }
+        }
         if let Some(k) = self.top_logprobs {
             if k > MAX_TOP_LOGPROBS {
                 return Err(SamplingError::InvalidParameter {
@@ -199,6 +241,18 @@ impl SamplingParams {
             }
         }
         Ok(())
+    }
+
+    /// Checks that every `logit_bias` id is one of the model's `vocab` ids: the one check that
+    /// needs the model, so the request still fails before it is queued.
+    pub fn validate_vocab(&self, vocab: usize) -> Result<()> {
+        match self.logit_bias.keys().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(SamplingError::InvalidParameter {
+                param: "logit_bias",
+                message: format!("token id {id} is outside the vocabulary of {vocab} ids"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Whether these parameters select greedy decoding (temperature below
@@ -250,18 +304,27 @@ pub fn apply_penalties(
     presence_penalty: f32,
     frequency_penalty: f32,
 ) {
-    if generated.is_empty() || (presence_penalty == 0.0 && frequency_penalty == 0.0) {
-        return;
-    }
-    let mut counts: HashMap<u32, u32> = HashMap::new();
-    for &t in generated {
-        *counts.entry(t).or_insert(0) += 1;
-    }
-    for (&t, &c) in &counts {
+    for (t, amount) in penalty_amounts(generated, presence_penalty, frequency_penalty) {
         if let Some(l) = logits.get_mut(t as usize) {
-            *l -= c as f32 * frequency_penalty + presence_penalty;
+            *l -= amount;
         }
     }
+}
+
+/// Per distinct id of `generated`, the amount its presence and frequency penalties subtract
+/// from its logit (nothing when both penalties are 0), in no particular order.
+fn penalty_amounts(
+    generated: &[u32],
+    presence_penalty: f32,
+    frequency_penalty: f32,
+) -> impl Iterator<Item = (u32, f32)> {
+    let mut counts: HashMap<u32, u32> = HashMap::new();
+    if presence_penalty != 0.0 || frequency_penalty != 0.0 {
+        for &t in generated {
+            *counts.entry(t).or_insert(0) += 1;
+        }
+    }
+    counts.into_iter().map(move |(t, c)| (t, c as f32 * frequency_penalty + presence_penalty))
 }
 
 /// Per-sequence sampler: owns the parameters, the RNG stream and reusable buffers.
@@ -275,8 +338,10 @@ pub struct Sampler {
     rng: ChaCha20Rng,
     /// Sorted, deduplicated ids that may never be sampled.
     suppressed: Vec<u32>,
-    /// Penalised / masked logits of the current step.
+    /// Penalised / biased / masked logits of the current step.
     scratch: Vec<f32>,
+    /// The current step's `(id, amount subtracted)` pairs ([`Sampler::adjustments`]).
+    adjusted: Vec<(u32, f32)>,
     /// Unnormalised probabilities of the current step.
     probs: Vec<f32>,
     /// Candidate ids for the nucleus selection.
@@ -303,6 +368,7 @@ impl Sampler {
             rng: ChaCha20Rng::from_seed(key),
             suppressed: Vec::new(),
             scratch: Vec::new(),
+            adjusted: Vec::new(),
             probs: Vec::new(),
             order: Vec::new(),
             pending_draw: None,
@@ -335,7 +401,11 @@ impl Sampler {
     /// error to `sample`.
     pub fn greedy_prefix(&self, vocab: usize) -> Option<usize> {
         let p = &self.params;
-        if !p.is_greedy() || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        if !p.is_greedy()
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || !p.logit_bias.is_empty()
+        {
             return None;
         }
         self.suppressed_tail(vocab)
@@ -365,19 +435,8 @@ impl Sampler {
         }
         let n_valid = self.suppressed_tail(vocab)?;
         let mut penalties = Vec::new();
-        if !generated.is_empty() && (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0) {
-            let mut counts: HashMap<u32, u32> = HashMap::new();
-            for &t in generated.iter().filter(|&&t| (t as usize) < vocab) {
-                *counts.entry(t).or_insert(0) += 1;
-            }
-            // The amount exactly as `apply_penalties` computes it.
-            penalties.extend(
-                counts
-                    .into_iter()
-                    .map(|(t, c)| (t, c as f32 * p.frequency_penalty + p.presence_penalty)),
-            );
-            penalties.sort_unstable_by_key(|&(t, _)| t);
-        }
+        // The amounts exactly as `sample` subtracts them.
+        adjustments(p, generated, vocab, &mut penalties);
         if p.is_greedy() {
             // Greedy steps draw nothing.
             return Some(DeviceDraw {
@@ -444,15 +503,13 @@ impl Sampler {
             return Err(SamplingError::NoSamplableToken);
         }
 
-        // Penalties and suppression on a scratch copy.
+        // Penalties, bias and suppression on a scratch copy.
         self.scratch.clear();
         self.scratch.extend_from_slice(logits);
-        apply_penalties(
-            &mut self.scratch,
-            generated,
-            self.params.presence_penalty,
-            self.params.frequency_penalty,
-        );
+        adjustments(&self.params, generated, logits.len(), &mut self.adjusted);
+        for &(id, amount) in &self.adjusted {
+            self.scratch[id as usize] -= amount;
+        }
         for &id in &self.suppressed {
             if let Some(l) = self.scratch.get_mut(id as usize) {
                 *l = f32::NEG_INFINITY;
@@ -525,6 +582,29 @@ impl Sampler {
             u * kept_total,
         ))
     }
+}
+
+/// Into `out`, sorted by id, each id once, inside a `vocab`-wide row: the amount subtracted
+/// from a logit before suppression, temperature and `top_p`, its presence and frequency
+/// penalties over `generated` ([`apply_penalties`]' amounts) minus its `logit_bias`. A bias
+/// alone is its negation, so that the logit gains exactly the bias; one subtraction a logit,
+/// the same on the host ([`Sampler::sample`]) and on a device ([`DeviceDraw::penalties`]).
+fn adjustments(p: &SamplingParams, generated: &[u32], vocab: usize, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    let penalties = penalty_amounts(generated, p.presence_penalty, p.frequency_penalty);
+    out.extend(penalties.filter(|&(t, _)| (t as usize) < vocab));
+    out.sort_unstable_by_key(|&(t, _)| t);
+    if p.logit_bias.is_empty() {
+        return;
+    }
+    let n_penalties = out.len();
+    for (&id, &bias) in p.logit_bias.range(..vocab.min(u32::MAX as usize) as u32) {
+        match out[..n_penalties].binary_search_by_key(&id, |&(t, _)| t) {
+            Ok(at) => out[at].1 -= bias,
+            Err(_) => out.push((id, -bias)),
+        }
+    }
+    out.sort_unstable_by_key(|&(t, _)| t);
 }
 
 /// The length of the nucleus among `order` (ids into `probs`): the fewest most likely of them

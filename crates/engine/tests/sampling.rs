@@ -356,6 +356,71 @@ fn penalties_steer_greedy_and_logprobs_stay_raw() {
     assert!((out.top_logprobs[0].1 as f64 - raw[0]).abs() < 1e-6);
 }
 
+fn biased(bias: &[(u32, f32)], p: SamplingParams) -> Sampler {
+    sampler(SamplingParams { logit_bias: bias.iter().copied().collect(), ..p })
+}
+
+#[test]
+fn logit_bias_adds_to_the_logits_and_logprobs_stay_raw() {
+    let logits = [5.0f32, 4.9, 0.0, -3.0];
+    let greedy = || SamplingParams { temperature: 0.0, logprobs: true, ..params() };
+    // +0.2 on id 1 overtakes id 0; +100 makes the least likely token the only choice; -100
+    // bans the argmax.
+    assert_eq!(biased(&[(1, 0.2)], greedy()).sample(&logits, &[]).unwrap().token, 1);
+    assert_eq!(biased(&[(1, 0.05)], greedy()).sample(&logits, &[]).unwrap().token, 0);
+    let out = biased(&[(3, 100.0)], greedy()).sample(&logits, &[]).unwrap();
+    assert_eq!(out.token, 3);
+    let raw = log_softmax_f64(&logits);
+    assert!((f64::from(out.logprob.unwrap()) - raw[3]).abs() < 1e-6, "the raw logprob");
+    assert_eq!(biased(&[(0, -100.0)], greedy()).sample(&logits, &[]).unwrap().token, 1);
+
+    // Sampled: a bias is an exact addition, so the same seed over the biased row draws the
+    // same tokens as an unbiased sampler over the row with the bias added.
+    let logits = fake_logits(64, 11);
+    // id 2 raised to one above the largest logit.
+    let lift = logits.iter().copied().fold(f32::MIN, f32::max) + 1.0 - logits[2];
+    let bias = [(2u32, lift), (17, -100.0), (40, 0.75), (63, -1.25)];
+    let mut shifted = logits.clone();
+    for &(id, b) in &bias {
+        shifted[id as usize] += b;
+    }
+    let hot = SamplingParams { temperature: 0.9, top_p: 0.8, seed: Some(5), ..params() };
+    let mut with_bias = biased(&bias, hot.clone());
+    let mut plain = sampler(hot);
+    let got: Vec<u32> = (0..400).map(|_| with_bias.sample(&logits, &[]).unwrap().token).collect();
+    let want: Vec<u32> = (0..400).map(|_| plain.sample(&shifted, &[]).unwrap().token).collect();
+    assert_eq!(got, want);
+    assert!(!got.contains(&17), "a -100 bias bans the token");
+    let twos = got.iter().filter(|&&t| t == 2).count();
+    assert!(twos > 100, "raised to the top, id 2 came {twos} times in 400");
+}
+
+#[test]
+fn logit_bias_and_penalties_subtract_one_amount() {
+    // id 1: presence 0.5 + frequency 2 x 0.25 = 1.0, minus a bias of 0.75 -> -0.25; id 3: the
+    // bias alone; id 4 (outside the 4-token row) and id 2 are left alone.
+    let logits = [1.0f32, 3.0, 2.9, 0.5];
+    let p = SamplingParams {
+        temperature: 0.0,
+        presence_penalty: 0.5,
+        frequency_penalty: 0.25,
+        logit_bias: [(1, 0.75), (3, 2.0), (4, 50.0)].into_iter().collect(),
+        ..params()
+    };
+    // 3.0 - 0.25 = 2.75 < 2.9: id 2 wins; without the bias id 1 would fall to 2.0.
+    let mut s = sampler(p.clone());
+    assert_eq!(s.sample(&logits, &[1, 1]).unwrap().token, 2);
+    // Nothing generated: id 1 keeps 3.0 + 0.75.
+    assert_eq!(s.sample(&logits, &[]).unwrap().token, 1);
+    // The device gets the same amounts, sorted and inside the row; a biased greedy row is
+    // never a plain argmax.
+    let mut s = sampler(p);
+    assert_eq!(s.greedy_prefix(4), None);
+    let draw = s.device_draw(4, &[1, 1]).unwrap();
+    assert_eq!(draw.penalties, vec![(1, 1.0 - 0.75), (3, -2.0)]);
+    assert_eq!(draw.inv_temperature, 0.0);
+}
+
 // ---------------------------------------------------------------- logprobs
 
 #[test]
@@ -524,6 +589,19 @@ fn validation_names_the_parameter() {
         "top_logprobs"
     );
     assert_eq!(invalid_param(SamplingParams { top_logprobs: Some(2), ..p() }), "top_logprobs");
+    for b in [100.01, -100.5, f32::NAN, f32::INFINITY] {
+        let logit_bias = [(3, 1.0), (5, b)].into_iter().collect();
+        assert_eq!(invalid_param(SamplingParams { logit_bias, ..p() }), "logit_bias");
+    }
+    let logit_bias = (0..1025).map(|id| (id, 1.0)).collect();
+    assert_eq!(invalid_param(SamplingParams { logit_bias, ..p() }), "logit_bias");
+    // The vocabulary is the model's: checked apart, where it is known.
+    let p = SamplingParams { logit_bias: [(9, 1.0)].into_iter().collect(), ..p() };
+    p.validate().unwrap();
+    p.validate_vocab(10).unwrap();
+    let err = p.validate_vocab(9).unwrap_err();
+    assert_eq!(err.param(), Some("logit_bias"));
+    assert!(err.to_string().contains("token id 9"), "{err}");
 }
 
 #[test]
@@ -586,6 +664,14 @@ fn serde_defaults_match_openai() {
             seed: Some(-7),
             logprobs: true,
             top_logprobs: Some(5),
+            ..params()
         }
     );
+
+    // logit_bias as the API sends it: token ids as strings.
+    let b: SamplingParams =
+        serde_json::from_str(r#"{"logit_bias":{"7":-100,"3":2.5},"seed":null}"#).unwrap();
+    assert_eq!(b.logit_bias.into_iter().collect::<Vec<_>>(), vec![(3, 2.5), (7, -100.0)]);
+    let b: SamplingParams = serde_json::from_str(r#"{"logit_bias":null}"#).unwrap();
+    assert!(b.logit_bias.is_empty());
 }

@@ -29,9 +29,9 @@ pub struct Case {
 impl Case {
     /// `n_rows` rows of `vocab` logits, the ids from `n_valid` on suppressed: by row modulo 8,
     /// plain draws at low, unit and high temperature, top_p nuclei small and large, with ties,
-    /// with penalties (sampled and greedy), the rows the host reports an error for, flat rows
-    /// whose nucleus is the whole row, and rows whose every token is within a factor of two of
-    /// the largest.
+    /// with penalties and logit_bias (sampled and greedy), the rows the host reports an error
+    /// for, flat rows whose nucleus is the whole row, and rows whose every token is within a
+    /// factor of two of the largest.
     pub fn new(seed: u64, n_rows: usize, vocab: usize, n_valid: usize) -> Case {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let (mut logits, mut samplers, mut generated, mut draws) =
@@ -70,6 +70,16 @@ impl Case {
                     (params.temperature, params.top_p) =
                         if (r / 8) % 2 == 0 { (0.9, 0.8) } else { (0.0, 1.0) };
                     (params.presence_penalty, params.frequency_penalty) = (0.5, 1.5);
+                    // logit_bias on a penalised token, a banned one, an unlikely one raised
+                    // and a suppressed one (which stays suppressed).
+                    params.logit_bias.extend([
+                        (likely[0] as u32, 1.5),
+                        (likely[7] as u32, -100.0),
+                        (rng.below(n_valid) as u32, 9.0),
+                    ]);
+                    if tail > 0 {
+                        params.logit_bias.insert((n_valid + rng.below(tail)) as u32, 100.0);
+                    }
                 }
                 // A NaN (among the suppressed ids where there are some): the host reports it.
                 4 => {
