@@ -69,6 +69,34 @@ impl StreamDecoder {
         })
     }
 
+    /// A decoder for the continuation of `prompt` (a text completion): its text is what the
+    /// generated tokens add to the prompt's, `decode(prompt + generated)` less `decode(prompt)`,
+    /// so the first generated token keeps its leading space (`"Once upon a"` + `" time"`), where
+    /// [`new`](Self::new) decodes the generated tokens alone, as transformers decodes a chat
+    /// answer.
+    ///
+    /// The anchor is the prompt's last visible token that is not a byte-fallback token; a
+    /// prompt that ends inside a byte-fallback character leaves that character out, so the text
+    /// only ever holds generated tokens' text.
+    pub fn after_prompt(
+        tokenizer: &PhiTokenizer,
+        skip_special_tokens: bool,
+        prompt: &[u32],
+    ) -> Result<Self, TokenizerError> {
+        let mut decoder = Self::new(tokenizer, skip_special_tokens)?;
+        let anchor = prompt.iter().rev().copied().find(|&id| {
+            tokenizer.contains_id(id)
+                && !(skip_special_tokens && tokenizer.is_special_token(id))
+                && !tokenizer.is_byte_fallback_token(id)
+        });
+        if let Some(id) = anchor {
+            decoder.window = vec![id];
+            decoder.committed = 1;
+            decoder.committed_text = tokenizer.decode_raw(&decoder.window, skip_special_tokens)?;
+        }
+        Ok(decoder)
+    }
+
     /// Whether special tokens are dropped from the text.
     pub fn skip_special_tokens(&self) -> bool {
         self.skip_special_tokens

@@ -133,6 +133,10 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Keep generating through stop tokens (benchmarks want a fixed length).
     pub ignore_eos: bool,
+    /// Decode the text as a continuation of the prompt's (a text completion: the first token
+    /// keeps its leading space) rather than on its own (a chat answer, as transformers decodes
+    /// the new tokens); see [`StreamDecoder::after_prompt`].
+    pub decode_after_prompt: bool,
 }
 
 /// One generated token with its log-probabilities.
@@ -534,7 +538,11 @@ impl Engine {
             cache,
             sampler,
             stops: StopStrings::new(opts.stop.iter().cloned())?,
-            decoder: self.tokenizer.stream_decoder(true)?,
+            decoder: if opts.decode_after_prompt {
+                StreamDecoder::after_prompt(&self.tokenizer, true, prompt)?
+            } else {
+                self.tokenizer.stream_decoder(true)?
+            },
             max_new,
             ignore_eos: opts.ignore_eos,
             text: String::new(),

@@ -232,3 +232,42 @@ fn decoder_is_reusable_after_finish() {
     assert_eq!(dec.push(3186).expect("push").as_deref(), Some("world"));
     assert!(dec.skip_special_tokens());
 }
+
+/// A continuation streamed after a prompt adds exactly what it adds to the full decode:
+/// `decode(prompt + ids) - decode(prompt)`, whatever the prompt ends with (text, a special
+/// token, a byte-fallback character, nothing).
+#[test]
+fn continuation_after_a_prompt_adds_what_it_adds_to_the_full_decode() {
+    for tok in [july(), april()] {
+        for (prompt, continuation) in [
+            ("Once upon a", " time there was"),
+            ("Hello", " 🦀 world"),
+            ("emoji 🦀", " and more"),
+            ("<|user|>\nhi<|end|>\n<|assistant|>", " Sure, 2+2 = 4."),
+            ("a\n", "\n  indented"),
+            ("", " first"),
+        ] {
+            let prompt_ids = tok.encode(prompt).expect("encodes");
+            let ids = tok.encode(&format!("{prompt}{continuation}")).expect("encodes");
+            let ids = &ids[prompt_ids.len().min(ids.len())..];
+            for skip in [false, true] {
+                let all: Vec<u32> = prompt_ids.iter().chain(ids).copied().collect();
+                let full = tok.decode(&all, skip).expect("decode");
+                let head = tok.decode(&prompt_ids, skip).expect("decode");
+                let want = full.strip_prefix(head.as_str()).expect("the prompt's text comes first");
+                let mut dec = StreamDecoder::after_prompt(tok, skip, &prompt_ids).expect("decoder");
+                let mut got = String::new();
+                for &id in ids {
+                    got.push_str(&dec.push(id).expect("push").unwrap_or_default());
+                }
+                got.push_str(&dec.finish().expect("finish"));
+                assert_eq!(got, want, "{prompt:?} + {continuation:?} (skip={skip})");
+            }
+        }
+    }
+    // Without the prompt, the first token's space is stripped, as in a chat answer.
+    let tok = july();
+    let ids = tok.encode("a time").expect("encodes");
+    assert_eq!(tok.decode(&ids, true).expect("decode"), "a time");
+    assert_eq!(stream(tok, &ids[1..], true).concat(), "time");
+}

@@ -92,6 +92,7 @@ fn greedy(n: usize) -> GenerateOptions {
         max_tokens: Some(n),
         stop: Vec::new(),
         ignore_eos: true,
+        decode_after_prompt: false,
     }
 }
 
@@ -606,6 +607,7 @@ fn sampled(seed: i64) -> GenerateOptions {
         max_tokens: Some(24),
         stop: Vec::new(),
         ignore_eos: true,
+        decode_after_prompt: false,
     }
 }
 

@@ -21,7 +21,8 @@ pub struct GenerateArgs {
     /// A system message (translated into user text for templates without a system turn).
     #[arg(long)]
     system: Option<String>,
-    /// Send `--prompt` to the model as it is, without the chat template.
+    /// Send `--prompt` to the model as it is, without the chat template, and print what the
+    /// model adds to it (its first token keeps its leading space).
     #[arg(long)]
     raw: bool,
     /// Most tokens to generate (default: until a stop token or the end of the context).
@@ -75,6 +76,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
+        decode_after_prompt: args.raw,
     };
     let mut stdout = std::io::stdout().lock();
     let completion = engine.generate(&prompt_ids, &opts, |step| {

@@ -34,6 +34,7 @@ pub fn prepare(engine: &Engine, req: &ChatRequest) -> Result<Prepared, ApiError>
                 max_tokens: req.max_tokens,
                 stop: req.stop.clone(),
                 ignore_eos: false,
+                decode_after_prompt: false,
             };
             engine.new_sequence(&prompt.ids, &opts).map_err(engine_error)
         })
