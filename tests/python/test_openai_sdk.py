@@ -162,6 +162,70 @@ def test_logit_bias_forces_and_bans_tokens(client):
     assert "32064" in err.value.message
 
 
+def test_text_completions(client):
+    """The legacy `client.completions` API (benchmark and evaluation tools use it): the prompt
+    is continued as it is, as JSON and streamed, with the legacy logprobs lists."""
+    resp = client.completions.create(
+        model=MODEL_NAME, prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=2
+    )
+    assert resp.object == "text_completion"
+    assert resp.id.startswith("cmpl-")
+    choice = resp.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens == len(choice.logprobs.tokens) <= 6
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    lp = choice.logprobs
+    assert "".join(lp.tokens).strip() == choice.text.strip()
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # Greedy: the sampled token is the likeliest of its (at most 2 + itself) alternatives.
+        assert top[token] == logprob == max(top.values())
+        assert len(top) <= 3
+
+    # The SDK types a streamed choice's `finish_reason` as never null, which OpenAI's own
+    # streams (and every server's) contradict until a choice's last event: strict validation of
+    # these events would fail against OpenAI too, so the stream is read without it.
+    lenient = OpenAI(base_url=str(client.base_url), api_key=API_KEY, max_retries=0)
+    stream = lenient.completions.create(
+        model=MODEL_NAME,
+        prompt="Once upon a time",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    *events, usage_event = list(stream)
+    assert usage_event.choices == []
+    assert usage_event.usage.prompt_tokens == resp.usage.prompt_tokens
+    assert usage_event.usage.completion_tokens == resp.usage.completion_tokens
+    assert "".join(e.choices[0].text for e in events) == choice.text
+    assert events[-1].choices[0].finish_reason == choice.finish_reason
+    assert all(e.id == events[0].id and e.object == "text_completion" for e in events)
+    assert all(e.choices[0].finish_reason is None for e in events[:-1])
+    lenient.close()
+
+    # Several prompts, token ids, echo; choices come prompt by prompt.
+    ids = client.completions.create(
+        model=MODEL_NAME, prompt=[[450, 301, 18919], "hi"], n=2, max_tokens=3, temperature=0,
+        echo=True,
+    )
+    assert [c.index for c in ids.choices] == [0, 1, 2, 3]
+    assert ids.choices[0].text == ids.choices[1].text
+    assert ids.choices[2].text.startswith("hi")
+
+
+def test_text_completions_errors(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_NAME, prompt=[32064], max_tokens=2)
+    assert err.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL_NAME, prompt="hi", logprobs=21)
+    assert err.value.param == "logprobs"
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.completions.create(model=MODEL_NAME, prompt="hi", suffix="bye")
+    assert err.value.param == "suffix"
+
+
 def test_server_root_base_url_reaches_the_azure_route(server):
     c = make_client(server.url)
     resp = c.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2)

@@ -22,6 +22,7 @@ from conftest import API_KEY
 ROUTES = {
     "/chat/completions": "post",
     "/v1/chat/completions": "post",
+    "/v1/completions": "post",
     "/info": "get",
     "/v1/info": "get",
     "/models": "get",
@@ -67,16 +68,29 @@ SHAPES = [
 
 def _check_shapes(url: str, headers: dict) -> None:
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    for path in ["/chat/completions", "/v1/chat/completions"]:
+    bodies = [
+        (path, {"messages": [{"role": "user", "content": "hi"}], **shape})
+        for path in ["/chat/completions", "/v1/chat/completions"]
+        for shape in SHAPES
+    ]
+    # The text completions: `logprobs` is the legacy count, and `echo` and several prompts are
+    # answer shapes of their own.
+    for shape in SHAPES:
+        shape = {k: v for k, v in shape.items() if k != "top_logprobs"}
+        if shape.get("logprobs"):
+            shape["logprobs"] = 2
+        bodies.append(("/v1/completions", {"prompt": "hi", **shape}))
+    # (schemathesis keeps the first 4096 bytes of a body: this stream stays below that.)
+    bodies.append(("/v1/completions", {"prompt": ["hi", [450, 301]], "echo": True, "n": 2,
+                                       "max_tokens": 2, "stream": True}))
+    for path, body in bodies:
         operation = schema[path]["POST"]
-        for shape in SHAPES:
-            body = {"messages": [{"role": "user", "content": "hi"}], **shape}
-            case = operation.Case(body=body, headers=headers, media_type="application/json")
-            response = case.call_and_validate(base_url=url)
-            assert response.status_code == 200, (path, shape, response.text)
-            if shape.get("stream"):
-                events = [e for e in response.text.split("\n\n") if e]
-                assert events[-1] == "data: [DONE]" and len(events) > 2, response.text
+        case = operation.Case(body=body, headers=headers, media_type="application/json")
+        response = case.call_and_validate(base_url=url)
+        assert response.status_code == 200, (path, body, response.text)
+        if body.get("stream"):
+            events = [e for e in response.text.split("\n\n") if e]
+            assert events[-1] == "data: [DONE]" and len(events) > 2, response.text
 
 
 def test_every_answer_shape_matches_its_schema(server, filtered_server):

@@ -155,18 +155,28 @@ impl ApiError {
 
     /// The prompt leaves no room in the context window (400).
     pub fn context_length_exceeded(prompt_tokens: usize, context_length: usize) -> Self {
+        Self::context_length_exceeded_in("messages", prompt_tokens, context_length)
+    }
+
+    /// [`context_length_exceeded`](Self::context_length_exceeded) for the prompt held by
+    /// `param` (`prompt` for a text completion).
+    pub fn context_length_exceeded_in(
+        param: &str,
+        prompt_tokens: usize,
+        context_length: usize,
+    ) -> Self {
         Self::new(
             400,
             "context_length_exceeded",
             INVALID_REQUEST,
             format!(
-                "This model's maximum context length is {context_length} tokens, but the messages \
+                "This model's maximum context length is {context_length} tokens, but the {param} \
                  resulted in {prompt_tokens} prompt tokens. At most {} prompt tokens fit, leaving \
-                 room for one generated token; shorten the messages.",
+                 room for one generated token; shorten the {param}.",
                 context_length.saturating_sub(1)
             ),
         )
-        .with_param("messages")
+        .with_param(param)
     }
 
     /// No API key was sent (401).

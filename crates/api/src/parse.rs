@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 
 use phi_engine::sampling::SamplingParams;
 use phi_engine::stop::StopStrings;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::extra_parameters::ExtraParameters;
+use crate::fields::Fields;
 use crate::messages::parse_messages;
 use crate::request::{ChatRequest, MAX_CHOICES};
 
@@ -58,39 +59,13 @@ pub const KNOWN_PARAMETERS: &[&str] = &[
 
 /// Parses and validates a chat-completions body.
 pub fn parse_chat_request(body: &[u8], extra: ExtraParameters) -> Result<ChatRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
-    let Value::Object(mut map) = value else {
-        return Err(ApiError::invalid_json("the body must be a JSON object"));
-    };
-    let unknown: Vec<String> =
-        map.keys().filter(|k| !KNOWN_PARAMETERS.contains(&k.as_str())).cloned().collect();
-    if !unknown.is_empty() {
-        if extra == ExtraParameters::Error {
-            return Err(ApiError::extra_parameters(&unknown));
-        }
-        for key in &unknown {
-            map.remove(key);
-        }
-    }
-    let f = Fields(map);
+    let (f, unknown) = read_body(body, KNOWN_PARAMETERS, extra)?;
 
     let messages = parse_messages(f.get("messages"))?;
     reject_unsupported(&f)?;
 
-    let sampling = SamplingParams {
-        temperature: f.number("temperature")?.unwrap_or(1.0),
-        top_p: f.number("top_p")?.unwrap_or(1.0),
-        presence_penalty: f.number("presence_penalty")?.unwrap_or(0.0),
-        frequency_penalty: f.number("frequency_penalty")?.unwrap_or(0.0),
-        seed: f.integer("seed")?,
-        logprobs: f.boolean("logprobs")?.unwrap_or(false),
-        top_logprobs: f.count("top_logprobs")?,
-        logit_bias: parse_logit_bias(f.get("logit_bias"))?,
-    };
-    sampling.validate().map_err(|e| match e.param() {
-        Some(param) => ApiError::invalid_value(param, e.to_string()),
-        None => ApiError::invalid_value("messages", e.to_string()),
-    })?;
+    let logprobs = f.boolean("logprobs")?.unwrap_or(false);
+    let sampling = parse_sampling(&f, logprobs, f.count("top_logprobs")?)?;
 
     let max_tokens = match f.count("max_completion_tokens")? {
         Some(m) => Some(("max_completion_tokens", m)),
@@ -100,10 +75,69 @@ pub fn parse_chat_request(body: &[u8], extra: ExtraParameters) -> Result<ChatReq
         return Err(ApiError::invalid_value(param, format!("`{param}` must be at least 1, got 0")));
     }
 
-    let stop = parse_stop(f.get("stop"))?;
-    StopStrings::new(stop.iter().cloned())
-        .map_err(|e| ApiError::invalid_value(e.param(), e.to_string()))?;
+    Ok(ChatRequest {
+        messages,
+        sampling,
+        max_tokens: max_tokens.map(|(_, m)| m),
+        stop: parse_stop(&f)?,
+        n: parse_n(&f)?,
+        stream: f.boolean("stream")?.unwrap_or(false),
+        include_usage: parse_include_usage(&f)?,
+        model: parse_model(&f)?,
+        ignored_parameters: unknown,
+    })
+}
 
+/// The body as an object of its keys, with the keys outside `known` removed (and named in the
+/// second value) or refused, as the `extra-parameters` policy says.
+pub(crate) fn read_body(
+    body: &[u8],
+    known: &[&str],
+    extra: ExtraParameters,
+) -> Result<(Fields, Vec<String>), ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(ApiError::invalid_json)?;
+    let Value::Object(mut map) = value else {
+        return Err(ApiError::invalid_json("the body must be a JSON object"));
+    };
+    let unknown: Vec<String> =
+        map.keys().filter(|k| !known.contains(&k.as_str())).cloned().collect();
+    if !unknown.is_empty() {
+        if extra == ExtraParameters::Error {
+            return Err(ApiError::extra_parameters(&unknown));
+        }
+        for key in &unknown {
+            map.remove(key);
+        }
+    }
+    Ok((Fields(map), unknown))
+}
+
+/// The sampling parameters both APIs share, validated against the engine's ranges; the two
+/// spell log-probabilities differently, so the caller reads those.
+pub(crate) fn parse_sampling(
+    f: &Fields,
+    logprobs: bool,
+    top_logprobs: Option<usize>,
+) -> Result<SamplingParams, ApiError> {
+    let sampling = SamplingParams {
+        temperature: f.number("temperature")?.unwrap_or(1.0),
+        top_p: f.number("top_p")?.unwrap_or(1.0),
+        presence_penalty: f.number("presence_penalty")?.unwrap_or(0.0),
+        frequency_penalty: f.number("frequency_penalty")?.unwrap_or(0.0),
+        seed: f.integer("seed")?,
+        logprobs,
+        top_logprobs,
+        logit_bias: parse_logit_bias(f.get("logit_bias"))?,
+    };
+    sampling.validate().map_err(|e| match e.param() {
+        Some(param) => ApiError::invalid_value(param, e.to_string()),
+        None => ApiError::invalid_value("messages", e.to_string()),
+    })?;
+    Ok(sampling)
+}
+
+/// `n`, 1 to [`MAX_CHOICES`] (1 when absent).
+pub(crate) fn parse_n(f: &Fields) -> Result<usize, ApiError> {
     let n = f.count("n")?.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&n) {
         return Err(ApiError::invalid_value(
@@ -111,36 +145,29 @@ pub fn parse_chat_request(body: &[u8], extra: ExtraParameters) -> Result<ChatReq
             format!("`n` must be between 1 and {MAX_CHOICES}, got {n}"),
         ));
     }
+    Ok(n)
+}
 
-    let stream = f.boolean("stream")?.unwrap_or(false);
-    let include_usage = match f.get("stream_options") {
-        None => false,
+/// `stream_options.include_usage` (false when absent).
+pub(crate) fn parse_include_usage(f: &Fields) -> Result<bool, ApiError> {
+    match f.get("stream_options") {
+        None => Ok(false),
         Some(Value::Object(o)) => match o.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(ApiError::invalid_type("stream_options.include_usage", "a boolean"))
-            }
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid_type("stream_options.include_usage", "a boolean")),
         },
-        Some(_) => return Err(ApiError::invalid_type("stream_options", "an object")),
-    };
-    let model = match f.get("model") {
-        None => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(ApiError::invalid_type("model", "a string")),
-    };
+        Some(_) => Err(ApiError::invalid_type("stream_options", "an object")),
+    }
+}
 
-    Ok(ChatRequest {
-        messages,
-        sampling,
-        max_tokens: max_tokens.map(|(_, m)| m),
-        stop,
-        n,
-        stream,
-        include_usage,
-        model,
-        ignored_parameters: unknown,
-    })
+/// The `model` the client named.
+pub(crate) fn parse_model(f: &Fields) -> Result<Option<String>, ApiError> {
+    match f.get("model") {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid_type("model", "a string")),
+    }
 }
 
 /// Parameters the API defines that this text-only server without tool calling cannot honour:
@@ -251,93 +278,29 @@ fn parse_logit_bias(value: Option<&Value>) -> Result<BTreeMap<u32, f32>, ApiErro
     Ok(bias)
 }
 
-fn parse_stop(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
-    match value {
-        None => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
+/// `stop`: a string or a list of strings, checked as the engine will use them.
+pub(crate) fn parse_stop(f: &Fields) -> Result<Vec<String>, ApiError> {
+    let stop = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
                 _ => Err(ApiError::invalid_type("stop", "a string or an array of strings")),
             })
-            .collect(),
-        Some(_) => Err(ApiError::invalid_type("stop", "a string or an array of strings")),
-    }
-}
-
-/// The body's top-level keys, with typed getters whose errors name the key.
-struct Fields(Map<String, Value>);
-
-impl Fields {
-    /// The value of a key; `null` reads as absent.
-    fn get(&self, name: &str) -> Option<&Value> {
-        self.0.get(name).filter(|v| !v.is_null())
-    }
-
-    /// A number, or a string holding one (some clients send `"0.5"`).
-    fn number(&self, name: &str) -> Result<Option<f32>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64().map(|x| x as f32)),
-            Some(Value::String(s)) => match s.trim().parse::<f64>() {
-                Ok(x) if x.is_finite() => Ok(Some(x as f32)),
-                _ => Err(ApiError::invalid_type(name, "a number")),
-            },
-            Some(_) => Err(ApiError::invalid_type(name, "a number")),
-        }
-    }
-
-    /// A signed 64-bit integer.
-    fn integer(&self, name: &str) -> Result<Option<i64>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(i) => Ok(Some(i)),
-                None if n.is_u64() => Err(ApiError::invalid_value(
-                    name,
-                    format!("`{name}` must fit in a signed 64-bit integer, got {n}"),
-                )),
-                None => Err(ApiError::invalid_type(name, "an integer")),
-            },
-            Some(_) => Err(ApiError::invalid_type(name, "an integer")),
-        }
-    }
-
-    /// A non-negative integer.
-    fn count(&self, name: &str) -> Result<Option<usize>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => {
-                if let Some(u) = n.as_u64() {
-                    Ok(Some(usize::try_from(u).unwrap_or(usize::MAX)))
-                } else if n.is_i64() {
-                    Err(ApiError::invalid_value(
-                        name,
-                        format!("`{name}` must not be negative, got {n}"),
-                    ))
-                } else {
-                    Err(ApiError::invalid_type(name, "an integer"))
-                }
-            }
-            Some(_) => Err(ApiError::invalid_type(name, "an integer")),
-        }
-    }
-
-    /// A boolean.
-    fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(ApiError::invalid_type(name, "a boolean")),
-        }
-    }
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(ApiError::invalid_type("stop", "a string or an array of strings")),
+    };
+    StopStrings::new(stop.iter().cloned())
+        .map_err(|e| ApiError::invalid_value(e.param(), e.to_string()))?;
+    Ok(stop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
 
     fn parse(v: Value) -> Result<ChatRequest, ApiError> {
         parse_chat_request(v.to_string().as_bytes(), ExtraParameters::Error)

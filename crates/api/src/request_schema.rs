@@ -1,10 +1,11 @@
-//! The chat-completions request body as the OpenAPI description states it.
+//! The chat- and text-completions request bodies as the OpenAPI description states them.
 //!
 //! Requests are not parsed through these types: [`crate::parse_chat_request`] reads the body
 //! parameter by parameter so that every error names the parameter at fault, and it accepts more
 //! spellings than a schema can say (numbers as strings, explicit `null`s). These types exist so
 //! that `GET /openapi.json` describes what a client may send, with the ranges the parser
-//! enforces; a test holds their property names to [`crate::parse::KNOWN_PARAMETERS`].
+//! enforces; tests hold their property names to [`crate::parse::KNOWN_PARAMETERS`] and
+//! [`crate::parse_completion::KNOWN_COMPLETION_PARAMETERS`].
 
 use serde::Deserialize;
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
@@ -268,10 +269,108 @@ pub enum Modality {
     Audio,
 }
 
+/// The body of `POST /v1/completions` (OpenAI's legacy text completions): the prompt is
+/// continued as it is, without a chat template.
+///
+/// Keys outside this list follow the `extra-parameters` header, as on the chat routes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionsRequest {
+    /// What to continue: a string, strings, token ids, or lists of token ids (each list one
+    /// prompt). Text is tokenized with the model's special tokens (BOS where its tokenizer
+    /// adds one); token ids are used as they are.
+    pub prompt: PromptInput,
+    /// Informational: the server serves one model whatever is named here.
+    pub model: Option<String>,
+    /// Only `null` or `""`: Phi-3 models do not fill in the middle (422).
+    pub suffix: Option<String>,
+    /// Most tokens to generate per choice (16 when not given).
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<u64>,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: the smallest set of tokens whose probabilities add up to this.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    /// Choices per prompt; all prompts' choices together at most 16.
+    #[schema(minimum = 1, maximum = 16)]
+    pub n: Option<u64>,
+    /// Answer as server-sent events (`data: {completion}` lines, then `data: [DONE]`).
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// The log-probability of each generated token and of this many alternatives per position
+    /// (the sampled token is always among them).
+    #[schema(minimum = 0, maximum = 20)]
+    pub logprobs: Option<u64>,
+    /// Put the prompt in front of each choice's text (not with `logprobs`: 422).
+    pub echo: Option<bool>,
+    /// Up to four strings that end a choice (not included in the answer).
+    pub stop: Option<Stop>,
+    /// Penalises tokens that have appeared at all.
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub presence_penalty: Option<f64>,
+    /// Penalises tokens by how often they have appeared.
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub frequency_penalty: Option<f64>,
+    /// Only equal to `n` (more is a 422: no server-side ranking of choices).
+    #[schema(minimum = 1, maximum = 16)]
+    pub best_of: Option<u64>,
+    /// Token id (as a decimal string) -> amount added to that token's logit before sampling,
+    /// -100 to 100; at most 1024 ids, each inside the model's vocabulary.
+    #[schema(value_type = Option<HashMap<String, f64>>)]
+    pub logit_bias: Option<serde_json::Value>,
+    /// Makes sampling repeatable: the same seed and request give the same answer.
+    pub seed: Option<i64>,
+    /// The end user, for the operator's logs.
+    pub user: Option<String>,
+}
+
+/// `prompt` of a text completion (its schema is written out below, as the derive cannot bound
+/// untagged variants).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    /// One prompt.
+    Text(String),
+    /// Several prompts.
+    Texts(Vec<String>),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// Several prompts as token ids.
+    TokenLists(Vec<Vec<u32>>),
+}
+
+impl PartialSchema for PromptInput {
+    fn schema() -> RefOr<Schema> {
+        let id = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0.0))
+                .maximum(Some(f64::from(u32::MAX)))
+        };
+        let ids = || ArrayBuilder::new().items(id()).min_items(Some(1));
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(
+                ArrayBuilder::new()
+                    .items(ObjectBuilder::new().schema_type(Type::String))
+                    .min_items(Some(1)),
+            )
+            .item(ids())
+            .item(ArrayBuilder::new().items(ids()).min_items(Some(1)))
+            .into()
+    }
+}
+
+impl ToSchema for PromptInput {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::parse::KNOWN_PARAMETERS;
+    use crate::parse_completion::{KNOWN_COMPLETION_PARAMETERS, MAX_LOGPROBS};
     use crate::request::MAX_CHOICES;
 
     fn properties() -> Vec<String> {
@@ -293,5 +392,18 @@ mod tests {
         let schema = serde_json::to_value(ChatCompletionsRequest::schema()).unwrap();
         assert_eq!(schema["required"], serde_json::json!(["messages"]));
         assert_eq!(schema["properties"]["n"]["maximum"], serde_json::json!(MAX_CHOICES));
+    }
+
+    #[test]
+    fn completions_schema_names_exactly_the_known_parameters() {
+        let schema = serde_json::to_value(CompletionsRequest::schema()).unwrap();
+        let mut documented: Vec<&str> =
+            schema["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+        documented.sort();
+        let mut known = KNOWN_COMPLETION_PARAMETERS.to_vec();
+        known.sort();
+        assert_eq!(documented, known);
+        assert_eq!(schema["required"], serde_json::json!(["prompt"]));
+        assert_eq!(schema["properties"]["logprobs"]["maximum"], serde_json::json!(MAX_LOGPROBS));
     }
 }

@@ -20,8 +20,9 @@ pub fn event<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-/// One event of a streamed answer, as OpenAPI 3.1 describes the items of `text/event-stream`:
-/// its `data` is a [`crate::ChatCompletionChunk`] as JSON, or `[DONE]` at the end.
+/// One event of a streamed chat answer, as OpenAPI 3.1 describes the items of
+/// `text/event-stream`: its `data` is a [`crate::ChatCompletionChunk`] as JSON, or `[DONE]` at
+/// the end.
 ///
 /// Exists so that `/openapi.json` states what a stream carries and the schemathesis test checks
 /// every event of every streamed answer against the chunk's schema. Its schema is written out
@@ -30,27 +31,44 @@ pub struct ChatCompletionEvent;
 
 impl PartialSchema for ChatCompletionEvent {
     fn schema() -> RefOr<Schema> {
-        let mut chunk_schema = Extensions::default();
-        chunk_schema.insert(
-            "contentSchema".to_string(),
-            serde_json::json!({"$ref": "#/components/schemas/ChatCompletionChunk"}),
-        );
-        let chunk = ObjectBuilder::new()
-            .schema_type(Type::String)
-            .content_media_type("application/json")
-            .extensions(Some(chunk_schema));
-        let done = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["[DONE]"]));
-        ObjectBuilder::new()
-            .schema_type(Type::Object)
-            .description(Some("`data: {chunk}` events, then `data: [DONE]`."))
-            .property("data", AnyOfBuilder::new().item(done).item(chunk))
-            .required("data")
-            .property("event", ObjectBuilder::new().schema_type(Type::String))
-            .into()
+        event_schema("ChatCompletionChunk")
     }
 }
 
 impl ToSchema for ChatCompletionEvent {}
+
+/// One event of a streamed text completion: its `data` is a [`crate::TextCompletion`] as
+/// JSON, or `[DONE]` at the end.
+pub struct TextCompletionEvent;
+
+impl PartialSchema for TextCompletionEvent {
+    fn schema() -> RefOr<Schema> {
+        event_schema("TextCompletion")
+    }
+}
+
+impl ToSchema for TextCompletionEvent {}
+
+/// An event whose `data` is `[DONE]` or the JSON of the component schema `payload`.
+fn event_schema(payload: &str) -> RefOr<Schema> {
+    let mut payload_schema = Extensions::default();
+    payload_schema.insert(
+        "contentSchema".to_string(),
+        serde_json::json!({"$ref": format!("#/components/schemas/{payload}")}),
+    );
+    let chunk = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .content_media_type("application/json")
+        .extensions(Some(payload_schema));
+    let done = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["[DONE]"]));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some("`data: {json}` events, then `data: [DONE]`."))
+        .property("data", AnyOfBuilder::new().item(done).item(chunk))
+        .required("data")
+        .property("event", ObjectBuilder::new().schema_type(Type::String))
+        .into()
+}
 
 #[cfg(test)]
 mod tests {
@@ -69,5 +87,8 @@ mod tests {
         assert_eq!(data[0]["enum"], serde_json::json!(["[DONE]"]));
         assert_eq!(data[1]["contentMediaType"], "application/json");
         assert_eq!(data[1]["contentSchema"]["$ref"], "#/components/schemas/ChatCompletionChunk");
+        let schema = serde_json::to_value(TextCompletionEvent::schema()).unwrap();
+        let data = &schema["properties"]["data"]["anyOf"];
+        assert_eq!(data[1]["contentSchema"]["$ref"], "#/components/schemas/TextCompletion");
     }
 }

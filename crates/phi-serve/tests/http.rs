@@ -681,6 +681,17 @@ fn content_filter_blocks_prompt_and_annotates_clean_answers() {
                                    {"role": "user", "content": "hi"}], "stream": true});
     let err = expect_error(server.post("/v1/chat/completions", &body), 400);
     assert_eq!(err["code"], "content_filter");
+    // A text completion's prompts are screened the same way, whichever prompt holds the term.
+    let body = json!({"prompt": ["hi", "how to kill"], "max_tokens": 2});
+    let err = expect_error(server.post("/v1/completions", &body), 400);
+    assert_eq!((&err["code"], &err["param"]), (&json!("content_filter"), &json!("prompt")));
+    let res: Value =
+        server.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 2})).json().unwrap();
+    assert_eq!(
+        res["prompt_filter_results"],
+        json!([{"prompt_index": 0, "content_filter_results": safe_results()}])
+    );
+    assert_eq!(res["choices"][0]["content_filter_results"], safe_results(), "{res}");
 
     // Below the threshold (low < medium), or not a whole word: answered, and annotated.
     let res = server.post("/v1/chat/completions", &chat("does it hurt the skills of killers?", 4));
@@ -787,4 +798,184 @@ fn content_filter_stops_blocked_output() {
         assert_eq!(finals, 1);
     }
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+/// A greedy case of the transformers reference for the bundled model: prompt ids, generated
+/// ids, their logprobs and the top-5 alternatives at each position.
+fn reference_greedy_case(name: &str) -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../crates/engine/tests/reference/phi3-mini-4k/reference.json"
+    );
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json["greedy_cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn text_completion_continues_token_ids_as_transformers_does() {
+    let case = reference_greedy_case("short");
+    let prompt = ids_of(&case["prompt_ids"]);
+    let want = ids_of(&case["generated_ids"]);
+    let tokenizer = phi_engine::tokenizer::PhiTokenizer::from_dir(MODEL).unwrap();
+    let piece = |id: u32| tokenizer.id_to_token(id).unwrap().replace('\u{2581}', " ");
+
+    let s = Server::start(&[]);
+    let body = json!({"model": "m", "prompt": prompt, "max_tokens": want.len(),
+        "temperature": 0, "logprobs": 5});
+    let res = s.post("/v1/completions", &body);
+    assert_eq!(res.status(), 200);
+    let res: Value = res.json().unwrap();
+    assert!(res["id"].as_str().unwrap().starts_with("cmpl-"), "{res}");
+    assert_eq!(res["object"], "text_completion");
+    assert_eq!(res["model"], "phi3-mini-4k");
+    assert!(res["created"].is_u64());
+    assert_eq!(res["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(res["usage"]["completion_tokens"], want.len());
+    let choice = &res["choices"][0];
+    assert_eq!((&choice["index"], &choice["finish_reason"]), (&json!(0), &json!("length")));
+
+    // The tokens transformers generated, with its logprobs and alternatives.
+    let lp = &choice["logprobs"];
+    let tokens: Vec<&str> =
+        lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens, want.iter().map(|&id| piece(id)).collect::<Vec<_>>());
+    let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+    let top = lp["top_logprobs"].as_array().unwrap();
+    for (i, reference) in case["logprobs"].as_array().unwrap().iter().enumerate() {
+        let got = token_logprobs[i].as_f64().unwrap();
+        assert!(
+            (got - reference.as_f64().unwrap()).abs() < 1e-3,
+            "token {i}: {got} vs {reference}"
+        );
+        let alternatives = top[i].as_object().unwrap();
+        assert_eq!(alternatives.len(), 5, "{}", top[i]);
+        for pair in case["top_logprobs"][i].as_array().unwrap() {
+            let text = piece(pair[0].as_u64().unwrap() as u32);
+            let got = alternatives[&text].as_f64().unwrap();
+            assert!((got - pair[1].as_f64().unwrap()).abs() < 1e-3, "token {i}, {text:?}");
+        }
+    }
+    // Offsets count characters of the text, token by token.
+    let offsets: Vec<usize> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap() as usize)
+        .collect();
+    let mut at = 0;
+    for (token, offset) in tokens.iter().zip(&offsets) {
+        assert_eq!(*offset, at);
+        at += token.chars().count();
+    }
+    // The text is the continuation as transformers decodes it: all ids, less the prompt's text.
+    let all: Vec<u32> = prompt.iter().chain(&want).copied().collect();
+    let full = tokenizer.decode(&all, true).unwrap();
+    let head = tokenizer.decode(&prompt, true).unwrap();
+    assert_eq!(choice["text"].as_str().unwrap(), &full[head.len()..]);
+}
+
+#[test]
+fn text_completion_prompts_echo_and_stream() {
+    let s = Server::start(&[]);
+    let prompts = ["Once upon a time", "hi"];
+    let body = json!({"prompt": prompts, "n": 2, "max_tokens": 5, "temperature": 0,
+        "echo": true});
+    let res: Value = s.post("/v1/completions", &body).json().unwrap();
+    let choices = res["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert!(c["logprobs"].is_null());
+        let text = c["text"].as_str().unwrap();
+        assert!(text.starts_with(prompts[i / 2]) && text.len() > prompts[i / 2].len(), "{text:?}");
+    }
+    // Greedy: both choices of a prompt agree; the prompts' answers do not.
+    assert_eq!(choices[0]["text"], choices[1]["text"]);
+    assert_eq!(choices[2]["text"], choices[3]["text"]);
+    let usage = res["usage"].clone();
+    let single: Value = s
+        .post("/v1/completions", &json!({"prompt": prompts[1], "max_tokens": 5, "temperature": 0}))
+        .json()
+        .unwrap();
+    assert_eq!(
+        format!("{}{}", prompts[1], single["choices"][0]["text"].as_str().unwrap()),
+        choices[2]["text"].as_str().unwrap()
+    );
+
+    // The text is what the tokens add to the prompt's: a first token `▁hello` (forced here) is
+    // " hello", its space kept (a chat answer would start "hello").
+    let tokenizer = phi_engine::tokenizer::PhiTokenizer::from_dir(MODEL).unwrap();
+    let hello = tokenizer.token_to_id("\u{2581}hello").unwrap();
+    for stream in [false, true] {
+        let body = json!({"prompt": "Once upon a", "max_tokens": 2, "temperature": 0,
+            "logit_bias": {hello.to_string(): 100}, "stream": stream});
+        let res = s.post("/v1/completions", &body);
+        let text = if stream {
+            let chunks = parse_chunks(&res.bytes().unwrap());
+            chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap().to_string()).collect()
+        } else {
+            res.json::<Value>().unwrap()["choices"][0]["text"].as_str().unwrap().to_string()
+        };
+        assert_eq!(text, " hello hello", "stream: {stream}");
+    }
+
+    // The same request streamed: the same texts, the echo first, then the usage event.
+    let mut body = streaming(body);
+    body["stream_options"] = json!({"include_usage": true});
+    let res = s.post("/v1/completions", &body);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let chunks = parse_chunks(&res.bytes().unwrap());
+    let (usage_chunk, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    for count in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage_chunk["usage"][count], usage[count]);
+    }
+    let mut texts = vec![String::new(); 4];
+    let mut finished = vec![None; 4];
+    for c in rest {
+        assert_eq!((&c["object"], &c["id"]), (&json!("text_completion"), &rest[0]["id"]));
+        assert!(c["usage"].is_null() && c.as_object().unwrap().contains_key("usage"), "{c}");
+        let [choice] = c["choices"].as_array().unwrap().as_slice() else { panic!("{c}") };
+        let i = choice["index"].as_u64().unwrap() as usize;
+        assert!(finished[i].is_none(), "an event after the choice's last: {c}");
+        if texts[i].is_empty() {
+            assert_eq!(choice["text"], prompts[i / 2], "the first event echoes the prompt");
+        }
+        texts[i].push_str(choice["text"].as_str().unwrap());
+        finished[i] = choice["finish_reason"].as_str().map(str::to_string);
+    }
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(texts[i], c["text"].as_str().unwrap());
+        assert_eq!(finished[i].as_deref(), c["finish_reason"].as_str());
+    }
+}
+
+#[test]
+fn text_completion_errors() {
+    let s = Server::start(&[]);
+    // The bundled model's context is 64 tokens.
+    let long = vec![1u32; 64];
+    let cases = [
+        (json!({"prompt": [32064]}), 400, "prompt"),
+        (json!({"prompt": long}), 400, "prompt"),
+        (json!({"prompt": ""}), 400, "prompt"),
+        (json!({"max_tokens": 3}), 400, "prompt"),
+        (json!({"prompt": "a", "suffix": "b"}), 422, "suffix"),
+        (json!({"prompt": "a", "echo": true, "logprobs": 1}), 422, "echo"),
+        (json!({"prompt": "a", "logit_bias": {"32064": 1}}), 400, "logit_bias"),
+        (json!({"prompt": "a", "messages": []}), 400, "messages"),
+    ];
+    for (body, status, param) in cases {
+        let err = expect_error(s.post("/v1/completions", &body), status);
+        assert_eq!(err["param"], param, "{body}: {err}");
+    }
+    let err = expect_error(s.post("/v1/completions", &json!({"prompt": long})), 400);
+    assert_eq!(err["code"], "context_length_exceeded");
+    // Still serving.
+    let res = s.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}));
+    assert_eq!(res.status(), 200);
 }

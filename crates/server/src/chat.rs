@@ -6,19 +6,17 @@
 //! events, decided by the body's `stream` alone (both SDKs send `Accept: application/json` even
 //! when streaming).
 
-use std::time::Instant;
-
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use phi_api::extra_parameters::HEADER as EXTRA_PARAMETERS;
-use phi_api::{parse_chat_request, ApiError, ChatRequest, ExtraParameters};
+use phi_api::{parse_chat_request, ApiError};
 
+use crate::admission::{admit, screen_prompt, submit, Admitted};
 use crate::completion::collect;
-use crate::content_filter::{ContentFilter, FilterContext, FilterVerdict, TextKind};
+use crate::content_filter::FilterContext;
 use crate::flavor::Flavor;
 use crate::http_error::HttpError;
 use crate::ids::random_id;
@@ -27,8 +25,8 @@ use crate::request_id::RequestId;
 use crate::request_log::{CompletionLog, LoggedByCompletion};
 use crate::response_meta::ResponseMeta;
 use crate::state::{unix_now, AppState};
-use crate::stream::sse_response;
-use crate::worker::{Job, SubmitError};
+use crate::stream::{sse_response, ChatChunks};
+use crate::worker::Job;
 
 /// Handler of the Azure route.
 #[utoipa::path(post, path = "/chat/completions", tag = "azure", operation_id = "azure_chat_completions",
@@ -83,18 +81,7 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    let started = Instant::now();
-    if state.is_draining() {
-        return Err(ApiError::unavailable("the server is shutting down").into());
-    }
-    require_json(&headers)?;
-    let body = body.map_err(|rejection| body_error(&rejection, state.config().max_body_bytes))?;
-    let extra = match headers.get(EXTRA_PARAMETERS) {
-        None => ExtraParameters::Error,
-        Some(v) => ExtraParameters::from_header(Some(
-            v.to_str().map_err(|_| ApiError::invalid_extra_parameters_header("<not ASCII>"))?,
-        ))?,
-    };
+    let Admitted { started, body, extra } = admit(&state, &headers, body)?;
     let req = parse_chat_request(&body, extra)?;
     if !req.ignored_parameters.is_empty() {
         tracing::debug!(parameters = ?req.ignored_parameters, "ignoring extra parameters");
@@ -103,7 +90,10 @@ async fn chat(
     // The prompt is screened before anything else: a blocked one starts no generation.
     let verdict = match state.config().content_filter.clone() {
         None => None,
-        Some(filter) => Some((screen_prompt(filter.as_ref(), &req).await?, filter)),
+        Some(filter) => {
+            let text: Vec<&str> = req.messages.iter().map(|m| m.content.as_str()).collect();
+            Some((screen_prompt(filter.as_ref(), &text.join("\n")).await?, filter))
+        }
     };
     let engine = state.engine().clone();
     let (req, prepared) = tokio::task::spawn_blocking(move || {
@@ -113,7 +103,7 @@ async fn chat(
     .await
     .map_err(|_| ApiError::internal("preparing the prompt panicked"))?;
     let prepared = prepared?;
-    let cached_prompt_tokens = prepared.sequences.first().map_or(0, |s| s.cached_prompt_tokens());
+    let cached_prompt_tokens = prepared.cached_prompt_tokens();
     let (job, events) = Job::new(prepared.sequences);
     let job = job.with_deadline(state.config().request_timeout.map(|t| started + t));
     let filter =
@@ -132,70 +122,17 @@ async fn chat(
         engine: state.engine().clone(),
         filter,
     };
-    state.worker().submit(job).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::too_many_requests(),
-        SubmitError::Stopped => ApiError::unavailable("the engine worker has stopped"),
-        SubmitError::TooLarge { needed, budget } => ApiError::invalid_value(
-            "max_tokens",
-            format!(
-                "this request may grow to {needed} tokens of KV cache (its prompt plus max_tokens, \
-                 for each of its {} choices), but this server holds at most {budget}; ask for \
-                 fewer max_tokens or choices",
-                req.n
-            ),
-        ),
-    })?;
+    submit(&state, job, req.n)?;
     let log =
         CompletionLog::start(id, flavor.path(), req.stream, started, meta.prompt_tokens, req.n)
             .with_metrics(state.metrics().clone())
             .with_cached_tokens(cached_prompt_tokens);
     let mut res = if req.stream {
-        sse_response(meta, events, log)
+        sse_response(meta, events, log, ChatChunks)
     } else {
         let completion = collect(&meta, events, log).await?;
         (StatusCode::OK, Json(completion)).into_response()
     };
     res.extensions_mut().insert(LoggedByCompletion);
     Ok(res)
-}
-
-/// The filter's verdict on every message's text: a 400 `content_filter` when it blocks, a 503
-/// when the filter could not judge (fail closed; the SDKs retry 503).
-async fn screen_prompt(
-    filter: &dyn ContentFilter,
-    req: &ChatRequest,
-) -> Result<FilterVerdict, ApiError> {
-    let text: Vec<&str> = req.messages.iter().map(|m| m.content.as_str()).collect();
-    let verdict = filter.check(&text.join("\n"), TextKind::Prompt).await.map_err(|e| {
-        tracing::error!(error = %e, "the content filter could not judge a prompt");
-        ApiError::unavailable(format!("the content filter is unavailable: {e}"))
-    })?;
-    if verdict.filtered() {
-        return Err(ApiError::content_filter(&verdict));
-    }
-    Ok(verdict)
-}
-
-/// 415 unless the body is declared as JSON (`application/json` or `application/*+json`, any
-/// parameters).
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let value = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("<not ASCII>"));
-    let ok = value.is_some_and(|v| {
-        let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::unsupported_media_type(value))
-    }
-}
-
-/// 413 for a body over the limit, 400 for one that could not be read.
-fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::payload_too_large(limit)
-    } else {
-        ApiError::invalid_json(format!("the body could not be read: {rejection}"))
-    }
 }

@@ -8,13 +8,47 @@ use crate::request_log::CompletionLog;
 use crate::response_meta::ResponseMeta;
 use crate::worker::WorkerEvent;
 
-/// Collects the worker's events for a request into a [`ChatCompletion`]. Dropping the future
-/// (client gone) drops the receiver, which cancels the request in the worker.
+/// Collects the worker's events for a chat request into a [`ChatCompletion`]. Dropping the
+/// future (client gone) drops the receiver, which cancels the request in the worker.
 pub async fn collect(
+    meta: &ResponseMeta,
+    events: UnboundedReceiver<WorkerEvent>,
+    log: CompletionLog,
+) -> Result<ChatCompletion, ApiError> {
+    let choices = collect_choices(meta, events, log).await?;
+    let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+    Ok(ChatCompletion {
+        id: meta.id.clone(),
+        object: ChatCompletion::OBJECT,
+        created: meta.created,
+        model: meta.model.clone(),
+        prompt_filter_results: meta.prompt_filter_results(),
+        choices: choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| Choice {
+                index,
+                message: AssistantMessage::new(c.text),
+                finish_reason: c.finish.unwrap_or(FinishReason::Stop),
+                logprobs: meta
+                    .logprobs
+                    .then_some(ChoiceLogprobs { content: c.logprobs, refusal: None }),
+                content_filter_results: meta
+                    .filter
+                    .as_ref()
+                    .map(|_| c.filter_results.unwrap_or_default()),
+            })
+            .collect(),
+        usage: meta.usage(completion_tokens),
+    })
+}
+
+/// Waits for every choice of a request to finish, whatever the route's answer looks like.
+pub async fn collect_choices(
     meta: &ResponseMeta,
     mut events: UnboundedReceiver<WorkerEvent>,
     mut log: CompletionLog,
-) -> Result<ChatCompletion, ApiError> {
+) -> Result<Vec<ChoiceState>, ApiError> {
     let mut choices = vec![ChoiceState::default(); meta.n];
     let mut finished = 0;
     while finished < meta.n {
@@ -50,31 +84,7 @@ pub async fn collect(
             }
         }
     }
-    let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
-    Ok(ChatCompletion {
-        id: meta.id.clone(),
-        object: ChatCompletion::OBJECT,
-        created: meta.created,
-        model: meta.model.clone(),
-        prompt_filter_results: meta.prompt_filter_results(),
-        choices: choices
-            .into_iter()
-            .enumerate()
-            .map(|(index, c)| Choice {
-                index,
-                message: AssistantMessage::new(c.text),
-                finish_reason: c.finish.unwrap_or(FinishReason::Stop),
-                logprobs: meta
-                    .logprobs
-                    .then_some(ChoiceLogprobs { content: c.logprobs, refusal: None }),
-                content_filter_results: meta
-                    .filter
-                    .as_ref()
-                    .map(|_| c.filter_results.unwrap_or_default()),
-            })
-            .collect(),
-        usage: meta.usage(completion_tokens),
-    })
+    Ok(choices)
 }
 
 /// The answer to a request whose deadline passed before it got a place in the batch: the

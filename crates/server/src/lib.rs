@@ -6,6 +6,7 @@
 //! engine worker thread that steps every running request together in one batched forward pass
 //! per token ([`worker`]).
 
+pub mod admission;
 pub mod auth;
 pub mod chat;
 pub mod choice_state;
@@ -29,6 +30,7 @@ pub mod response_meta;
 pub mod routes;
 pub mod state;
 pub mod stream;
+pub mod text_completions;
 pub mod token_logprobs;
 pub mod worker;
 

@@ -11,15 +11,15 @@ use axum::Json;
 use phi_api::content_filter::{CategoryResult, ContentFilterResults, PromptFilterResult, Severity};
 use phi_api::error::{ErrorBody, ErrorObject};
 use phi_api::request_schema::{
-    AssistantRole, AssistantTurn, ChatCompletionsRequest, InstructionsMessage, InstructionsRole,
-    MessageContent, Modality, RequestMessage, ResponseFormat, ResponseFormatType, Stop,
-    StreamOptions, TextPart, TextPartType, UserMessage, UserRole,
+    AssistantRole, AssistantTurn, ChatCompletionsRequest, CompletionsRequest, InstructionsMessage,
+    InstructionsRole, MessageContent, Modality, PromptInput, RequestMessage, ResponseFormat,
+    ResponseFormatType, Stop, StreamOptions, TextPart, TextPartType, UserMessage, UserRole,
 };
-use phi_api::sse::ChatCompletionEvent;
+use phi_api::sse::{ChatCompletionEvent, TextCompletionEvent};
 use phi_api::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
-    Delta, FinishReason, ModelCard, ModelInfo, ModelList, PromptTokensDetails, TokenLogprob,
-    TopLogprob, Usage,
+    Delta, FinishReason, ModelCard, ModelInfo, ModelList, PromptTokensDetails, TextChoice,
+    TextCompletion, TextLogprobs, TokenLogprob, TopLogprob, Usage,
 };
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{OpenApi as OpenApiDoc, PathItem};
@@ -34,14 +34,15 @@ use crate::info::{Health, Status};
         title = "phi-serve",
         description = "Phi-3 chat completions behind the Azure AI Model Inference API \
             (`/info`, `/chat/completions`) and the OpenAI API (`/v1/models`, \
-            `/v1/chat/completions`). With API keys configured, every route but `/health`, \
-            `/ready`, `/metrics` and `/openapi.json` needs one, as `Authorization: Bearer KEY` \
-            or `api-key: KEY`.",
+            `/v1/chat/completions`, and the legacy text completions `/v1/completions`). With \
+            API keys configured, every route but `/health`, `/ready`, `/metrics` and \
+            `/openapi.json` needs one, as `Authorization: Bearer KEY` or `api-key: KEY`.",
         license(name = "MIT OR Apache-2.0")
     ),
     paths(
         crate::chat::azure_chat,
         crate::chat::openai_chat,
+        crate::text_completions::openai_completions,
         crate::info::info,
         crate::info::models,
         crate::info::health,
@@ -58,6 +59,8 @@ use crate::info::{Health, Status};
         ContentFilterResults, CategoryResult, Severity, PromptFilterResult,
         ModelInfo, ModelList, ModelCard, ErrorBody, ErrorObject, Health, Status,
         ExtraParametersValue, ChatCompletionEvent,
+        CompletionsRequest, PromptInput, TextCompletion, TextChoice, TextLogprobs,
+        TextCompletionEvent,
     )),
     modifiers(&SecuritySchemes),
     tags(
@@ -214,6 +217,7 @@ mod tests {
                 "/openapi.json",
                 "/ready",
                 "/v1/chat/completions",
+                "/v1/completions",
                 "/v1/info",
                 "/v1/models"
             ]

@@ -14,17 +14,17 @@ use crate::flavor::Flavor;
 /// every chunk of a stream carries the same `id` and `created`.
 #[derive(Debug, Clone)]
 pub struct ResponseMeta {
-    /// `chatcmpl-...`.
+    /// `chatcmpl-...` (`cmpl-...` for a text completion).
     pub id: String,
     /// Unix seconds.
     pub created: u64,
     /// The served model's name.
     pub model: String,
-    /// Number of choices.
+    /// Number of choices (of all prompts).
     pub n: usize,
-    /// Prompt length in tokens.
+    /// Prompt length in tokens (of all prompts, for a text completion).
     pub prompt_tokens: usize,
-    /// Prompt tokens reused from the prefix cache (of the first choice).
+    /// Prompt tokens reused from the prefix cache (of each prompt's first choice).
     pub cached_prompt_tokens: usize,
     /// Whether log-probabilities were requested.
     pub logprobs: bool,
@@ -39,10 +39,10 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    /// The answer's `usage`: on the OpenAI route with `prompt_tokens_details.cached_tokens`
+    /// The answer's `usage`: on the OpenAI routes with `prompt_tokens_details.cached_tokens`
     /// when the prefix cache served part of the prompt.
     pub fn usage(&self, completion_tokens: usize) -> phi_api::Usage {
-        let cached = (self.flavor == Flavor::OpenAi).then_some(self.cached_prompt_tokens);
+        let cached = self.flavor.is_openai().then_some(self.cached_prompt_tokens);
         phi_api::Usage::new(self.prompt_tokens, completion_tokens).with_cached_tokens(cached)
     }
 

@@ -18,6 +18,7 @@ use crate::openapi::openapi_json;
 use crate::request_id::request_id;
 use crate::request_log::access_log;
 use crate::state::AppState;
+use crate::text_completions::openai_completions;
 
 /// Builds the router.
 ///
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/chat/completions", post(azure_chat))
         .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1/completions", post(openai_completions))
         .route_layer(from_fn_with_state(state.clone(), require_api_key));
     let router = Router::new()
         .route("/health", get(health))

@@ -1,11 +1,13 @@
 //! The streaming answer: server-sent events built by hand (not axum's `Sse`, whose keep-alive
-//! comments break the azure parser, CONTRACT.md (e).1).
+//! comments break the azure parser, CONTRACT.md (e).1). What happens when is the same for
+//! every route; what an event holds is its [`StreamShape`]'s (a chat chunk, a text completion).
 //!
-//! The bytes are, in order: one role chunk per choice (`delta: {role: assistant, content: ""}`),
+//! For chat, the bytes are, in order: one role chunk per choice (`delta: {role: assistant, content: ""}`),
 //! a content chunk for every step that released text, one final chunk per choice with `delta: {}`
 //! and its `finish_reason`, then `data: [DONE]`. The last final chunk carries `usage`, except on
 //! `/v1` with `stream_options.include_usage`, where every chunk has `"usage": null` and a
-//! usage-only chunk with `choices: []` comes before `[DONE]`. An engine failure after the headers
+//! usage-only chunk with `choices: []` comes before `[DONE]`. A text completion has no role
+//! chunk (but one with the prompt, with `echo`) and otherwise the same sequence. An engine failure after the headers
 //! went out is reported as `data: {"error": {...}}` and the stream ends without `[DONE]`.
 
 use std::collections::VecDeque;
@@ -16,25 +18,26 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use phi_api::{
     sse, ApiError, ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, ContentFilterResults, Delta,
-    FinishReason, Usage,
+    FinishReason, PromptFilterResult, TokenLogprob, Usage,
 };
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::choice_state::ChoiceState;
-use crate::flavor::Flavor;
 use crate::request_log::CompletionLog;
 use crate::response_meta::ResponseMeta;
 use crate::worker::WorkerEvent;
 
 /// The 200 response whose body streams the request's events. When the client disconnects the
 /// body is dropped, which drops the event receiver and so cancels the request in the worker.
-pub fn sse_response(
+pub fn sse_response<S: StreamShape>(
     meta: ResponseMeta,
     events: UnboundedReceiver<WorkerEvent>,
     log: CompletionLog,
+    shape: S,
 ) -> Response {
     let stream =
-        futures_util::stream::unfold(SseState::new(meta, events, log), |mut s| async move {
+        futures_util::stream::unfold(SseState::new(meta, events, log, shape), |mut s| async move {
             loop {
                 if let Some(bytes) = s.out.pop_front() {
                     return Some((Ok::<_, Infallible>(bytes), s));
@@ -61,7 +64,97 @@ pub fn sse_response(
         .expect("static headers are valid")
 }
 
-struct SseState {
+/// What the events of one route's stream hold.
+///
+/// Exists so that the order of events, the content filter, usage and the log are written once
+/// ([`SseState`]) for the chat and the text-completions streams.
+pub trait StreamShape: Send + 'static {
+    /// One choice's part of an event.
+    type Choice: Serialize;
+    /// One event's payload.
+    type Event: Serialize;
+
+    /// The part that opens choice `index` before anything is generated, if the shape has one.
+    fn opening(&mut self, index: usize) -> Option<Self::Choice>;
+
+    /// A choice's part with the text it released, its log-probabilities and filter verdict,
+    /// and its finish reason on its last part.
+    fn part(
+        &mut self,
+        index: usize,
+        text: String,
+        logprobs: Option<Vec<TokenLogprob>>,
+        content_filter_results: Option<ContentFilterResults>,
+        finish_reason: Option<FinishReason>,
+    ) -> Self::Choice;
+
+    /// An event of these choices; `usage` is absent, `null` or the counts.
+    fn event(
+        &self,
+        meta: &ResponseMeta,
+        prompt_filter_results: Option<Vec<PromptFilterResult>>,
+        choices: Vec<Self::Choice>,
+        usage: Option<Option<Usage>>,
+    ) -> Self::Event;
+}
+
+/// The chat routes' events: [`ChatCompletionChunk`]s.
+pub struct ChatChunks;
+
+impl StreamShape for ChatChunks {
+    type Choice = ChunkChoice;
+    type Event = ChatCompletionChunk;
+
+    fn opening(&mut self, index: usize) -> Option<ChunkChoice> {
+        let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+        Some(ChunkChoice {
+            index,
+            delta,
+            finish_reason: None,
+            logprobs: None,
+            content_filter_results: None,
+        })
+    }
+
+    fn part(
+        &mut self,
+        index: usize,
+        text: String,
+        logprobs: Option<Vec<TokenLogprob>>,
+        content_filter_results: Option<ContentFilterResults>,
+        finish_reason: Option<FinishReason>,
+    ) -> ChunkChoice {
+        // A choice's last chunk carries `delta: {}`.
+        let content = (finish_reason.is_none() || !text.is_empty()).then_some(text);
+        ChunkChoice {
+            index,
+            delta: Delta { role: None, content },
+            finish_reason,
+            logprobs: logprobs.map(|content| ChoiceLogprobs { content, refusal: None }),
+            content_filter_results,
+        }
+    }
+
+    fn event(
+        &self,
+        meta: &ResponseMeta,
+        prompt_filter_results: Option<Vec<PromptFilterResult>>,
+        choices: Vec<ChunkChoice>,
+        usage: Option<Option<Usage>>,
+    ) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: meta.id.clone(),
+            object: ChatCompletionChunk::OBJECT,
+            created: meta.created,
+            model: meta.model.clone(),
+            prompt_filter_results,
+            choices,
+            usage,
+        }
+    }
+}
+
+struct SseState<S> {
     meta: ResponseMeta,
     events: UnboundedReceiver<WorkerEvent>,
     choices: Vec<ChoiceState>,
@@ -72,10 +165,16 @@ struct SseState {
     started: bool,
     /// Written when the stream ends or is dropped (client gone).
     log: CompletionLog,
+    shape: S,
 }
 
-impl SseState {
-    fn new(meta: ResponseMeta, events: UnboundedReceiver<WorkerEvent>, log: CompletionLog) -> Self {
+impl<S: StreamShape> SseState<S> {
+    fn new(
+        meta: ResponseMeta,
+        events: UnboundedReceiver<WorkerEvent>,
+        log: CompletionLog,
+        shape: S,
+    ) -> Self {
         let mut s = SseState {
             choices: vec![ChoiceState::default(); meta.n],
             meta,
@@ -85,53 +184,35 @@ impl SseState {
             done: false,
             started: false,
             log,
+            shape,
         };
         for index in 0..s.meta.n {
-            let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
-            s.push_choice(index, delta, None, None, None, None);
+            if let Some(choice) = s.shape.opening(index) {
+                s.push_choice(choice, None);
+            }
         }
         s
     }
 
     /// `usage: null` on every chunk when the client asked for a separate usage chunk.
     fn nulled_usage(&self) -> bool {
-        self.meta.flavor == Flavor::OpenAi && self.meta.include_usage
+        self.meta.flavor.is_openai() && self.meta.include_usage
     }
 
-    fn push_choice(
-        &mut self,
-        index: usize,
-        delta: Delta,
-        finish_reason: Option<FinishReason>,
-        logprobs: Option<ChoiceLogprobs>,
-        content_filter_results: Option<ContentFilterResults>,
-        usage: Option<Usage>,
-    ) {
+    fn push_choice(&mut self, choice: S::Choice, usage: Option<Usage>) {
         let usage = match usage {
             Some(u) => Some(Some(u)),
             None if self.nulled_usage() => Some(None),
             None => None,
         };
-        let choice = ChunkChoice { index, delta, finish_reason, logprobs, content_filter_results };
         self.push_chunk(vec![choice], usage);
     }
 
-    fn push_chunk(&mut self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) {
-        let chunk = ChatCompletionChunk {
-            id: self.meta.id.clone(),
-            object: ChatCompletionChunk::OBJECT,
-            created: self.meta.created,
-            model: self.meta.model.clone(),
-            prompt_filter_results: if self.started {
-                None
-            } else {
-                self.meta.prompt_filter_results()
-            },
-            choices,
-            usage,
-        };
+    fn push_chunk(&mut self, choices: Vec<S::Choice>, usage: Option<Option<Usage>>) {
+        let filter_results = if self.started { None } else { self.meta.prompt_filter_results() };
+        let event = self.shape.event(&self.meta, filter_results, choices, usage);
         self.started = true;
-        self.out.push_back(Bytes::from(sse::event(&chunk)));
+        self.out.push_back(Bytes::from(sse::event(&event)));
     }
 
     async fn on_step(&mut self, index: usize, output: &phi_engine::engine::StepOutput) {
@@ -148,20 +229,19 @@ impl SseState {
         let results = state.filter_results;
         self.log.update(index, state.completion_tokens, !released.is_empty(), state.finish);
         if !released.is_empty() {
-            let lp = logprobs
-                .then(|| ChoiceLogprobs { content: state.take_released_logprobs(), refusal: None });
-            let delta = Delta { role: None, content: Some(released) };
-            self.push_choice(index, delta, None, lp, results, None);
+            let lp = logprobs.then(|| state.take_released_logprobs());
+            let choice = self.shape.part(index, released, lp, results, None);
+            self.push_choice(choice, None);
         }
         let Some(reason) = self.choices[index].finish else { return };
         self.finished += 1;
         let leftover = self.choices[index].take_released_logprobs();
-        let lp =
-            (!leftover.is_empty()).then_some(ChoiceLogprobs { content: leftover, refusal: None });
+        let lp = (!leftover.is_empty()).then_some(leftover);
         let last = self.finished == self.meta.n;
         let usage = self.usage();
         let final_usage = (last && !self.nulled_usage()).then_some(usage);
-        self.push_choice(index, Delta::default(), Some(reason), lp, results, final_usage);
+        let choice = self.shape.part(index, String::new(), lp, results, Some(reason));
+        self.push_choice(choice, final_usage);
         if last {
             if self.nulled_usage() {
                 self.push_chunk(Vec::new(), Some(Some(usage)));

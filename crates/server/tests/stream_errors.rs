@@ -11,7 +11,7 @@ use phi_engine::engine::{Engine, LoadOptions, StepOutput};
 use phi_server::flavor::Flavor;
 use phi_server::request_log::CompletionLog;
 use phi_server::response_meta::ResponseMeta;
-use phi_server::stream::sse_response;
+use phi_server::stream::{sse_response, ChatChunks};
 use phi_server::worker::WorkerEvent;
 use serde_json::Value;
 
@@ -43,7 +43,7 @@ async fn body_events(failure: Option<&str>) -> Vec<String> {
     }
     drop(tx);
     let log = CompletionLog::start(None, "/v1/chat/completions", true, Instant::now(), 3, 1);
-    let res = sse_response(meta(), rx, log);
+    let res = sse_response(meta(), rx, log, ChatChunks);
     assert_eq!(res.status(), 200);
     let bytes = to_bytes(res.into_body(), usize::MAX).await.unwrap();
     let text = String::from_utf8(bytes.to_vec()).unwrap();
