@@ -46,6 +46,10 @@ pub struct GenerateArgs {
     /// Stop string (repeat for up to four).
     #[arg(long)]
     stop: Vec<String>,
+    /// `ID=BIAS`: add BIAS (-100 to 100) to token ID's logit before sampling, as the API's
+    /// `logit_bias` does (repeat for more tokens; 100 forces the token, -100 bans it).
+    #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias, allow_hyphen_values = true)]
+    logit_bias: Vec<(u32, f32)>,
     /// Generate exactly --max-tokens tokens, through stop tokens (for measuring speed).
     #[arg(long)]
     ignore_eos: bool,
@@ -71,6 +75,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             presence_penalty: args.presence_penalty,
             frequency_penalty: args.frequency_penalty,
             seed: args.seed,
+            logit_bias: logit_bias(&args.logit_bias)?,
             ..SamplingParams::default()
         },
         max_tokens: args.max_tokens,
@@ -96,4 +101,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         completion.finish_reason.as_str(),
     );
     Ok(())
+}
+
+/// One `--logit-bias ID=BIAS`.
+fn parse_logit_bias(arg: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = arg.split_once('=').ok_or_else(|| format!("expected ID=BIAS, got {arg:?}"))?;
+    let id = id.trim().parse::<u32>().map_err(|_| format!("{id:?} is not a token id"))?;
+    let bias = bias.trim().parse::<f32>().map_err(|_| format!("{bias:?} is not a number"))?;
+    Ok((id, bias))
+}
+
+/// The flags as the sampler's map; a token named twice is an error (the ranges and the
+/// vocabulary are checked with the other sampling parameters).
+fn logit_bias(pairs: &[(u32, f32)]) -> Result<std::collections::BTreeMap<u32, f32>> {
+    let mut bias = std::collections::BTreeMap::new();
+    for &(id, amount) in pairs {
+        if bias.insert(id, amount).is_some() {
+            anyhow::bail!("--logit-bias names token {id} twice");
+        }
+    }
+    Ok(bias)
 }

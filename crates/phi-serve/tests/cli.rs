@@ -55,6 +55,14 @@ fn reference_case(name: &str) -> (Vec<u32>, Vec<u32>) {
     (ids(&case["prompt_ids"]), ids(&case["generated_ids"]))
 }
 
+/// What `generated` adds to the text of `prompt_ids` as transformers decodes the whole sequence
+/// (the first token keeps its leading space): what `generate --raw` prints.
+fn continuation(tok: &PhiTokenizer, prompt_ids: &[u32], generated: &[u32]) -> String {
+    let all: Vec<u32> = prompt_ids.iter().chain(generated).copied().collect();
+    let (full, head) = (tok.decode(&all, true).unwrap(), tok.decode(prompt_ids, true).unwrap());
+    full.strip_prefix(head.as_str()).expect("the prompt's text comes first").to_string()
+}
+
 fn scratch_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -86,11 +94,7 @@ fn raw_greedy_generation_prints_the_reference_continuation() {
     let tok = PhiTokenizer::from_dir(tiny()).unwrap();
     let prompt = tok.decode(&prompt_ids, false).unwrap();
     assert_eq!(tok.encode(&prompt).unwrap(), prompt_ids, "{prompt:?} round-trips");
-    // The continuation as transformers decodes it: all ids, less the prompt's text (so the first
-    // token keeps its leading space).
-    let all: Vec<u32> = prompt_ids.iter().chain(&generated[..8]).copied().collect();
-    let (full, head) = (tok.decode(&all, true).unwrap(), tok.decode(&prompt_ids, true).unwrap());
-    let want = full.strip_prefix(head.as_str()).unwrap().to_string();
+    let want = continuation(&tok, &prompt_ids, &generated[..8]);
     assert!(!want.is_empty());
 
     let out = generate(&[
@@ -244,6 +248,46 @@ fn bad_options_fail_with_a_clear_message() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("max_tokens"), "{stderr}");
+
+    for (bias, says) in [
+        ("7", "ID=BIAS"),
+        ("x=1", "token id"),
+        ("7=much", "number"),
+        ("7=101", "logit_bias"),
+        ("32064=1", "logit_bias"),
+    ] {
+        let out = generate(&["--logit-bias", bias, "--prompt", "hi"]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{bias}");
+        assert!(stderr.contains(says), "{bias}: {stderr}");
+    }
+    let out = generate(&["--logit-bias", "7=1", "--logit-bias", "7=2", "--prompt", "hi"]);
+    assert!(text(&out.stderr).contains("twice"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn logit_bias_forces_and_bans_tokens() {
+    let tok = PhiTokenizer::from_dir(tiny()).unwrap();
+    let hello = tok.token_to_id("\u{2581}hello").unwrap();
+    let args = ["--temperature", "0", "--max-tokens", "3", "--ignore-eos", "--raw"];
+    let forced = format!("{hello}=100");
+    let out =
+        generate(&[&args[..], &["--logit-bias", &forced, "--prompt", "Once upon a"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), " hello hello hello\n");
+    // Banning the reference's greedy first token: the text no longer starts with it.
+    let (prompt_ids, generated) = reference_case("chat");
+    let prompt = tok.decode(&prompt_ids, false).unwrap();
+    let args = ["--temperature", "0", "--max-tokens", "1", "--ignore-eos", "--raw"];
+    let first = |bias: &str| {
+        let out = generate(&[&args[..], &["--logit-bias", bias, "--prompt", &prompt]].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let greedy = first(&format!("{}=0", generated[0]));
+    let banned = first(&format!("{}=-100", generated[0]));
+    assert_eq!(greedy, format!("{}\n", continuation(&tok, &prompt_ids, &generated[..1])));
+    assert_ne!(banned, greedy);
 }
 
 #[test]
@@ -268,6 +312,7 @@ fn help_lists_the_flags() {
         "--frequency-penalty",
         "--seed",
         "--stop",
+        "--logit-bias",
         "--ignore-eos",
         "--device",
         "--dtype",
@@ -299,7 +344,7 @@ fn quantize_writes_a_gguf_model_that_generates_the_reference() {
     let (prompt_ids, generated) = reference_case("chat");
     let tok = PhiTokenizer::from_dir(tiny()).unwrap();
     let prompt = tok.decode(&prompt_ids, false).unwrap();
-    let want = tok.decode(&generated[..8], true).unwrap();
+    let want = continuation(&tok, &prompt_ids, &generated[..8]);
     let out = phi_serve()
         .arg("generate")
         .arg("--model")
