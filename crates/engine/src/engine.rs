@@ -127,7 +127,8 @@ impl FinishReason {
 pub struct GenerateOptions {
     /// Sampling parameters (validated when the sequence is created).
     pub sampling: SamplingParams,
-    /// Most tokens to generate; `None` for as many as the context allows.
+    /// Most tokens to generate; `None` for as many as the context allows; `Some(0)` computes
+    /// the prompt only (to score it, or to leave it in the prefix cache) and ends `length`.
     pub max_tokens: Option<usize>,
     /// Up to four stop strings, matched on the text across token boundaries.
     pub stop: Vec<String>,
@@ -137,6 +138,13 @@ pub struct GenerateOptions {
     /// keeps its leading space) rather than on its own (a chat answer, as transformers decodes
     /// the new tokens); see [`StreamDecoder::after_prompt`].
     pub decode_after_prompt: bool,
+    /// Score the prompt: every prompt token after the first gets its log-probability given the
+    /// tokens before it (with the alternatives the sampling parameters' `top_logprobs` asks for),
+    /// in [`StepOutput::prompt_logprobs`] of the step that completes the prompt; what a text
+    /// completion's `echo` with `logprobs` answers, and evaluation harnesses sum. Such a sequence
+    /// computes its whole prompt itself: positions reused from the prefix cache or from another
+    /// sequence have no logits.
+    pub prompt_logprobs: bool,
 }
 
 /// One generated token with its log-probabilities.
@@ -161,6 +169,10 @@ pub struct StepOutput {
     pub token: Option<GeneratedToken>,
     /// Set when the sequence has ended.
     pub finish_reason: Option<FinishReason>,
+    /// With [`GenerateOptions::prompt_logprobs`], on the step that completes the prompt: one
+    /// entry for each prompt token, in order, the first without a log-probability (nothing
+    /// comes before it); empty otherwise.
+    pub prompt_logprobs: Vec<GeneratedToken>,
 }
 
 /// One request's generation state.
@@ -186,6 +198,10 @@ pub struct Sequence {
     preempted: bool,
     /// Times the sequence was preempted.
     preemptions: usize,
+    /// While a scored prompt ([`GenerateOptions::prompt_logprobs`]) is computed: the entries of
+    /// its first tokens so far (the first without a score); taken into the output once the
+    /// prompt is complete.
+    prompt_scores: Option<Vec<GeneratedToken>>,
 }
 
 /// Wall-clock time spent on a sequence.
@@ -517,15 +533,13 @@ impl Engine {
                 "token id {bad} is outside the vocabulary"
             )));
         }
-        if opts.max_tokens == Some(0) {
-            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
-        }
         let room = ctx - prompt.len();
         let max_new = opts.max_tokens.map_or(room, |m| m.min(room));
         opts.sampling.validate_vocab(self.model.config().vocab_size)?;
         let sampler = Sampler::new(opts.sampling.clone())?
             .with_suppressed_tokens(self.padding_ids.iter().copied());
-        let (cache, cached_prompt_tokens) = match self.lookup_prefix(prompt)? {
+        let reusable = if opts.prompt_logprobs { None } else { self.lookup_prefix(prompt)? };
+        let (cache, cached_prompt_tokens) = match reusable {
             Some(reused) => {
                 let len = reused.len();
                 (reused, len)
@@ -553,6 +567,9 @@ impl Engine {
             cached_prompt_tokens,
             preempted: false,
             preemptions: 0,
+            prompt_scores: opts.prompt_logprobs.then(|| {
+                vec![GeneratedToken { id: prompt[0], logprob: None, top_logprobs: Vec::new() }]
+            }),
         })
     }
 
@@ -566,7 +583,7 @@ impl Engine {
         let text = seq.finish(FinishReason::Length, false)?;
         seq.text.push_str(&text);
         self.offer_to_prefix_cache(seq);
-        Ok(StepOutput { text, token: None, finish_reason: seq.finish })
+        Ok(StepOutput { text, finish_reason: seq.finish, ..StepOutput::default() })
     }
 
     /// Lets the prefix cache (if reuse is on) take hold of the blocks of a sequence that no
@@ -627,7 +644,7 @@ impl Engine {
         min_len: usize,
     ) -> Result<usize> {
         let len = self.shareable_prefix(from, to);
-        if !to.cache.is_empty() || len < min_len.max(1) {
+        if !to.cache.is_empty() || to.prompt_scores.is_some() || len < min_len.max(1) {
             return Ok(0);
         }
         let Some(shared) = from.cache.share(len) else { return Ok(0) };
@@ -667,9 +684,10 @@ impl Engine {
     /// Returns one output per sequence, in order (finished ones get an empty one).
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<StepOutput>> {
         let mut outputs = vec![StepOutput::default(); seqs.len()];
-        // A preempted sequence first takes back what the prefix cache still holds of it.
+        // A preempted sequence first takes back what the prefix cache still holds of it
+        // (unless it is scoring its prompt, which needs the logits of every position).
         for seq in seqs.iter_mut().filter(|s| s.preempted && !s.is_finished()) {
-            if seq.cache.is_empty() {
+            if seq.cache.is_empty() && seq.prompt_scores.is_none() {
                 if let Some(cache) = self.lookup_prefix(&seq.tokens)? {
                     seq.cache = cache;
                 }
@@ -703,7 +721,7 @@ impl Engine {
                 tokens: &seq.tokens,
                 cache: &mut seq.cache,
                 max_new_tokens: chunk,
-                all_logits: false,
+                all_logits: seq.prompt_scores.is_some(),
             });
         }
         if active.is_empty() {
@@ -715,11 +733,27 @@ impl Engine {
 
         // The logits row each sequence samples from, if it reached the end of its prompt.
         let mut sample_row: Vec<Option<usize>> = vec![None; seqs.len()];
+        // Sequences that completed a prompt they generate nothing after (`max_tokens: 0`).
+        let mut prompt_only: Vec<bool> = vec![false; seqs.len()];
         let mut needs = vec![RowNeed::Unused; out.logits.dim(0)?];
+        // (sequence, logits row, prompt token) of every prompt token scored in this step.
+        let mut score_rows: Vec<(usize, usize, u32)> = Vec::new();
         let on_device = picks_on_device(&out.logits);
         for ((&i, rows), positions) in active.iter().zip(&out.rows).zip(&out.positions) {
             let seq = &mut *seqs[i];
-            if positions.end >= seq.tokens.len() {
+            if let Some(scores) = &seq.prompt_scores {
+                // Row r holds position p's logits, which score prompt token p + 1; tokens
+                // scored before a preemption are not scored again.
+                for (row, p) in rows.clone().zip(positions.clone()) {
+                    if p + 1 >= scores.len() && p + 1 < seq.prompt_len {
+                        needs[row] = RowNeed::Host;
+                        score_rows.push((i, row, seq.tokens[p + 1]));
+                    }
+                }
+            }
+            if positions.end >= seq.tokens.len() && seq.max_new == 0 {
+                prompt_only[i] = true;
+            } else if positions.end >= seq.tokens.len() {
                 let row = rows.end - 1;
                 sample_row[i] = Some(row);
                 let generated = &seq.tokens[seq.prompt_len..];
@@ -759,12 +793,43 @@ impl Engine {
                 }
             })
             .collect::<std::result::Result<_, _>>()?;
+        // A prompt row is a vocabulary-wide pass or two, and a chunk has hundreds of them.
+        let seqs_now: &[&mut Sequence] = seqs;
+        let scores: Vec<(usize, SampledToken)> = score_rows
+            .par_iter()
+            .map(|&(i, row, token)| {
+                let RowChoice::Logits(row) = logits.row(row) else {
+                    return Err(EngineError::Candle(candle_core::Error::Msg(
+                        "a scored prompt row was not read to the host".into(),
+                    )));
+                };
+                Ok((i, seqs_now[i].sampler.score(row, token)?))
+            })
+            .collect::<Result<_>>()?;
+        for (i, s) in scores {
+            if let Some(list) = seqs[i].prompt_scores.as_mut() {
+                list.push(GeneratedToken {
+                    id: s.token,
+                    logprob: s.logprob,
+                    top_logprobs: s.top_logprobs,
+                });
+            }
+        }
 
         for &i in &active {
             let seq = &mut *seqs[i];
+            if prompt_only[i] {
+                let prompt_logprobs = seq.prompt_scores.take().unwrap_or_default();
+                let text = seq.finish(FinishReason::Length, false)?;
+                self.offer_to_prefix_cache(seq);
+                outputs[i] =
+                    StepOutput { text, token: None, finish_reason: seq.finish, prompt_logprobs };
+                continue;
+            }
             let Some(sampled) = sampled[i].take() else {
                 continue; // a prompt chunk that does not reach the end of the prompt yet
             };
+            let prompt_logprobs = seq.prompt_scores.take().unwrap_or_default();
             seq.timings.first_token.get_or_insert_with(Instant::now);
             seq.tokens.push(sampled.token);
             let token = GeneratedToken {
@@ -796,8 +861,12 @@ impl Engine {
                 self.offer_to_prefix_cache(seq);
             }
             seq.text.push_str(&emitted);
-            outputs[i] =
-                StepOutput { text: emitted, token: Some(token), finish_reason: seq.finish };
+            outputs[i] = StepOutput {
+                text: emitted,
+                token: Some(token),
+                finish_reason: seq.finish,
+                prompt_logprobs,
+            };
         }
         Ok(outputs)
     }

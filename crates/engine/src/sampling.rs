@@ -482,6 +482,35 @@ impl Sampler {
         }
     }
 
+    /// The log-probability of `token` given `logits`, a token that was not sampled (a prompt
+    /// token being scored), under the same raw distribution as a sampled token's, with the
+    /// alternatives [`Sampler::logprobs_wanted`] asks for (none without `logprobs`). Takes
+    /// `&self` and draws nothing, so that the rows of a long prompt can be scored in parallel.
+    pub fn score(&self, logits: &[f32], token: u32) -> Result<SampledToken> {
+        let Some(&logit) = logits.get(token as usize) else {
+            return Err(SamplingError::InvalidParameter {
+                param: "prompt",
+                message: format!("token id {token} is outside the vocabulary"),
+            });
+        };
+        if let Some((index, &value)) =
+            logits.iter().enumerate().find(|(_, v)| v.is_nan() || **v == f32::INFINITY)
+        {
+            return Err(SamplingError::NonFiniteLogit { index, value });
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return Err(SamplingError::NoSamplableToken);
+        }
+        let lse = log_sum_exp(logits, max, &mut Vec::new());
+        let top = top_k(logits, self.params.requested_top_logprobs(), &self.suppressed);
+        Ok(SampledToken {
+            token,
+            logprob: Some(raw_logprob(logit, lse)),
+            top_logprobs: top.into_iter().map(|(id, l)| (id, raw_logprob(l, lse))).collect(),
+        })
+    }
+
     /// Picks the next token from one step's `logits` (one value per vocabulary id),
     /// given the tokens `generated` so far for this sequence (used for the penalties;
     /// the prompt is not counted, as in the OpenAI API).

@@ -648,6 +648,7 @@ fn engine_steps_on_cuda_give_a_mixed_batch_the_cpu_tokens() {
                     max_tokens: Some(10),
                     ignore_eos: true,
                     decode_after_prompt: false,
+                    prompt_logprobs: false,
                     ..GenerateOptions::default()
                 };
                 engine.new_sequence(&cases[i % cases.len()].0, &o).unwrap()

@@ -42,6 +42,9 @@ struct Case {
     logprobs: Vec<f32>,
     /// Per step, the reference's five most likely `(id, logprob)`.
     top: Vec<Vec<(u32, f32)>>,
+    /// LongRoPE: the generation crossed the original context (its later steps used the long
+    /// factors for new positions only, which a prompt of the same tokens does not reproduce).
+    crosses_original_max: bool,
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -77,6 +80,7 @@ fn cases(variant: &str) -> Vec<Case> {
                         .collect()
                 })
                 .collect(),
+            crosses_original_max: c["crosses_original_max"].as_bool().unwrap_or(false),
         })
         .collect()
 }
@@ -93,6 +97,7 @@ fn greedy(n: usize) -> GenerateOptions {
         stop: Vec::new(),
         ignore_eos: true,
         decode_after_prompt: false,
+        prompt_logprobs: false,
     }
 }
 
@@ -574,8 +579,12 @@ fn length_limits_and_invalid_requests() {
     }
     let e = err(&[], &greedy(4));
     assert!(e.to_string().contains("empty"), "{e}");
-    let e = err(&case.prompt, &greedy(0));
-    assert!(e.to_string().contains("max_tokens"), "{e}");
+    // max_tokens 0: the prompt is computed and nothing generated, in one step.
+    let (c, steps) =
+        run(&engine, &case.prompt, &GenerateOptions { ignore_eos: false, ..greedy(0) });
+    assert_eq!((c.tokens.len(), c.finish_reason, c.text.as_str()), (0, FinishReason::Length, ""));
+    assert_eq!(steps.len(), 1);
+    assert_eq!(steps[0].token, None);
 
     let bad = |sampling: SamplingParams, param: &str| {
         let e = err(&case.prompt, &GenerateOptions { sampling, ..greedy(4) });
@@ -608,6 +617,7 @@ fn sampled(seed: i64) -> GenerateOptions {
         stop: Vec::new(),
         ignore_eos: true,
         decode_after_prompt: false,
+        prompt_logprobs: false,
     }
 }
 
@@ -795,5 +805,107 @@ fn prompts_share_a_per_step_token_budget_oldest_first() {
     let solo = run(&engine, &prompt, &greedy(4)).0;
     for s in &seqs {
         assert_eq!(s.generated().iter().map(|t| t.id).collect::<Vec<_>>(), token_ids(&solo));
+    }
+}
+
+/// Options that score the prompt (with the reference's top 5) and generate `n` tokens.
+fn scoring(n: usize) -> GenerateOptions {
+    let mut opts = greedy(n);
+    opts.sampling.logprobs = true;
+    opts.sampling.top_logprobs = Some(5);
+    opts.prompt_logprobs = true;
+    opts
+}
+
+/// A reference case's prompt followed by its greedy continuation, as one prompt: scoring it
+/// must give, at the continuation's positions, transformers' logprobs and top 5 of each step.
+fn check_scores(label: &str, scores: &[phi_engine::engine::GeneratedToken], case: &Case) {
+    let prompt: Vec<u32> = case.prompt.iter().chain(&case.generated).copied().collect();
+    assert_eq!(scores.iter().map(|t| t.id).collect::<Vec<_>>(), prompt, "{label}: one per token");
+    assert_eq!((scores[0].logprob, scores[0].top_logprobs.len()), (None, 0), "{label}: first");
+    for t in &scores[1..] {
+        let lp = t.logprob.unwrap_or_else(|| panic!("{label}: a prompt token without logprob"));
+        assert!(lp <= 0.0 && t.top_logprobs.len() == 5, "{label}: {t:?}");
+        assert!(t.top_logprobs[0].1 >= lp - LOGPROB_TOL, "{label}: {t:?}");
+    }
+    for (step, t) in scores[case.prompt.len()..].iter().enumerate() {
+        let (got, want) = (t.logprob.unwrap(), case.logprobs[step]);
+        assert!((got - want).abs() < LOGPROB_TOL, "{label} token {step}: {got} vs {want}");
+        let got: HashMap<u32, f32> = t.top_logprobs.iter().copied().collect();
+        for &(id, want) in &case.top[step] {
+            let lp = got.get(&id).unwrap_or_else(|| panic!("{label} {step}: {id} not in top"));
+            assert!((lp - want).abs() < LOGPROB_TOL, "{label} {step}: {id}: {lp} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn scored_prompts_give_transformers_logprobs_however_they_are_computed() {
+    for variant in VARIANTS {
+        // With a prefix cache that holds the whole prompt: a scored prompt must not reuse it.
+        let engine = with_prefix_cache(variant, 64 << 20);
+        for case in cases(variant).into_iter().filter(|c| !c.crosses_original_max) {
+            let prompt: Vec<u32> = case.prompt.iter().chain(&case.generated).copied().collect();
+            if prompt.len() >= engine.context_length() {
+                continue;
+            }
+            run(&engine, &prompt, &greedy(1));
+            let label = |how: &str| format!("{variant}/{} {how}", case.name);
+
+            // Alone, whole: max_tokens 1 (lm-eval's request) and 0 (the prompt only).
+            for n in [1, 0] {
+                let mut steps = run(&engine, &prompt, &scoring(n)).1;
+                assert_eq!(steps.len(), 1, "{}", label("whole"));
+                let out = steps.remove(0);
+                assert_eq!(out.token.is_some(), n == 1, "{}", label("whole"));
+                assert_eq!(out.finish_reason, Some(FinishReason::Length));
+                check_scores(
+                    &label(&format!("whole, max_tokens {n}")),
+                    &out.prompt_logprobs,
+                    &case,
+                );
+            }
+
+            // In chunks of 3 beside a sequence that decodes, preempted after two chunks (it
+            // computes the prompt again and scores only what it had not), and beside a second
+            // scored sequence of the same prompt (which must not take its keys and values).
+            let mut seqs = [
+                engine.new_sequence(&case.prompt, &greedy(40)).unwrap(),
+                engine.new_sequence(&prompt, &scoring(2)).unwrap(),
+                engine.new_sequence(&prompt, &scoring(1)).unwrap(),
+            ];
+            assert_eq!(seqs[1].cached_prompt_tokens(), 0, "{}", label("from the cache"));
+            seqs[1].set_prefill_chunk(Some(3));
+            let mut outs: Vec<Vec<StepOutput>> = vec![Vec::new(); 3];
+            for step in 0.. {
+                if step == 2 {
+                    engine.preempt(&mut seqs[1]);
+                }
+                let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+                for (i, o) in engine.step(&mut refs).unwrap().into_iter().enumerate() {
+                    outs[i].push(o);
+                }
+                if seqs[1].is_finished() && seqs[2].is_finished() {
+                    break;
+                }
+                assert!(step < 200, "{}", label("never finishes"));
+            }
+            assert_eq!(seqs[1].preemptions(), 1);
+            // An n > 1 request's next choice may take a computed prompt, but not to score it.
+            let mut scored = engine.new_sequence(&prompt, &scoring(1)).unwrap();
+            assert_eq!(engine.shareable_prefix(&seqs[1], &scored), prompt.len() - 1);
+            assert!(!engine.share_prompt(&seqs[1], &mut scored).unwrap(), "{}", label("share"));
+            for i in [1, 2] {
+                let with: Vec<&StepOutput> =
+                    outs[i].iter().filter(|o| !o.prompt_logprobs.is_empty()).collect();
+                assert_eq!(with.len(), 1, "{}: scores once", label("batched"));
+                assert!(with[0].token.is_some(), "{}", label("batched"));
+                check_scores(
+                    &label(&format!("batched, sequence {i}")),
+                    &with[0].prompt_logprobs,
+                    &case,
+                );
+            }
+        }
     }
 }

@@ -26,7 +26,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     raw: bool,
     /// Most tokens to generate (default: until a stop token or the end of the context).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     max_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -82,6 +82,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
         decode_after_prompt: args.raw,
+        prompt_logprobs: false,
     };
     let mut stdout = std::io::stdout().lock();
     let completion = engine.generate(&prompt_ids, &opts, |step| {
@@ -121,4 +122,13 @@ fn logit_bias(pairs: &[(u32, f32)]) -> Result<std::collections::BTreeMap<u32, f3
         }
     }
     Ok(bias)
+}
+
+/// `--max-tokens`: a positive count (the engine's 0, the prompt alone, prints nothing here).
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("max_tokens must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("max_tokens: {e}")),
+    }
 }

@@ -218,6 +218,7 @@ fn a_full_kv_pool_preempts_the_newest_request_which_resumes_unchanged() {
             max_tokens: Some(36),
             ignore_eos: true,
             decode_after_prompt: false,
+            prompt_logprobs: false,
             ..GenerateOptions::default()
         };
         let greedy = GenerateOptions { ignore_eos: true, ..options(36) };
