@@ -214,6 +214,38 @@ def test_text_completions(client):
     assert ids.choices[2].text.startswith("hi")
 
 
+def test_text_completions_score_an_echoed_prompt(client):
+    """What lm-evaluation-harness's loglikelihood tasks send through the openai SDK: token ids,
+    `echo`, `logprobs=1`, `max_tokens=1`; it sums `token_logprobs[ctxlen:-1]` and checks each
+    against `max(top_logprobs[i].values())`.
+
+    Read without strict validation: the SDK types `token_logprobs` as a list of floats, while
+    OpenAI's own echoed prompts start it (and `top_logprobs`) with `null`, as this one does."""
+    context, continuation = [450, 301, 18919], [1709, 1589]
+    client = OpenAI(base_url=str(client.base_url), api_key=API_KEY, max_retries=0)
+    resp = client.completions.create(
+        model=MODEL_NAME, prompt=[context + continuation], echo=True, logprobs=1, max_tokens=1,
+        temperature=0, seed=1234,
+    )
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert resp.usage.prompt_tokens == 5 and resp.usage.completion_tokens == 1
+    scored = lp.token_logprobs[len(context):-1]
+    assert len(scored) == len(continuation) and all(x < 0 for x in scored)
+    for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] == logprob and 1 <= len(top) <= 2
+    assert lp.text_offset == sorted(lp.text_offset)
+
+    # The prompt alone: the same scores, nothing generated.
+    alone = client.completions.create(
+        model=MODEL_NAME, prompt=[context + continuation], echo=True, logprobs=1, max_tokens=0
+    )
+    assert alone.usage.completion_tokens == 0 and alone.choices[0].finish_reason == "length"
+    assert alone.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
+    client.close()
+
+
 def test_text_completions_errors(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL_NAME, prompt=[32064], max_tokens=2)

@@ -83,6 +83,10 @@ def _check_shapes(url: str, headers: dict) -> None:
     # (schemathesis keeps the first 4096 bytes of a body: this stream stays below that.)
     bodies.append(("/v1/completions", {"prompt": ["hi", [450, 301]], "echo": True, "n": 2,
                                        "max_tokens": 2, "stream": True}))
+    # A scored prompt (echo with logprobs): lists that start with null, JSON and streamed.
+    for shape in [{"max_tokens": 0}, {"max_tokens": 2, "stream": True}]:
+        bodies.append(("/v1/completions", {"prompt": [450, 301], "echo": True,
+                                           "logprobs": 1, **shape}))
     for path, body in bodies:
         operation = schema[path]["POST"]
         case = operation.Case(body=body, headers=headers, media_type="application/json")

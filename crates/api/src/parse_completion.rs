@@ -55,11 +55,13 @@ pub fn parse_completion_request(
     }
     let sampling = parse_sampling(&f, top_logprobs.is_some(), top_logprobs)?;
 
+    let echo = f.boolean("echo")?.unwrap_or(false);
+    // With `echo`, 0 asks for the prompt alone (scored, with `logprobs`), as OpenAI allowed.
     let max_tokens = f.count("max_tokens")?.unwrap_or(DEFAULT_COMPLETION_TOKENS);
-    if max_tokens == 0 {
+    if max_tokens == 0 && !echo {
         return Err(ApiError::invalid_value(
             "max_tokens",
-            "`max_tokens` must be at least 1, got 0",
+            "`max_tokens` must be at least 1 (0 only with `echo`, to score the prompt), got 0",
         ));
     }
     let n = parse_n(&f)?;
@@ -100,14 +102,6 @@ pub fn parse_completion_request(
             ))
         }
         Some(_) => return Err(ApiError::invalid_type("suffix", "a string")),
-    }
-    let echo = f.boolean("echo")?.unwrap_or(false);
-    if echo && top_logprobs.is_some() {
-        return Err(ApiError::not_supported(
-            "echo",
-            "`echo` with `logprobs` is not supported: log-probabilities of prompt tokens are \
-             not computed",
-        ));
     }
 
     Ok(CompletionRequest {
@@ -221,6 +215,18 @@ mod tests {
     }
 
     #[test]
+    fn echo_scores_the_prompt_and_may_generate_nothing() {
+        // What lm-evaluation-harness sends for loglikelihood tasks, and the prompt-only form.
+        for max_tokens in [1, 0] {
+            let r = parse(json!({"prompt": [[1, 2, 3]], "echo": true, "logprobs": 1,
+                "max_tokens": max_tokens, "temperature": 0}))
+            .unwrap();
+            assert!(r.echo && r.sampling.logprobs);
+            assert_eq!((r.max_tokens, r.sampling.top_logprobs), (max_tokens, Some(1)));
+        }
+    }
+
+    #[test]
     fn errors_name_the_parameter() {
         let many: Vec<String> = (0..9).map(|i| i.to_string()).collect();
         let cases = [
@@ -242,7 +248,6 @@ mod tests {
             (json!({"prompt": "a", "best_of": 3}), 422, "best_of"),
             (json!({"prompt": "a", "suffix": "end"}), 422, "suffix"),
             (json!({"prompt": "a", "suffix": 1}), 400, "suffix"),
-            (json!({"prompt": "a", "echo": true, "logprobs": 1}), 422, "echo"),
             (json!({"prompt": "a", "echo": "yes"}), 400, "echo"),
             (json!({"prompt": "a", "temperature": 5}), 400, "temperature"),
             (json!({"prompt": "a", "stop": [""]}), 400, "stop"),

@@ -284,8 +284,9 @@ pub struct CompletionsRequest {
     pub model: Option<String>,
     /// Only `null` or `""`: Phi-3 models do not fill in the middle (422).
     pub suffix: Option<String>,
-    /// Most tokens to generate per choice (16 when not given).
-    #[schema(minimum = 1)]
+    /// Most tokens to generate per choice (16 when not given); 0 only with `echo`: the prompt
+    /// alone, scored with `logprobs`.
+    #[schema(minimum = 0)]
     pub max_tokens: Option<u64>,
     /// Sampling temperature; 0 is greedy decoding.
     #[schema(minimum = 0.0, maximum = 2.0)]
@@ -301,10 +302,12 @@ pub struct CompletionsRequest {
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
     /// The log-probability of each generated token and of this many alternatives per position
-    /// (the sampled token is always among them).
+    /// (the sampled token is always among them); with `echo`, of the prompt's tokens too (the
+    /// first one's `null`).
     #[schema(minimum = 0, maximum = 20)]
     pub logprobs: Option<u64>,
-    /// Put the prompt in front of each choice's text (not with `logprobs`: 422).
+    /// Put the prompt in front of each choice's text (and, with `logprobs`, its tokens in front
+    /// of the generated ones).
     pub echo: Option<bool>,
     /// Up to four strings that end a choice (not included in the answer).
     pub stop: Option<Stop>,

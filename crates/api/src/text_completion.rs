@@ -61,19 +61,22 @@ pub struct TextChoice {
     pub content_filter_results: Option<ContentFilterResults>,
 }
 
-/// The legacy log-probabilities: four lists with one entry per generated token.
+/// The legacy log-probabilities: four lists with one entry per token of the choice's text (with
+/// `echo`, the prompt's tokens first, then the generated ones).
 ///
-/// Exists because the legacy API predates chat's list of token objects; the openai SDK reads
-/// these four lists.
+/// Exists because the legacy API predates chat's list of token objects; the openai SDK and
+/// evaluation harnesses read these four lists.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, ToSchema)]
 pub struct TextLogprobs {
     /// Each token's text.
     pub tokens: Vec<String>,
-    /// Each token's natural-log probability under the model.
-    pub token_logprobs: Vec<f32>,
-    /// Per position, the `logprobs` most likely tokens and the sampled one, text to logprob.
-    #[schema(value_type = Vec<HashMap<String, f32>>)]
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Each token's natural-log probability under the model given the tokens before it; `null`
+    /// for an echoed prompt's first token, which has none before it.
+    pub token_logprobs: Vec<Option<f32>>,
+    /// Per position, the `logprobs` most likely tokens and the position's own token, text to
+    /// logprob; `null` where `token_logprobs` is.
+    #[schema(value_type = Vec<Option<HashMap<String, f32>>>)]
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     /// Where each token's text starts in the choice's text, in characters (counting the echoed
     /// prompt).
     pub text_offset: Vec<usize>,
@@ -85,17 +88,38 @@ impl TextLogprobs {
     pub fn from_entries(entries: &[TokenLogprob], offset: &mut usize) -> Self {
         let mut out = TextLogprobs::default();
         for e in entries {
-            out.tokens.push(e.token.clone());
-            out.token_logprobs.push(e.logprob);
-            let mut top: BTreeMap<String, f32> =
-                e.top_logprobs.iter().map(|t| (t.token.clone(), t.logprob)).collect();
-            // OpenAI: "the API will always return the logprob of the sampled token".
-            top.entry(e.token.clone()).or_insert(e.logprob);
-            out.top_logprobs.push(top);
-            out.text_offset.push(*offset);
+            out.push(e, *offset);
             *offset += e.token.chars().count();
         }
         out
+    }
+
+    /// Adds a position: `entry`'s token, whose text starts at character `offset`.
+    pub fn push(&mut self, entry: &TokenLogprob, offset: usize) {
+        self.tokens.push(entry.token.clone());
+        self.token_logprobs.push(Some(entry.logprob));
+        let mut top: BTreeMap<String, f32> =
+            entry.top_logprobs.iter().map(|t| (t.token.clone(), t.logprob)).collect();
+        // OpenAI: "the API will always return the logprob of the sampled token".
+        top.entry(entry.token.clone()).or_insert(entry.logprob);
+        self.top_logprobs.push(Some(top));
+        self.text_offset.push(offset);
+    }
+
+    /// Adds a position with no log-probability (an echoed prompt's first token).
+    pub fn push_unscored(&mut self, token: String, offset: usize) {
+        self.tokens.push(token);
+        self.token_logprobs.push(None);
+        self.top_logprobs.push(None);
+        self.text_offset.push(offset);
+    }
+
+    /// Appends `other`'s positions after this one's (a scored prompt's, then its answer's).
+    pub fn append(&mut self, mut other: TextLogprobs) {
+        self.tokens.append(&mut other.tokens);
+        self.token_logprobs.append(&mut other.token_logprobs);
+        self.top_logprobs.append(&mut other.top_logprobs);
+        self.text_offset.append(&mut other.text_offset);
     }
 }
 
@@ -124,14 +148,30 @@ mod tests {
             &mut offset,
         );
         assert_eq!(lp.tokens, [" hé", "!"]);
-        assert_eq!(lp.token_logprobs, [-0.5, -2.0]);
+        assert_eq!(lp.token_logprobs, [Some(-0.5), Some(-2.0)]);
         assert_eq!(lp.text_offset, [3, 6]);
         assert_eq!(offset, 7);
-        let want: Vec<BTreeMap<String, f32>> = vec![
-            [(" hé".to_string(), -0.5), (" a".to_string(), -1.5)].into(),
-            [("?".to_string(), -0.1), ("!".to_string(), -2.0)].into(),
+        let want: Vec<Option<BTreeMap<String, f32>>> = vec![
+            Some([(" hé".to_string(), -0.5), (" a".to_string(), -1.5)].into()),
+            Some([("?".to_string(), -0.1), ("!".to_string(), -2.0)].into()),
         ];
         assert_eq!(lp.top_logprobs, want);
+    }
+
+    #[test]
+    fn a_scored_prompt_starts_with_nulls_and_the_answer_follows() {
+        let mut lp = TextLogprobs::default();
+        lp.push_unscored("Once".into(), 0);
+        lp.push(&entry(" upon", -3.0, &[(" a", -1.0)]), 4);
+        let mut offset = 9;
+        lp.append(TextLogprobs::from_entries(&[entry(" time", -0.25, &[])], &mut offset));
+        assert_eq!(
+            serde_json::to_value(&lp).unwrap(),
+            serde_json::json!({"tokens": ["Once", " upon", " time"],
+                "token_logprobs": [null, -3.0, -0.25],
+                "top_logprobs": [null, {" a": -1.0, " upon": -3.0}, {" time": -0.25}],
+                "text_offset": [0, 4, 9]})
+        );
     }
 
     #[test]

@@ -954,6 +954,122 @@ fn text_completion_prompts_echo_and_stream() {
     }
 }
 
+/// The four legacy lists of a choice, merged over a stream's events when there are several.
+fn merged_logprobs(parts: &[&Value]) -> Value {
+    let mut out =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for part in parts {
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let list = out[key].as_array_mut().unwrap();
+            list.extend(part[key].as_array().unwrap().iter().cloned());
+        }
+    }
+    out
+}
+
+#[test]
+fn text_completion_scores_an_echoed_prompt_as_lm_eval_asks() {
+    // lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs 1, max_tokens 1.
+    // The prompt is the reference's greedy case "short" followed by what transformers generated,
+    // so the log-probabilities of those tokens are transformers', and each is the likeliest.
+    let case = reference_greedy_case("short");
+    let context = ids_of(&case["prompt_ids"]);
+    let continuation = ids_of(&case["generated_ids"]);
+    let prompt: Vec<u32> = context.iter().chain(&continuation).copied().collect();
+    let tokenizer = phi_engine::tokenizer::PhiTokenizer::from_dir(MODEL).unwrap();
+    let echo = tokenizer.decode(&prompt, false).unwrap();
+    let s = Server::start(&[]);
+    let mut answers = Vec::new();
+    for max_tokens in [1, 0] {
+        let body = json!({"prompt": [prompt.clone()], "echo": true, "logprobs": 1,
+            "max_tokens": max_tokens, "temperature": 0});
+        let res = s.post("/v1/completions", &body);
+        assert_eq!(res.status(), 200);
+        let res: Value = res.json().unwrap();
+        assert_eq!(res["usage"]["prompt_tokens"], prompt.len());
+        assert_eq!(res["usage"]["completion_tokens"], max_tokens);
+        let choice = &res["choices"][0];
+        assert_eq!(choice["finish_reason"], "length");
+        let text = choice["text"].as_str().unwrap();
+        assert!(text.starts_with(&echo) && (text.len() > echo.len()) == (max_tokens == 1));
+        let lp = &choice["logprobs"];
+        let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+        let top = lp["top_logprobs"].as_array().unwrap();
+        assert_eq!(token_logprobs.len(), prompt.len() + max_tokens, "{lp}");
+        assert!(token_logprobs[0].is_null() && top[0].is_null(), "{lp}");
+        // What lm-eval reads: the continuation's logprobs, summed, and whether it is greedy.
+        let ctxlen = context.len();
+        for (i, reference) in case["logprobs"].as_array().unwrap().iter().enumerate() {
+            let got = token_logprobs[ctxlen + i].as_f64().unwrap();
+            assert!((got - reference.as_f64().unwrap()).abs() < 1e-3, "{i}: {got} {reference}");
+            let best = top[ctxlen + i].as_object().unwrap().values();
+            let best = best.map(|v| v.as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(got, best, "token {i} is the greedy one: {}", top[ctxlen + i]);
+        }
+        for (i, t) in top.iter().enumerate().skip(1) {
+            let t = t.as_object().unwrap();
+            assert!((1..=2).contains(&t.len()), "1 alternative and the token itself: {t:?}");
+            let token = lp["tokens"][i].as_str().unwrap();
+            assert_eq!(t[token], token_logprobs[i], "{i}");
+        }
+        // Each token's text starts at its offset in the echoed prompt (the first token's
+        // SentencePiece space is the one the decode drops).
+        let chars: Vec<char> = text.chars().collect();
+        for (i, token) in lp["tokens"].as_array().unwrap().iter().enumerate().take(prompt.len()) {
+            let token = token.as_str().unwrap();
+            let token = if i == 0 { token.trim_start() } else { token };
+            let at = lp["text_offset"][i].as_u64().unwrap() as usize;
+            let here: String = chars[at..].iter().take(token.chars().count()).collect();
+            assert_eq!(here, token, "token {i} at {at}");
+        }
+        answers.push(choice.clone());
+    }
+    // The prompt's entries do not depend on what is generated after it.
+    let n = prompt.len();
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        let with = &answers[0]["logprobs"][key].as_array().unwrap()[..n];
+        assert_eq!(with, answers[1]["logprobs"][key].as_array().unwrap().as_slice(), "{key}");
+    }
+
+    // Streamed, with two choices: each opens with its echoed, scored prompt, and the lists
+    // put together are the JSON answer's.
+    let body = json!({"prompt": [prompt.clone()], "echo": true, "logprobs": 1, "max_tokens": 3,
+        "temperature": 0, "n": 2});
+    let json: Value = s.post("/v1/completions", &body).json().unwrap();
+    let chunks = parse_chunks(&s.post("/v1/completions", &streaming(body)).bytes().unwrap());
+    for index in 0..2 {
+        let parts: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap())
+            .filter(|c| c["index"] == index)
+            .collect();
+        assert_eq!(parts[0]["text"], echo.as_str(), "the first event is the prompt");
+        assert_eq!(parts[0]["logprobs"]["tokens"].as_array().unwrap().len(), n);
+        let text: String = parts.iter().map(|p| p["text"].as_str().unwrap()).collect();
+        let lists: Vec<&Value> =
+            parts.iter().map(|p| &p["logprobs"]).filter(|l| !l.is_null()).collect();
+        let want = &json["choices"][index]["logprobs"];
+        assert_eq!(text, json["choices"][index]["text"].as_str().unwrap());
+        assert_eq!(&merged_logprobs(&lists), want, "choice {index}");
+    }
+
+    // A text prompt: its offsets index the text as given.
+    let body = json!({"prompt": "Once upon a time", "echo": true, "logprobs": 0,
+        "max_tokens": 0});
+    let res: Value = s.post("/v1/completions", &body).json().unwrap();
+    let choice = &res["choices"][0];
+    assert_eq!(choice["text"], "Once upon a time");
+    let lp = &choice["logprobs"];
+    let tokens: Vec<&str> =
+        lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let offsets: Vec<u64> =
+        lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert_eq!(tokens.concat().trim_start(), "Once upon a time", "{lp}");
+    let last = "Once upon a time".len() - tokens.last().unwrap().len();
+    assert_eq!(*offsets.last().unwrap() as usize, last, "{lp}");
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{lp}");
+}
+
 #[test]
 fn text_completion_errors() {
     let s = Server::start(&[]);
@@ -965,7 +1081,7 @@ fn text_completion_errors() {
         (json!({"prompt": ""}), 400, "prompt"),
         (json!({"max_tokens": 3}), 400, "prompt"),
         (json!({"prompt": "a", "suffix": "b"}), 422, "suffix"),
-        (json!({"prompt": "a", "echo": true, "logprobs": 1}), 422, "echo"),
+        (json!({"prompt": "a", "max_tokens": 0}), 400, "max_tokens"),
         (json!({"prompt": "a", "logit_bias": {"32064": 1}}), 400, "logit_bias"),
         (json!({"prompt": "a", "messages": []}), 400, "messages"),
     ];

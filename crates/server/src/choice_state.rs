@@ -2,7 +2,7 @@
 //! not yet sent, and how the choice ended. Shared by the JSON and the streaming answers.
 
 use phi_api::{ContentFilterResults, FinishReason, TokenLogprob};
-use phi_engine::engine::{Engine, FinishReason as EngineFinish, StepOutput};
+use phi_engine::engine::{Engine, FinishReason as EngineFinish, GeneratedToken, StepOutput};
 
 use crate::content_filter::{FilterContext, TextKind};
 use crate::token_logprobs::token_logprob;
@@ -25,6 +25,8 @@ pub struct ChoiceState {
     pub finish: Option<FinishReason>,
     /// The content filter's latest verdict on `text` (only with a filter).
     pub filter_results: Option<ContentFilterResults>,
+    /// A scored prompt's tokens (a text completion's `echo` with `logprobs`), once computed.
+    pub prompt_logprobs: Vec<GeneratedToken>,
 }
 
 impl ChoiceState {
@@ -104,6 +106,9 @@ impl ChoiceState {
     pub fn apply(&mut self, engine: &Engine, output: &StepOutput, logprobs: bool, keep_text: bool) {
         if keep_text {
             self.text.push_str(&output.text);
+        }
+        if !output.prompt_logprobs.is_empty() {
+            self.prompt_logprobs = output.prompt_logprobs.clone();
         }
         if let Some(token) = &output.token {
             self.completion_tokens += 1;

@@ -41,6 +41,8 @@ struct ChoiceOptions<'a> {
     n: usize,
     /// A text completion: the text continues the prompt's.
     after_prompt: bool,
+    /// Score the prompt's tokens (a text completion's `echo` with `logprobs`).
+    prompt_logprobs: bool,
 }
 
 /// Tokenizes the conversation and creates the sequences. CPU-bound: call it off the async
@@ -53,6 +55,7 @@ pub fn prepare(engine: &Engine, req: &ChatRequest) -> Result<Prepared, ApiError>
         stop: &req.stop,
         n: req.n,
         after_prompt: false,
+        prompt_logprobs: false,
     };
     let sequences = choices(engine, &prompt.ids, &opts, "messages")?;
     Ok(Prepared {
@@ -73,6 +76,7 @@ pub fn prepare_text(engine: &Engine, req: &CompletionRequest) -> Result<Prepared
         stop: &req.stop,
         n: req.n,
         after_prompt: true,
+        prompt_logprobs: req.echo && req.sampling.logprobs,
     };
     let mut prepared = Prepared {
         prompt_tokens: 0,
@@ -128,6 +132,7 @@ fn choices(
                 stop: opts.stop.to_vec(),
                 ignore_eos: false,
                 decode_after_prompt: opts.after_prompt,
+                prompt_logprobs: opts.prompt_logprobs,
             };
             engine.new_sequence(ids, &generate).map_err(|e| match e {
                 EngineError::InvalidRequest(m) => ApiError::invalid_value(prompt_param, m),

@@ -20,6 +20,7 @@ use phi_api::{
     sse, ApiError, ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, ContentFilterResults, Delta,
     FinishReason, PromptFilterResult, TokenLogprob, Usage,
 };
+use phi_engine::engine::GeneratedToken;
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -76,6 +77,18 @@ pub trait StreamShape: Send + 'static {
 
     /// The part that opens choice `index` before anything is generated, if the shape has one.
     fn opening(&mut self, index: usize) -> Option<Self::Choice>;
+
+    /// The part that carries choice `index`'s scored prompt (`scores`, one per prompt token),
+    /// sent before the step's text, if the shape answers prompt log-probabilities.
+    fn prompt_scored(
+        &mut self,
+        index: usize,
+        meta: &ResponseMeta,
+        scores: &[GeneratedToken],
+    ) -> Option<Self::Choice> {
+        let _ = (index, meta, scores);
+        None
+    }
 
     /// A choice's part with the text it released, its log-probabilities and filter verdict,
     /// and its finish reason on its last part.
@@ -222,6 +235,14 @@ impl<S: StreamShape> SseState<S> {
             // Stopped by the content filter; the worker may have stepped it once more.
             return;
         }
+        if !output.prompt_logprobs.is_empty() {
+            if let Some(choice) =
+                self.shape.prompt_scored(index, &self.meta, &output.prompt_logprobs)
+            {
+                self.push_choice(choice, None);
+            }
+        }
+        let state = &mut self.choices[index];
         let filter = self.meta.filter.as_ref();
         // With a filter, the answer so far is checked before any of this step's text is sent.
         let released =

@@ -14,6 +14,7 @@ use phi_api::{
     parse_completion_request, ApiError, ContentFilterResults, FinishReason, Prompt,
     PromptFilterResult, TextChoice, TextCompletion, TextLogprobs, TokenLogprob, Usage,
 };
+use phi_engine::engine::GeneratedToken;
 
 use crate::admission::{admit, screen_prompt, submit, Admitted};
 use crate::completion::collect_choices;
@@ -27,6 +28,7 @@ use crate::request_log::{CompletionLog, LoggedByCompletion};
 use crate::response_meta::ResponseMeta;
 use crate::state::{unix_now, AppState};
 use crate::stream::{sse_response, StreamShape};
+use crate::token_logprobs::prompt_logprobs;
 use crate::worker::Job;
 
 /// Handler of the legacy text-completions route.
@@ -114,8 +116,9 @@ pub async fn openai_completions(
     )
     .with_metrics(state.metrics().clone())
     .with_cached_tokens(cached_prompt_tokens);
+    let scored = req.echo && req.sampling.logprobs;
     let mut res = if req.stream {
-        sse_response(meta, events, log, TextEvents::new(echoes, choices))
+        sse_response(meta, events, log, TextEvents::new(echoes, choices, scored))
     } else {
         let completion = collect_text(&meta, echoes, events, log).await?;
         (StatusCode::OK, Json(completion)).into_response()
@@ -140,12 +143,16 @@ async fn collect_text(
         .map(|(index, c)| {
             let echo = echoes.get(index).map_or("", String::as_str);
             let mut offset = echo.chars().count();
+            let logprobs = meta.logprobs.then(|| {
+                let tokenizer = meta.engine.tokenizer();
+                let mut lp = prompt_logprobs(tokenizer, &c.prompt_logprobs, echo);
+                lp.append(TextLogprobs::from_entries(&c.logprobs, &mut offset));
+                lp
+            });
             TextChoice {
                 index,
                 text: format!("{echo}{}", c.text),
-                logprobs: meta
-                    .logprobs
-                    .then(|| TextLogprobs::from_entries(&c.logprobs, &mut offset)),
+                logprobs,
                 finish_reason: Some(c.finish.unwrap_or(FinishReason::Stop)),
                 content_filter_results: meta
                     .filter
@@ -166,19 +173,22 @@ async fn collect_text(
 }
 
 /// The events of a streamed text completion: each a [`TextCompletion`] with the text to append;
-/// with `echo`, a choice's first event holds its prompt.
+/// with `echo`, a choice's first event holds its prompt (with `logprobs`, once the prompt is
+/// scored, with its tokens' log-probabilities).
 struct TextEvents {
     /// Per choice, its prompt's text (empty without `echo`).
     echoes: Vec<String>,
     /// Per choice, where its next token's text starts, in characters.
     offsets: Vec<usize>,
+    /// `echo` with `logprobs`: the prompt goes out when its scores come.
+    scored: bool,
 }
 
 impl TextEvents {
-    fn new(echoes: Vec<String>, choices: usize) -> Self {
+    fn new(echoes: Vec<String>, choices: usize, scored: bool) -> Self {
         let offsets =
             (0..choices).map(|i| echoes.get(i).map_or(0, |e| e.chars().count())).collect();
-        TextEvents { echoes, offsets }
+        TextEvents { echoes, offsets, scored }
     }
 }
 
@@ -187,11 +197,31 @@ impl StreamShape for TextEvents {
     type Event = TextCompletion;
 
     fn opening(&mut self, index: usize) -> Option<TextChoice> {
+        if self.scored {
+            return None;
+        }
         let echo = self.echoes.get_mut(index).filter(|e| !e.is_empty())?;
         Some(TextChoice {
             index,
             text: std::mem::take(echo),
             logprobs: None,
+            finish_reason: None,
+            content_filter_results: None,
+        })
+    }
+
+    fn prompt_scored(
+        &mut self,
+        index: usize,
+        meta: &ResponseMeta,
+        scores: &[GeneratedToken],
+    ) -> Option<TextChoice> {
+        let echo = std::mem::take(self.echoes.get_mut(index)?);
+        let logprobs = prompt_logprobs(meta.engine.tokenizer(), scores, &echo);
+        Some(TextChoice {
+            index,
+            text: echo,
+            logprobs: Some(logprobs),
             finish_reason: None,
             content_filter_results: None,
         })

@@ -1,6 +1,6 @@
 //! Engine tokens to OpenAI logprob entries: token text and bytes from the tokenizer's pieces.
 
-use phi_api::{TokenLogprob, TopLogprob};
+use phi_api::{TextLogprobs, TokenLogprob, TopLogprob};
 use phi_engine::engine::GeneratedToken;
 use phi_engine::tokenizer::PhiTokenizer;
 
@@ -22,6 +22,43 @@ pub fn token_logprob(tokenizer: &PhiTokenizer, token: &GeneratedToken) -> TokenL
             })
             .collect(),
     }
+}
+
+/// The legacy log-probabilities of a scored prompt (`echo` with `logprobs`), `scores` one entry
+/// per prompt token (the first unscored), `echo` the prompt's text as the answer starts with it.
+///
+/// A token's `text_offset` is where its text starts in `echo`: the length of what the prompt's
+/// tokens before it decode to (so SentencePiece's dropped leading space and byte-fallback
+/// characters count as they do in the text), less what the decode has in front of `echo` (a
+/// BOS the tokenizer added to a text prompt).
+pub fn prompt_logprobs(
+    tokenizer: &PhiTokenizer,
+    scores: &[GeneratedToken],
+    echo: &str,
+) -> TextLogprobs {
+    let mut starts = Vec::with_capacity(scores.len());
+    let mut decoded = 0usize;
+    let mut decoder = tokenizer.stream_decoder(false).ok();
+    for s in scores {
+        starts.push(decoded);
+        if let Some(Ok(Some(text))) = decoder.as_mut().map(|d| d.push(s.id)) {
+            decoded += text.chars().count();
+        }
+    }
+    if let Some(Ok(tail)) = decoder.as_mut().map(|d| d.finish()) {
+        decoded += tail.chars().count();
+    }
+    let echo_len = echo.chars().count();
+    let lead = decoded.saturating_sub(echo_len);
+    let mut out = TextLogprobs::default();
+    for (s, start) in scores.iter().zip(starts) {
+        let at = start.saturating_sub(lead).min(echo_len);
+        match s.logprob {
+            Some(_) => out.push(&token_logprob(tokenizer, s), at),
+            None => out.push_unscored(token_text(tokenizer, s.id).0, at),
+        }
+    }
+    out
 }
 
 /// A token's text and bytes: SentencePiece's `▁` becomes a space, a byte-fallback piece
