@@ -100,7 +100,7 @@ fn bench_one(c: &mut Criterion, ctx: usize, batch: usize, dtype: DType, heads: H
         caches
             .iter()
             .zip(&q)
-            .map(|(c, q)| DecodeQuery { q: q.clone(), slots: c.slots(0, c.len()) })
+            .map(|(c, q)| DecodeQuery { q: q.clone(), slots: c.slots(0, c.len()), mask: None })
             .collect()
     };
     g.bench_function("paged", |b| {

@@ -20,7 +20,9 @@ pub struct CheckpointFiles {
     pub config: PathBuf,
     /// `generation_config.json`, when the checkpoint has one.
     pub generation_config: Option<PathBuf>,
-    /// `tokenizer.json`.
+    /// The tokenizer: `tokenizer.json`, or for a checkpoint without one (Phi-3-small) the tiktoken
+    /// ranks file `cl100k_base.tiktoken` ([`crate::tokenizer::PhiTokenizer::from_files`] tells
+    /// them apart by the `.tiktoken` extension).
     pub tokenizer: PathBuf,
     /// `tokenizer_config.json`, when the checkpoint has one (chat template, special tokens).
     pub tokenizer_config: Option<PathBuf>,
@@ -157,8 +159,15 @@ fn resolve_with(
     };
     let config = get("config.json")?
         .ok_or_else(|| missing("config.json", "the model's architecture settings"))?;
-    let tokenizer = get("tokenizer.json")?
-        .ok_or_else(|| missing("tokenizer.json", "the Hugging Face fast tokenizer file"))?;
+    let tokenizer = match get("tokenizer.json")? {
+        Some(p) => p,
+        None => get(crate::tiktoken::CL100K_FILE_NAME)?.ok_or_else(|| {
+            missing(
+                "tokenizer.json (or cl100k_base.tiktoken)",
+                "the Hugging Face fast tokenizer file, or Phi-3-small's tiktoken ranks file",
+            )
+        })?,
+    };
     let tokenizer_config = get("tokenizer_config.json")?;
     let generation_config = get("generation_config.json")?;
 

@@ -70,18 +70,18 @@ pub struct Phi3Config {
     pub bos_token_id: Option<u32>,
 }
 
-fn bad(path: &Path, msg: impl Into<String>) -> EngineError {
+pub(crate) fn bad(path: &Path, msg: impl Into<String>) -> EngineError {
     EngineError::Config { path: path.to_path_buf(), message: msg.into() }
 }
 
 /// Reads a JSON settings file; errors name the file.
-fn read_json(path: &Path) -> Result<Value> {
+pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
     serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))
 }
 
-fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
+pub(crate) fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(x) => x
@@ -91,11 +91,11 @@ fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
     }
 }
 
-fn req_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
+pub(crate) fn req_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
     get_usize(v, key, path)?.ok_or_else(|| bad(path, format!("missing required field `{key}`")))
 }
 
-fn get_f64(v: &Value, key: &str, path: &Path) -> Result<Option<f64>> {
+pub(crate) fn get_f64(v: &Value, key: &str, path: &Path) -> Result<Option<f64>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(x) => x
@@ -115,7 +115,7 @@ fn get_factors(v: &Value, key: &str, path: &Path) -> Result<Vec<f64>> {
         .collect()
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
+pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
@@ -124,7 +124,7 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 /// Architectures this crate can run, as named in `config.json`'s `architectures`.
-const SUPPORTED_ARCHITECTURES: &[&str] = &["Phi3ForCausalLM"];
+const SUPPORTED_ARCHITECTURES: &[&str] = &["Phi3ForCausalLM", "Phi3SmallForCausalLM"];
 
 impl Phi3Config {
     /// Reads and validates `config.json`.
@@ -198,79 +198,8 @@ impl Phi3Config {
         }
         let rope_theta = lookup_f64("rope_theta")?.unwrap_or(10000.0);
         let max_position_embeddings = req_usize(v, "max_position_embeddings", path)?;
-        let original_max_position_embeddings = {
-            let from_params = match rope_params {
-                Some(p) => get_usize(p, "original_max_position_embeddings", path)?,
-                None => None,
-            };
-            let from_scaling = match v.get("rope_scaling").filter(|s| s.is_object()) {
-                Some(s) => get_usize(s, "original_max_position_embeddings", path)?,
-                None => None,
-            };
-            from_params
-                .or(get_usize(v, "original_max_position_embeddings", path)?)
-                .or(from_scaling)
-                .unwrap_or(max_position_embeddings)
-        };
-
-        let scaling_obj = match (rope_params, v.get("rope_scaling")) {
-            (Some(p), _) if p.get("rope_type").or(p.get("type")).is_some() => Some(p),
-            (_, Some(s)) if s.is_object() => Some(s),
-            _ => None,
-        };
-        let rope_scaling = match scaling_obj {
-            None => RopeScaling::None,
-            Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                match kind {
-                    "default" => RopeScaling::None,
-                    // transformers renames the legacy names to "longrope".
-                    "longrope" | "su" | "yarn" => {
-                        let short_factor = get_factors(s, "short_factor", path)?;
-                        let long_factor = get_factors(s, "long_factor", path)?;
-                        let half = rotary_dim / 2;
-                        if short_factor.len() != half || long_factor.len() != half {
-                            return Err(bad(
-                                path,
-                                format!(
-                                    "LongRoPE factors must have rotary_dim/2 = {half} entries, \
-                                     found short_factor {} and long_factor {}",
-                                    short_factor.len(),
-                                    long_factor.len()
-                                ),
-                            ));
-                        }
-                        let factor = match get_f64(s, "factor", path)? {
-                            Some(f) => f,
-                            None => {
-                                max_position_embeddings as f64
-                                    / original_max_position_embeddings as f64
-                            }
-                        };
-                        let attention_factor = match get_f64(s, "attention_factor", path)? {
-                            Some(a) => a,
-                            None if factor <= 1.0 => 1.0,
-                            None => (1.0
-                                + factor.ln() / (original_max_position_embeddings as f64).ln())
-                            .sqrt(),
-                        };
-                        RopeScaling::LongRope { short_factor, long_factor, attention_factor }
-                    }
-                    other => {
-                        return Err(bad(
-                            path,
-                            format!(
-                                "unsupported rope scaling type `{other}` (expected longrope/su)"
-                            ),
-                        ))
-                    }
-                }
-            }
-        };
+        let (original_max_position_embeddings, rope_scaling) =
+            rope_scaling_of(v, path, rotary_dim, max_position_embeddings)?;
 
         let sliding_window = get_usize(v, "sliding_window", path)?;
         if sliding_window == Some(0) {
@@ -333,6 +262,100 @@ impl Phi3Config {
     }
 }
 
+/// The LongRoPE settings of a config: `original_max_position_embeddings` (the context itself
+/// when absent) and the scaling, read from `rope_parameters` (transformers 5) or the published
+/// `rope_scaling` and top-level keys.
+pub(crate) fn rope_scaling_of(
+    v: &Value,
+    path: &Path,
+    rotary_dim: usize,
+    max_position_embeddings: usize,
+) -> Result<(usize, RopeScaling)> {
+    let rope_params = v.get("rope_parameters").filter(|p| p.is_object());
+    let original_max_position_embeddings = {
+        let from_params = match rope_params {
+            Some(p) => get_usize(p, "original_max_position_embeddings", path)?,
+            None => None,
+        };
+        let from_scaling = match v.get("rope_scaling").filter(|s| s.is_object()) {
+            Some(s) => get_usize(s, "original_max_position_embeddings", path)?,
+            None => None,
+        };
+        from_params
+            .or(get_usize(v, "original_max_position_embeddings", path)?)
+            .or(from_scaling)
+            .unwrap_or(max_position_embeddings)
+    };
+
+    let scaling_obj = match (rope_params, v.get("rope_scaling")) {
+        (Some(p), _) if p.get("rope_type").or(p.get("type")).is_some() => Some(p),
+        (_, Some(s)) if s.is_object() => Some(s),
+        _ => None,
+    };
+    let rope_scaling = match scaling_obj {
+        None => RopeScaling::None,
+        Some(s) => {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            match kind {
+                "default" => RopeScaling::None,
+                // transformers renames the legacy names to "longrope".
+                "longrope" | "su" | "yarn" => {
+                    let short_factor = get_factors(s, "short_factor", path)?;
+                    let long_factor = get_factors(s, "long_factor", path)?;
+                    let half = rotary_dim / 2;
+                    if short_factor.len() != half || long_factor.len() != half {
+                        return Err(bad(
+                            path,
+                            format!(
+                                "LongRoPE factors must have rotary_dim/2 = {half} entries, \
+                                 found short_factor {} and long_factor {}",
+                                short_factor.len(),
+                                long_factor.len()
+                            ),
+                        ));
+                    }
+                    let factor = match get_f64(s, "factor", path)? {
+                        Some(f) => f,
+                        None => {
+                            max_position_embeddings as f64 / original_max_position_embeddings as f64
+                        }
+                    };
+                    let attention_factor = match get_f64(s, "attention_factor", path)? {
+                        Some(a) => a,
+                        None if factor <= 1.0 => 1.0,
+                        None => (1.0
+                            + factor.ln() / (original_max_position_embeddings as f64).ln())
+                        .sqrt(),
+                    };
+                    RopeScaling::LongRope { short_factor, long_factor, attention_factor }
+                }
+                other => {
+                    return Err(bad(
+                        path,
+                        format!("unsupported rope scaling type `{other}` (expected longrope/su)"),
+                    ))
+                }
+            }
+        }
+    };
+    Ok((original_max_position_embeddings, rope_scaling))
+}
+
+/// Whether a parsed `config.json` describes Phi-3-small (`Phi3SmallForCausalLM`, model_type
+/// `phi3small`), an architecture of its own (see [`crate::phi3_small_config`]).
+pub fn is_phi3_small(v: &Value) -> bool {
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+    let named = v
+        .get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().filter_map(Value::as_str).any(|a| a.contains("Phi3Small")));
+    model_type == "phi3small" || named
+}
+
 fn check_architecture(v: &Value, path: &Path) -> Result<()> {
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let archs: Vec<&str> = v
@@ -340,11 +363,11 @@ fn check_architecture(v: &Value, path: &Path) -> Result<()> {
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    if model_type == "phi3small" || archs.iter().any(|a| a.contains("Phi3Small")) {
+    if is_phi3_small(v) {
         return Err(bad(
             path,
-            "Phi-3-small (Phi3SmallForCausalLM: block-sparse attention, GEGLU, muP, tiktoken) is a \
-             different architecture that phi-serve does not run yet; it has its own issue",
+            "this is a Phi-3-small (Phi3SmallForCausalLM) config, but this needs a \
+             Phi3ForCausalLM model (GGUF, for one, has no Phi-3-small architecture)",
         ));
     }
     let known = archs.iter().any(|a| SUPPORTED_ARCHITECTURES.contains(a))
@@ -438,7 +461,7 @@ mod tests {
     fn errors_name_the_problem() {
         let mut v = mini();
         v["architectures"] = json!(["Phi3SmallForCausalLM"]);
-        assert!(parse(v).unwrap_err().to_string().contains("Phi-3-small"));
+        assert!(parse(v).unwrap_err().to_string().contains("Phi3SmallForCausalLM) config"));
         let mut v = mini();
         v["architectures"] = json!(["LlamaForCausalLM"]);
         assert!(parse(v).unwrap_err().to_string().contains("unknown architecture"));

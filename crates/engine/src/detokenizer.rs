@@ -8,6 +8,10 @@
 //!   and if the run as a whole is not valid UTF-8, *every* byte of it becomes U+FFFD, including
 //!   bytes that formed complete characters earlier in the run.
 //!
+//! A byte-level decoder (Phi-3-small's tiktoken tokenizer) has no such strip, but there every token
+//! is raw bytes and a character may be split over several tokens (😁 is two cl100k tokens): the
+//! text of a window that ends inside a character ends in U+FFFD until its last byte arrives.
+//!
 //! [`StreamDecoder`] produces chunks whose concatenation is exactly
 //! `tokenizer.decode(all_ids, skip_special_tokens)`, never emitting a partial character or a
 //! U+FFFD that later tokens could still change.
@@ -32,6 +36,12 @@ use crate::tokenizer::{PhiTokenizer, TokenizerError};
 ///
 /// Cost of exactness: characters spelled with byte-fallback tokens (emoji, rare CJK) are emitted
 /// together with the next normal token, i.e. one token later than their last byte.
+///
+/// Byte-level tokenizers ([`PhiTokenizer::is_byte_level`]): a commit is held back while the
+/// window's text ends in U+FFFD, i.e. while its bytes may end inside a character that a later token
+/// completes. Once the text ends in any other character, the bytes before it decode the same
+/// whatever follows, so the boundary is final. A character is thus emitted with the token that
+/// completes it (a real U+FFFD at the end waits for one more token, or for `finish`).
 #[derive(Debug, Clone)]
 pub struct StreamDecoder {
     tokenizer: PhiTokenizer,
@@ -48,13 +58,14 @@ impl StreamDecoder {
     /// A decoder for one sequence; `skip_special_tokens` has the meaning it has for
     /// [`PhiTokenizer::decode`].
     ///
-    /// Fails if the tokenizer config asks for `clean_up_tokenization_spaces`, a whole-text
-    /// rewrite that cannot be streamed exactly (no Phi-3 SentencePiece config sets it).
+    /// Fails if the tokenizer applies `clean_up_tokenization_spaces`, a whole-text rewrite that
+    /// cannot be streamed exactly (no Phi-3 SentencePiece config sets it, and the tiktoken
+    /// tokenizer of Phi-3-small ignores its config's `true`).
     pub fn new(
         tokenizer: &PhiTokenizer,
         skip_special_tokens: bool,
     ) -> Result<Self, TokenizerError> {
-        if tokenizer.config().clean_up_tokenization_spaces {
+        if tokenizer.clean_up_tokenization_spaces() {
             return Err(TokenizerError::Decode(
                 "streaming detokenization does not support clean_up_tokenization_spaces=true"
                     .into(),
@@ -75,20 +86,29 @@ impl StreamDecoder {
     /// [`new`](Self::new) decodes the generated tokens alone, as transformers decodes a chat
     /// answer.
     ///
-    /// The anchor is the prompt's last visible token that is not a byte-fallback token; a
-    /// prompt that ends inside a byte-fallback character leaves that character out, so the text
-    /// only ever holds generated tokens' text.
+    /// The anchor is the prompt's last visible token that is not a byte-fallback token (for a
+    /// byte-level tokenizer: whose bytes are whole characters, decoding without U+FFFD); a
+    /// prompt that ends inside a character leaves that character out, so the text only ever
+    /// holds generated tokens' text.
     pub fn after_prompt(
         tokenizer: &PhiTokenizer,
         skip_special_tokens: bool,
         prompt: &[u32],
     ) -> Result<Self, TokenizerError> {
         let mut decoder = Self::new(tokenizer, skip_special_tokens)?;
-        let anchor = prompt.iter().rev().copied().find(|&id| {
-            tokenizer.contains_id(id)
+        let mut anchor = None;
+        for &id in prompt.iter().rev() {
+            let visible = tokenizer.contains_id(id)
                 && !(skip_special_tokens && tokenizer.is_special_token(id))
-                && !tokenizer.is_byte_fallback_token(id)
-        });
+                && !tokenizer.is_byte_fallback_token(id);
+            if visible
+                && (!tokenizer.is_byte_level()
+                    || !tokenizer.decode_raw(&[id], skip_special_tokens)?.contains('\u{FFFD}'))
+            {
+                anchor = Some(id);
+                break;
+            }
+        }
         if let Some(id) = anchor {
             decoder.window = vec![id];
             decoder.committed = 1;
@@ -118,7 +138,7 @@ impl StreamDecoder {
             // A later byte token may still extend (or invalidate) this run.
             return Ok(None);
         }
-        let chunk = self.commit_all()?;
+        let chunk = self.commit_all(false)?;
         Ok(if chunk.is_empty() { None } else { Some(chunk) })
     }
 
@@ -126,7 +146,7 @@ impl StreamDecoder {
     /// the full decode) and resets the decoder for reuse.
     pub fn finish(&mut self) -> Result<String, TokenizerError> {
         let chunk =
-            if self.committed < self.window.len() { self.commit_all()? } else { String::new() };
+            if self.committed < self.window.len() { self.commit_all(true)? } else { String::new() };
         self.window.clear();
         self.committed = 0;
         self.committed_text.clear();
@@ -134,9 +154,14 @@ impl StreamDecoder {
     }
 
     /// Commits the whole window: emits `decode(window) - decode(window[..committed])` and, if that
-    /// produced text, makes the newly committed piece the next anchor.
-    fn commit_all(&mut self) -> Result<String, TokenizerError> {
+    /// produced text, makes the newly committed piece the next anchor. Unless `flush`, a
+    /// byte-level window whose text ends in U+FFFD (a character not complete yet) is not
+    /// committed and gives `""`.
+    fn commit_all(&mut self, flush: bool) -> Result<String, TokenizerError> {
         let full = self.tokenizer.decode_raw(&self.window, self.skip_special_tokens)?;
+        if !flush && self.tokenizer.is_byte_level() && full.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
         let chunk = match full.strip_prefix(self.committed_text.as_str()) {
             Some(rest) => rest.to_string(),
             None => {

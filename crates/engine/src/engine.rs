@@ -19,7 +19,8 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::SequenceCache;
 use crate::kv_pool::{KvPool, PoolStats};
-use crate::phi3::{BatchItem, Phi3};
+use crate::model::Model;
+use crate::phi3::BatchItem;
 use crate::prefix_cache::PrefixCacheStats;
 use crate::quantize::QuantScheme;
 use crate::rope::LongRopePolicy;
@@ -79,7 +80,7 @@ impl Default for LoadOptions {
 /// A model ready to generate.
 #[derive(Debug)]
 pub struct Engine {
-    model: Phi3,
+    model: Model,
     tokenizer: PhiTokenizer,
     template: ChatTemplate,
     stop_token_ids: BTreeSet<u32>,
@@ -368,12 +369,12 @@ impl Engine {
                 }
                 let file = GgufFile::open(path)?;
                 let tokenizer = file.vocab()?.to_tokenizer()?;
-                (tokenizer, Phi3::from_gguf(&file, opts.dtype, &opts.device)?)
+                (tokenizer, Model::from_gguf(&file, opts.dtype, &opts.device)?)
             }
             None => {
                 let tokenizer =
                     PhiTokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
-                let model = Phi3::from_checkpoint_quantized(
+                let model = Model::from_checkpoint_quantized(
                     &files,
                     opts.dtype,
                     &opts.device,
@@ -413,8 +414,11 @@ impl Engine {
         if let Some(id) = tokenizer.eos_token_id() {
             stop_token_ids.insert(id);
         }
-        let padding_ids: Vec<u32> =
-            (0..cfg.vocab_size as u32).filter(|&id| !tokenizer.contains_id(id)).collect();
+        // Ids past the tokenizer, and those the model masks itself, are never sampled.
+        let masked = model.masked_token_ids();
+        let padding_ids: Vec<u32> = (0..cfg.vocab_size as u32)
+            .filter(|&id| !tokenizer.contains_id(id) || masked.contains(&id))
+            .collect();
         if tokenizer.vocab_size() > cfg.vocab_size {
             return Err(EngineError::Config {
                 path: files.tokenizer.clone(),
@@ -427,7 +431,8 @@ impl Engine {
         }
         tracing::info!(
             origin = %files.origin,
-            params = cfg.num_parameters(),
+            architecture = model.architecture(),
+            params = model.num_parameters(),
             dtype = ?opts.dtype,
             kv_cache_dtype = ?model.kv_geometry().dtype,
             quantization = model.quantization().map(crate::quantize::dtype_name).unwrap_or("none"),
@@ -448,7 +453,7 @@ impl Engine {
     }
 
     /// The model.
-    pub fn model(&self) -> &Phi3 {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 

@@ -23,6 +23,10 @@ pub struct DecodeQuery {
     pub q: Vec<f32>,
     /// Slots (`block * BLOCK_SIZE + offset`) of the visible keys.
     pub slots: Vec<u32>,
+    /// Per query head, an additive mask over `slots` (`[n_heads * slots.len()]`, `0` or
+    /// `-inf`): for attention patterns that differ between heads (Phi-3-small's block-sparse
+    /// layers). `None` when every head sees every slot.
+    pub mask: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 /// The shape of the heads.
@@ -168,6 +172,7 @@ unsafe fn head_task_generic<T: KvElem>(
             p[g * n + j] = q.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
         }
     }
+    apply_mask(&mut p, query, h, group);
     softmax_rows(&mut p, n);
     let mut out = vec![0f32; group * hd];
     for (j, &s) in query.slots.iter().enumerate() {
@@ -178,6 +183,16 @@ unsafe fn head_task_generic<T: KvElem>(
         }
     }
     out
+}
+
+/// Adds the query's per-head mask to the scores `p` (`[group * n]`) of key/value head `h`.
+#[inline(always)]
+fn apply_mask(p: &mut [f32], query: &DecodeQuery, h: usize, group: usize) {
+    if let Some(mask) = &query.mask {
+        let n = query.slots.len();
+        let rows = &mask[h * group * n..(h + 1) * group * n];
+        p.iter_mut().zip(rows).for_each(|(x, m)| *x += m);
+    }
 }
 
 /// Softmax of each row of `n` scores, in place.
@@ -202,7 +217,7 @@ fn softmax_rows(p: &mut [f32], n: usize) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{softmax_rows, DecodeQuery, Heads};
+    use super::{apply_mask, softmax_rows, DecodeQuery, Heads};
     use crate::kv_pool::slot_offset;
 
     #[inline(always)]
@@ -265,6 +280,7 @@ mod avx2 {
                         *p.get_unchecked_mut(g * n + j) = hsum(_mm256_add_ps(a0, a1)) * scale;
                     }
                 }
+                apply_mask(&mut p, query, h, group);
                 softmax_rows(&mut p, n);
                 // The weighted sum of the values, 64 columns at a time, the sums kept in
                 // registers across all the positions.
@@ -338,6 +354,20 @@ mod tests {
                     .map(|s| DecodeQuery {
                         q: Tensor::randn(0f32, 1.0, nq * hd, &dev).unwrap().to_vec1().unwrap(),
                         slots: s.clone(),
+                        // The longest pick hides a different third of its keys from each head.
+                        mask: (s.len() > 8).then(|| {
+                            let hide = |h: usize, j: usize| (j + h).is_multiple_of(3);
+                            let m = (0..nq * s.len())
+                                .map(|i| {
+                                    if hide(i / s.len(), i % s.len()) {
+                                        f32::NEG_INFINITY
+                                    } else {
+                                        0.0
+                                    }
+                                })
+                                .collect();
+                            std::sync::Arc::new(m)
+                        }),
                     })
                     .collect();
                 let got = decode_attention(&keys, &values, &queries, heads).unwrap();
@@ -352,7 +382,13 @@ mod tests {
                     let (k, v) = (gather(&k_rows), gather(&v_rows));
                     let q = Tensor::from_vec(query.q.clone(), (nkv, nq / nkv, hd), &dev).unwrap();
                     let s = q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap();
-                    let p = candle_nn::ops::softmax_last_dim(&(s * scale as f64).unwrap()).unwrap();
+                    let mut s = (s * scale as f64).unwrap();
+                    if let Some(mask) = &query.mask {
+                        let n = query.slots.len();
+                        let m = Tensor::from_vec(mask.to_vec(), (nkv, nq / nkv, n), &dev).unwrap();
+                        s = (s + m).unwrap();
+                    }
+                    let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
                     let want = p.matmul(&v).unwrap().flatten_all().unwrap();
                     let want: Vec<f32> = want.to_vec1().unwrap();
                     for (a, b) in got.iter().zip(&want) {

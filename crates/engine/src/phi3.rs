@@ -12,7 +12,6 @@
 //! whole batch; only attention is computed per sequence.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
@@ -27,6 +26,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, GgufWeights};
 use crate::kv_cache::SequenceCache;
 use crate::kv_pool::{KvPool, PoolGeometry};
+use crate::model_pool::ModelPool;
 use crate::paged_attention::{decode_attention, DecodeQuery, Heads};
 use crate::projection::{Embedding, Projection};
 use crate::quantize::{QuantScheme, QuantizingWeights};
@@ -217,6 +217,92 @@ pub struct ForwardOutput {
     pub positions: Vec<Range<usize>>,
 }
 
+/// The positions one batch item computes in a forward pass, and their rotary factor set.
+pub(crate) type Span = (Range<usize>, RopeFactors);
+
+/// Decides, per batch item, which of its tokens a forward pass computes (the uncached ones, at
+/// most `max_new_tokens`) and with which rotary factors, reserving their cache blocks first so
+/// that a full pool fails the step with nothing half done. Returns the spans and the batch's
+/// token ids laid end to end. Shared by every architecture of the family.
+pub(crate) fn plan_batch(
+    cfg: &Phi3Config,
+    policy: LongRopePolicy,
+    items: &mut [BatchItem<'_>],
+) -> Result<(Vec<Span>, Vec<u32>)> {
+    // Decide, per sequence, which tokens to compute and with which rotary factors.
+    let mut spans: Vec<(Range<usize>, RopeFactors)> = Vec::with_capacity(items.len());
+    let mut flat_ids: Vec<u32> = Vec::new();
+    for item in items.iter_mut() {
+        let total = item.tokens.len();
+        if total > cfg.max_position_embeddings {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence of {total} tokens exceeds the model's context of {} tokens",
+                cfg.max_position_embeddings
+            )));
+        }
+        let mut start = item.cache.len().min(total);
+        if item.cache.len() > total {
+            item.cache.truncate(total);
+        }
+        let mut end = match item.max_new_tokens {
+            Some(n) => total.min(start + n.max(1)),
+            None => total,
+        };
+        let factors = policy.factors_for(cfg, end);
+        if item.cache.is_empty() {
+            // A first chunk: nothing cached yet, so no keys to re-rotate.
+            item.cache.clear(factors);
+        } else if item.cache.factors() != factors {
+            // The cached keys were rotated with the other factor set: re-encode everything.
+            tracing::debug!(len = total, "LongRoPE factor switch: re-encoding sequence");
+            item.cache.clear(factors);
+            start = 0;
+            end = total;
+        }
+        if start == end {
+            return Err(EngineError::InvalidRequest(
+                "a batch item has no uncomputed tokens".into(),
+            ));
+        }
+        // Blocks for the new positions, before anything is computed: a full pool fails
+        // the step with nothing half done.
+        item.cache.reserve(end)?;
+        for &t in &item.tokens[start..end] {
+            if t as usize >= cfg.vocab_size {
+                return Err(EngineError::InvalidRequest(format!(
+                    "token id {t} is outside the vocabulary of {} ids",
+                    cfg.vocab_size
+                )));
+            }
+        }
+        flat_ids.extend_from_slice(&item.tokens[start..end]);
+        spans.push((start..end, factors));
+    }
+    Ok((spans, flat_ids))
+}
+
+/// The rows of a ragged batch whose logits are wanted (the last of each item's span, or all of
+/// it with `all_logits`), and each item's range among them.
+pub(crate) fn logit_rows(
+    items: &[BatchItem<'_>],
+    spans: &[(Range<usize>, RopeFactors)],
+) -> (Vec<u32>, Vec<Range<usize>>) {
+    let mut wanted: Vec<u32> = Vec::new();
+    let mut rows = Vec::with_capacity(items.len());
+    let mut offset = 0usize;
+    for (item, (span, _)) in items.iter().zip(spans) {
+        let first = wanted.len();
+        if item.all_logits {
+            wanted.extend((offset..offset + span.len()).map(|r| r as u32));
+        } else {
+            wanted.push((offset + span.len() - 1) as u32);
+        }
+        rows.push(first..wanted.len());
+        offset += span.len();
+    }
+    (wanted, rows)
+}
+
 /// A loaded Phi-3 model.
 #[derive(Debug, Clone)]
 pub struct Phi3 {
@@ -229,27 +315,12 @@ pub struct Phi3 {
     rope_policy: LongRopePolicy,
     dtype: DType,
     device: Device,
-    /// The KV-cache pool every [`Self::new_cache`] draws on: set by [`Self::set_kv_pool`], or
-    /// made with [`default_pool_tokens`] on first use.
-    kv_pool: Arc<Mutex<PoolSlot>>,
+    /// The KV-cache pool every [`Self::new_cache`] draws on.
+    pool: ModelPool,
 }
 
-/// The model's pool, once made, and the prefix-cache size a default pool gets.
-#[derive(Debug, Default)]
-struct PoolSlot {
-    pool: Option<KvPool>,
-    prefix_cache_bytes: usize,
-    /// Element type of pools made from now on; `None` for the activation dtype.
-    dtype: Option<DType>,
-}
-
-/// The pool size (tokens) of a model whose user set none: room for four full-context sequences
-/// (at least 4096 tokens), but at most 8 GiB (taken lazily on the CPU). A server sizes its pool
-/// from its memory budget instead.
-pub fn default_pool_tokens(context: usize, bytes_per_token: usize) -> usize {
-    let cap = (8usize << 30) / bytes_per_token.max(1);
-    (4 * context).max(4096).min(cap).max(context.min(cap))
-}
+/// Kept here for callers that size pools the way a model does by default.
+pub use crate::model_pool::default_pool_tokens;
 
 impl Phi3 {
     /// Builds the model from a checkpoint's tensors, checking each one's shape against `cfg`.
@@ -307,7 +378,14 @@ impl Phi3 {
             rope_policy: LongRopePolicy::default(),
             dtype,
             device: device.clone(),
-            kv_pool: Arc::default(),
+            pool: ModelPool::new(
+                cfg.num_hidden_layers,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                dtype,
+                cfg.max_position_embeddings,
+                device,
+            ),
         };
         let used = model.tensor_names();
         let names = weights.names();
@@ -429,122 +507,40 @@ impl Phi3 {
 
     /// The shape of the keys and values this model caches.
     pub fn kv_geometry(&self) -> PoolGeometry {
-        let dtype = self.kv_pool.lock().unwrap_or_else(|e| e.into_inner()).dtype;
-        self.geometry_with(dtype)
+        self.pool.geometry()
     }
 
-    fn geometry_with(&self, kv_dtype: Option<DType>) -> PoolGeometry {
-        PoolGeometry {
-            num_layers: self.cfg.num_hidden_layers,
-            n_kv_heads: self.cfg.num_key_value_heads,
-            head_dim: self.cfg.head_dim,
-            dtype: kv_dtype.unwrap_or(self.dtype),
-        }
-    }
-
-    /// Element type of the keys and values that pools made from now on hold: the activation
-    /// dtype (the default, what the reference caches), or a narrower one to halve the bytes
-    /// decode attention reads (`f16` for an `f32` model on the CPU). Only `f32`, `f16` and
-    /// `bf16` are cache types.
+    /// Element type of the keys and values that pools made from now on hold (see
+    /// [`ModelPool::set_dtype`]).
     pub fn set_kv_cache_dtype(&self, dtype: DType) -> Result<()> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(EngineError::InvalidRequest(format!(
-                "{dtype:?} is not a KV cache type (f32, f16 or bf16)"
-            )));
-        }
-        self.kv_pool.lock().unwrap_or_else(|e| e.into_inner()).dtype = Some(dtype);
-        Ok(())
+        self.pool.set_dtype(dtype)
     }
 
-    /// Makes a pool of `tokens` positions the one new caches draw on (caches made before keep
-    /// theirs), with a prefix cache of [`Self::set_prefix_cache_bytes`]. The old pool, if no
-    /// cache holds it, is freed first.
+    /// Makes a pool of `tokens` positions the one new caches draw on (see
+    /// [`ModelPool::set_tokens`]).
     pub fn set_kv_pool_tokens(&self, tokens: usize) -> Result<()> {
-        let mut slot = self.kv_pool.lock().unwrap_or_else(|e| e.into_inner());
-        slot.pool = None;
-        let geometry = self.geometry_with(slot.dtype);
-        let pool = KvPool::new(geometry, tokens, slot.prefix_cache_bytes, &self.device)?;
-        slot.pool = Some(pool);
-        Ok(())
+        self.pool.set_tokens(tokens)
     }
 
     /// Bytes of finished sequences' blocks that pools made from now on let their prefix cache
     /// keep (0, the default, for none).
     pub fn set_prefix_cache_bytes(&self, bytes: usize) {
-        self.kv_pool.lock().unwrap_or_else(|e| e.into_inner()).prefix_cache_bytes = bytes;
+        self.pool.set_prefix_cache_bytes(bytes)
     }
 
     /// The pool new caches draw on, made with [`default_pool_tokens`] if none was set.
     pub fn kv_pool(&self) -> Result<KvPool> {
-        let mut slot = self.kv_pool.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = slot.pool.as_ref() {
-            return Ok(pool.clone());
-        }
-        let geometry = self.geometry_with(slot.dtype);
-        let tokens =
-            default_pool_tokens(self.cfg.max_position_embeddings, geometry.bytes_per_token());
-        let pool = KvPool::new(geometry, tokens, slot.prefix_cache_bytes, &self.device)?;
-        slot.pool = Some(pool.clone());
-        Ok(pool)
+        self.pool.pool()
     }
 
     /// A fresh, empty cache for one sequence.
     pub fn new_cache(&self) -> Result<SequenceCache> {
-        Ok(SequenceCache::new(self.kv_pool()?))
+        self.pool.new_cache()
     }
 
     /// Runs every batch item's uncached tokens through the model and extends its cache.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<ForwardOutput> {
-        // Decide, per sequence, which tokens to compute and with which rotary factors.
-        let mut spans: Vec<(Range<usize>, RopeFactors)> = Vec::with_capacity(items.len());
-        let mut flat_ids: Vec<u32> = Vec::new();
-        for item in items.iter_mut() {
-            let total = item.tokens.len();
-            if total > self.cfg.max_position_embeddings {
-                return Err(EngineError::InvalidRequest(format!(
-                    "sequence of {total} tokens exceeds the model's context of {} tokens",
-                    self.cfg.max_position_embeddings
-                )));
-            }
-            let mut start = item.cache.len().min(total);
-            if item.cache.len() > total {
-                item.cache.truncate(total);
-            }
-            let mut end = match item.max_new_tokens {
-                Some(n) => total.min(start + n.max(1)),
-                None => total,
-            };
-            let factors = self.rope_policy.factors_for(&self.cfg, end);
-            if item.cache.is_empty() {
-                // A first chunk: nothing cached yet, so no keys to re-rotate.
-                item.cache.clear(factors);
-            } else if item.cache.factors() != factors {
-                // The cached keys were rotated with the other factor set: re-encode everything.
-                tracing::debug!(len = total, "LongRoPE factor switch: re-encoding sequence");
-                item.cache.clear(factors);
-                start = 0;
-                end = total;
-            }
-            if start == end {
-                return Err(EngineError::InvalidRequest(
-                    "a batch item has no uncomputed tokens".into(),
-                ));
-            }
-            // Blocks for the new positions, before anything is computed: a full pool fails
-            // the step with nothing half done.
-            item.cache.reserve(end)?;
-            for &t in &item.tokens[start..end] {
-                if t as usize >= self.cfg.vocab_size {
-                    return Err(EngineError::InvalidRequest(format!(
-                        "token id {t} is outside the vocabulary of {} ids",
-                        self.cfg.vocab_size
-                    )));
-                }
-            }
-            flat_ids.extend_from_slice(&item.tokens[start..end]);
-            spans.push((start..end, factors));
-        }
-
+        let (spans, flat_ids) = plan_batch(&self.cfg, self.rope_policy, items)?;
         let n_tokens = flat_ids.len();
         let ids = Tensor::from_vec(flat_ids, n_tokens, &self.device)?;
         let mut x = self.embed_tokens.lookup(&ids, self.dtype)?;
@@ -588,19 +584,7 @@ impl Phi3 {
         }
 
         // Only the rows whose logits are wanted go through the final norm and lm_head.
-        let mut wanted: Vec<u32> = Vec::new();
-        let mut rows = Vec::with_capacity(items.len());
-        let mut offset = 0usize;
-        for (item, (span, _)) in items.iter().zip(&spans) {
-            let first = wanted.len();
-            if item.all_logits {
-                wanted.extend((offset..offset + span.len()).map(|r| r as u32));
-            } else {
-                wanted.push((offset + span.len() - 1) as u32);
-            }
-            rows.push(first..wanted.len());
-            offset += span.len();
-        }
+        let (wanted, rows) = logit_rows(items, &spans);
         let n_wanted = wanted.len();
         let x = x.index_select(&Tensor::from_vec(wanted, n_wanted, &self.device)?, 0)?;
         let x = self.norm.forward(&x)?;
@@ -676,7 +660,11 @@ impl Phi3 {
             if paged && l == 1 && mask.is_none() && item.cache.is_paged_on_cpu() && same_pool {
                 decode_pool.get_or_insert_with(|| item.cache.pool().clone());
                 let q = q_rows.flatten_all()?.to_vec1::<f32>()?;
-                queries.push(DecodeQuery { q, slots: item.cache.slots(first_key, span.end) });
+                queries.push(DecodeQuery {
+                    q,
+                    slots: item.cache.slots(first_key, span.end),
+                    mask: None,
+                });
                 decode.push(i);
                 outputs.push(None);
                 continue;

@@ -36,6 +36,9 @@ pub enum TokenizerError {
     /// `tokenizer.json` could not be parsed by the `tokenizers` crate.
     #[error("cannot load tokenizer.json: {0}")]
     Load(String),
+    /// A tiktoken ranks file (`cl100k_base.tiktoken`) is malformed; see [`crate::tiktoken`].
+    #[error("invalid tiktoken ranks file: {0}")]
+    Tiktoken(String),
     /// `tokenizer_config.json` is not valid JSON or has a field of an unexpected type.
     #[error("invalid tokenizer_config.json: {0}")]
     Config(String),
@@ -69,7 +72,8 @@ pub struct TokenizerConfig {
     pub add_bos_token: bool,
     /// `add_eos_token`: whether `encode(..., add_special_tokens=True)` appends EOS (default `false`).
     pub add_eos_token: bool,
-    /// `clean_up_tokenization_spaces` (default `false`; `false` in every Phi-3 SentencePiece config).
+    /// `clean_up_tokenization_spaces` (default `false`; `false` in every Phi-3 SentencePiece config,
+    /// `true` in Phi-3-small's, whose tokenizer ignores it: see [`PhiTokenizer::decode`]).
     pub clean_up_tokenization_spaces: bool,
     /// `model_max_length`, if present and an integer.
     pub model_max_length: Option<u64>,
@@ -170,6 +174,10 @@ struct Inner {
     special_ids: BTreeSet<u32>,
     /// Indexed by id: true for SentencePiece byte-fallback pieces `<0xNN>` of the model vocab.
     byte_fallback: Vec<bool>,
+    /// Whether `decode` applies transformers' clean-up (the config's flag, except for tiktoken).
+    clean_up: bool,
+    /// Whether the decoder is byte-level (tokens are raw bytes that may split a character).
+    byte_level: bool,
 }
 
 /// A loaded Phi-3 tokenizer (cheap to clone: the data is shared).
@@ -193,8 +201,8 @@ impl std::fmt::Debug for PhiTokenizer {
 }
 
 impl PhiTokenizer {
-    /// Loads `tokenizer.json`, and if present `tokenizer_config.json` and `chat_template.jinja`
-    /// from a model directory.
+    /// Loads `tokenizer.json` (or, when there is none, Phi-3-small's `cl100k_base.tiktoken`), and
+    /// if present `tokenizer_config.json` and `chat_template.jinja` from a model directory.
     ///
     /// A `chat_template.jinja` file (the form newer transformers versions save) replaces the
     /// config's default template, as transformers does.
@@ -210,18 +218,52 @@ impl PhiTokenizer {
         if template_path.is_file() {
             config.chat_templates.insert("default".into(), read_to_string(&template_path)?);
         }
-        let tokenizer = load_tokenizer_json(&read(&dir.join("tokenizer.json"))?)?;
+        let json_path = dir.join("tokenizer.json");
+        let tiktoken_path = dir.join(crate::tiktoken::CL100K_FILE_NAME);
+        if !json_path.is_file() && tiktoken_path.is_file() {
+            let config_text =
+                if config_path.is_file() { Some(read_to_string(&config_path)?) } else { None };
+            let tokenizer =
+                crate::tiktoken::build_tokenizer(&read(&tiktoken_path)?, config_text.as_deref())?;
+            return Ok(Self::build_with(tokenizer, config, false));
+        }
+        let tokenizer = load_tokenizer_json(&read(&json_path)?)?;
         Ok(Self::build(tokenizer, config))
     }
 
-    /// Loads from explicit paths: `tokenizer.json` and an optional `tokenizer_config.json`.
+    /// Loads from explicit paths: the tokenizer file and an optional `tokenizer_config.json`.
+    ///
+    /// The tokenizer file is a `tokenizer.json`, or, when its name ends in `.tiktoken`, a tiktoken
+    /// ranks file (Phi-3-small's `cl100k_base.tiktoken`), loaded with
+    /// [`PhiTokenizer::from_tiktoken_bytes`].
     pub fn from_files(tokenizer_json: impl AsRef<Path>, config: Option<&Path>) -> Result<Self> {
-        let bytes = read(tokenizer_json.as_ref())?;
+        let path = tokenizer_json.as_ref();
+        let bytes = read(path)?;
         let config_text = match config {
             Some(p) => Some(read_to_string(p)?),
             None => None,
         };
-        Self::from_json_bytes(&bytes, config_text.as_deref())
+        let is_tiktoken =
+            path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".tiktoken"));
+        if is_tiktoken {
+            Self::from_tiktoken_bytes(&bytes, config_text.as_deref())
+        } else {
+            Self::from_json_bytes(&bytes, config_text.as_deref())
+        }
+    }
+
+    /// Loads Phi-3-small's tokenizer from the contents of a tiktoken ranks file and an optional
+    /// `tokenizer_config.json` (see [`crate::tiktoken`] for how it is built).
+    ///
+    /// Decoding is tiktoken's (`Phi3SmallTokenizer.decode`): the tokens' bytes as UTF-8, with no
+    /// `clean_up_tokenization_spaces` even though Phi-3-small's config sets it.
+    pub fn from_tiktoken_bytes(ranks_file: &[u8], config_json: Option<&str>) -> Result<Self> {
+        let tokenizer = crate::tiktoken::build_tokenizer(ranks_file, config_json)?;
+        let config = match config_json {
+            Some(text) => TokenizerConfig::from_json_str(text)?,
+            None => TokenizerConfig::default(),
+        };
+        Ok(Self::build_with(tokenizer, config, false))
     }
 
     /// Loads from in-memory contents of `tokenizer.json` and an optional `tokenizer_config.json`.
@@ -243,15 +285,26 @@ impl PhiTokenizer {
     }
 
     fn build(tokenizer: tokenizers::Tokenizer, config: TokenizerConfig) -> Self {
+        let clean_up = config.clean_up_tokenization_spaces;
+        Self::build_with(tokenizer, config, clean_up)
+    }
+
+    /// `clean_up`: whether [`PhiTokenizer::decode`] applies transformers' clean-up.
+    fn build_with(
+        tokenizer: tokenizers::Tokenizer,
+        config: TokenizerConfig,
+        clean_up: bool,
+    ) -> Self {
         let added = tokenizer.get_added_tokens_decoder();
         let special_ids: BTreeSet<u32> =
             added.iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let bos_id = config.bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
         let eos_id = config.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
         let size = tokenizer.get_vocab_size(true);
+        let byte_level = has_byte_level_decoder(&tokenizer);
         let mut byte_fallback = vec![false; size];
         for (token, id) in tokenizer.get_vocab(false) {
-            if is_byte_piece(&token) && !added.contains_key(&id) {
+            if !byte_level && is_byte_piece(&token) && !added.contains_key(&id) {
                 if let Some(slot) = byte_fallback.get_mut(id as usize) {
                     *slot = true;
                 }
@@ -265,6 +318,8 @@ impl PhiTokenizer {
                 eos_id,
                 special_ids,
                 byte_fallback,
+                clean_up,
+                byte_level,
             }),
         }
     }
@@ -313,10 +368,12 @@ impl PhiTokenizer {
     /// [`PhiTokenizer::special_token_ids`]). Ids that do not exist in the tokenizer (the
     /// embedding padding rows 32011–32063 of Phi-3) are ignored, as HF does. When the config sets
     /// `clean_up_tokenization_spaces`, transformers' clean-up is applied (never the case for the
-    /// Phi-3 SentencePiece configs).
+    /// Phi-3 SentencePiece configs), except for a tiktoken tokenizer (Phi-3-small), whose
+    /// `Phi3SmallTokenizer.decode` is tiktoken's plain byte decode; see
+    /// [`PhiTokenizer::clean_up_tokenization_spaces`].
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let text = self.decode_raw(ids, skip_special_tokens)?;
-        if self.inner.config.clean_up_tokenization_spaces {
+        if self.inner.clean_up {
             Ok(clean_up_tokenization(&text))
         } else {
             Ok(text)
@@ -378,6 +435,20 @@ impl PhiTokenizer {
         self.inner.config.add_bos_token
     }
 
+    /// Whether [`PhiTokenizer::decode`] applies transformers' `clean_up_tokenization`: the
+    /// config's `clean_up_tokenization_spaces`, except `false` for a tokenizer loaded from a
+    /// tiktoken file (Phi-3-small's config says `true`, but its tokenizer never cleans up).
+    pub fn clean_up_tokenization_spaces(&self) -> bool {
+        self.inner.clean_up
+    }
+
+    /// Whether the decoder is byte-level (GPT-2 style, and every tiktoken tokenizer): each token
+    /// stands for raw bytes, and a character may be split over several tokens, whose bytes decode
+    /// to U+FFFD until the character is complete. The streaming detokenizer holds such text back.
+    pub fn is_byte_level(&self) -> bool {
+        self.inner.byte_level
+    }
+
     /// Ids of the added tokens flagged `special`: exactly the ids that
     /// `decode(.., skip_special_tokens=true)` drops. Note that `</s>` (id 2) is *not* special in
     /// the July-2024 Phi-3 tokenizer, while it is in the April-2024 one.
@@ -425,6 +496,18 @@ fn load_tokenizer_json(bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
     tokenizer.with_truncation(None).map_err(|e| TokenizerError::Load(e.to_string()))?;
     tokenizer.with_padding(None);
     Ok(tokenizer)
+}
+
+/// Whether the decoder is `ByteLevel`, alone or inside a `Sequence`.
+fn has_byte_level_decoder(tokenizer: &tokenizers::Tokenizer) -> bool {
+    fn is_byte_level(d: &tokenizers::DecoderWrapper) -> bool {
+        match d {
+            tokenizers::DecoderWrapper::ByteLevel(_) => true,
+            tokenizers::DecoderWrapper::Sequence(s) => s.get_decoders().iter().any(is_byte_level),
+            _ => false,
+        }
+    }
+    tokenizer.get_decoder().is_some_and(is_byte_level)
 }
 
 /// `<0xNN>` with two hex digits: the pieces the ByteFallback decoder converts to bytes.

@@ -1095,3 +1095,76 @@ fn text_completion_errors() {
     let res = s.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}));
     assert_eq!(res.status(), 200);
 }
+
+/// Phi-3-small (its own architecture and a tiktoken tokenizer) behind the same API: the chat
+/// template, tokenizer, block-sparse model and detokenizer together give the reference's
+/// greedy answer (mlx-lm's `phi3small`, `models/make_tiny_phi3_small.py`), whole and streamed.
+#[test]
+fn phi3_small_answers_as_its_reference_does() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny/phi3-small-8k");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../crates/engine/tests/reference/phi3-small-8k/reference.json"
+    );
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = json["greedy_cases"].as_array().unwrap().iter().find(|c| c["name"] == "chat");
+    let case = case.unwrap();
+    let (prompt, want) = (ids_of(&case["prompt_ids"]), ids_of(&case["generated_ids"]));
+    let tokenizer = phi_engine::tokenizer::PhiTokenizer::from_files(
+        format!("{dir}/cl100k_base.tiktoken"),
+        Some(std::path::Path::new(&format!("{dir}/tokenizer_config.json"))),
+    )
+    .unwrap();
+    let text = tokenizer.decode(&want, true).unwrap();
+
+    let s = Server::start_opts(Options { model: Some(dir), ..Options::default() });
+    let info: Value = s.get("/info").json().unwrap();
+    assert_eq!(info["model_name"], "phi3-small-8k");
+    let body = json!({"messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Tell me about the lighthouse."}],
+        "max_tokens": want.len(), "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let res = s.post("/v1/chat/completions", &body);
+    assert_eq!(res.status(), 200);
+    let res: Value = res.json().unwrap();
+    assert_eq!(res["usage"]["prompt_tokens"], prompt.len(), "{res}");
+    assert_eq!(res["usage"]["completion_tokens"], want.len());
+    let choice = &res["choices"][0];
+    assert_eq!(choice["message"]["content"], text.as_str());
+    assert_eq!(choice["finish_reason"], "length");
+    // One logprob entry per generated token; their bytes, end to end, are the answer's.
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), want.len());
+    let mut bytes: Vec<u8> = Vec::new();
+    for entry in content {
+        bytes.extend(entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    assert_eq!(String::from_utf8_lossy(&bytes), text);
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let mut res = s.post("/v1/chat/completions", &streamed);
+    assert_eq!(res.status(), 200);
+    let mut raw = String::new();
+    res.read_to_string(&mut raw).unwrap();
+    let mut joined = String::new();
+    for line in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line != "[DONE]" {
+            let event: Value = serde_json::from_str(line).unwrap();
+            if let Some(t) = event["choices"][0]["delta"]["content"].as_str() {
+                joined.push_str(t);
+            }
+        }
+    }
+    assert_eq!(joined, text);
+
+    // A raw text prompt is tokenized without a BOS (the tiktoken tokenizer adds none).
+    let res: Value = s
+        .post("/v1/completions", &json!({"prompt": "The old lighthouse", "max_tokens": 1}))
+        .json()
+        .unwrap();
+    let ids = tokenizer.encode_with_special_tokens("The old lighthouse").unwrap();
+    assert_ne!(ids[0], 100257);
+    assert_eq!(res["usage"]["prompt_tokens"], ids.len(), "{res}");
+}

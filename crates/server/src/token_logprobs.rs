@@ -64,8 +64,16 @@ pub fn prompt_logprobs(
 /// A token's text and bytes: SentencePiece's `▁` becomes a space, a byte-fallback piece
 /// `<0xNN>` is the single byte NN (its text is lossy when the byte is part of a longer
 /// character; `bytes` is exact), special tokens keep their spelling.
+///
+/// A byte-level vocabulary (Phi-3-small's tiktoken) spells each token's raw bytes with GPT-2's
+/// printable characters: `bytes` are those raw bytes, and the text is their (lossy) UTF-8.
 pub fn token_text(tokenizer: &PhiTokenizer, id: u32) -> (String, Vec<u8>) {
     let piece = tokenizer.id_to_token(id).unwrap_or_default();
+    if tokenizer.is_byte_level() && !tokenizer.is_special_token(id) {
+        if let Some(bytes) = phi_engine::tiktoken::byte_level_bytes(&piece) {
+            return (String::from_utf8_lossy(&bytes).into_owned(), bytes);
+        }
+    }
     piece_text(&piece)
 }
 

@@ -40,6 +40,8 @@ pub struct Options<'a> {
     pub capture_stderr: bool,
     /// Return as soon as the server listens, before the model is loaded.
     pub while_loading: bool,
+    /// The model folder, instead of the bundled [`MODEL`].
+    pub model: Option<&'a str>,
 }
 
 impl Server {
@@ -53,7 +55,7 @@ impl Server {
 
     pub fn start_opts(o: Options) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_phi-serve"));
-        cmd.args(["serve", "--model", MODEL, "--port", "0"]).args(o.args);
+        cmd.args(["serve", "--model", o.model.unwrap_or(MODEL), "--port", "0"]).args(o.args);
         // Every flag reads a PHI_SERVE_* variable: none may leak in from the developer's shell.
         for (var, _) in std::env::vars_os() {
             if var.to_string_lossy().starts_with("PHI_SERVE_") {

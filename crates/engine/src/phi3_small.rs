@@ -1,0 +1,515 @@
+//! `Phi3SmallForCausalLM`: Phi-3-small-8k and -128k (7B), an architecture of its own.
+//!
+//! It shares Phi-3-mini's decoder skeleton (pre-norm layers, one fused query/key/value
+//! projection, rotate-half RoPE with LongRoPE for 128k, grouped-query attention, a paged KV
+//! cache) but differs in every detail that changes numbers, all taken from the team note
+//! `PHI3_SMALL.md` and checked against mlx-lm's `phi3small` model (see
+//! `models/make_tiny_phi3_small.py`):
+//!
+//! * LayerNorm with weight and bias (not RMSNorm), and a bias on every linear layer;
+//! * the fused projection is laid out per key/value group: `[q_0 .. q_{g-1}, k, v]` for each of
+//!   the `n_kv_heads` groups, not `[Q | K | V]`;
+//! * muP: embeddings times `mup_embedding_multiplier`, attention scores times
+//!   `mup_attn_multiplier / head_dim`, logits divided by `mup_width_multiplier`, with the
+//!   embedding matrix as the output head;
+//! * GEGLU: `up_proj` gives interleaved pairs, `quick_gelu(min(even, limit)) * (clamp(odd) + 1)`;
+//! * block-sparse attention in all layers but every `dense_attention_every_n_layers`-th: each
+//!   query head sees its most recent blocks plus every `vert_stride`-th block before them,
+//!   with a per-head phase ([`BlockSparse`]);
+//! * dummy and fill-in-the-middle token ids get `-inf` logits.
+//!
+//! Attention runs on the general path (keys gathered from the cache, an additive mask) for
+//! prompt chunks, and on the CPU's paged decode kernel for single decode queries, with a
+//! per-head mask once the sequence outgrows the local blocks. The fused GPU kernels of
+//! [`crate::phi3`] are not used: on CUDA every step takes the general path.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::CheckpointFiles;
+use crate::config::Phi3Config;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::SequenceCache;
+use crate::kv_pool::{KvPool, PoolGeometry};
+use crate::model_pool::ModelPool;
+use crate::paged_attention::{decode_attention, DecodeQuery, Heads};
+use crate::phi3::{logit_rows, plan_batch, BatchItem, ForwardOutput};
+use crate::phi3_small_config::{BlockSparse, Phi3SmallConfig};
+use crate::projection::{Embedding, Projection};
+use crate::quantize::{QuantScheme, QuantizingWeights};
+use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
+use crate::weights::{ModelWeights, WeightStore};
+
+/// A linear layer with a bias.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Projection,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.weight.forward(x)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// LayerNorm over the last dimension, with weight and bias.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: LayerNorm,
+    query_key_value: Linear,
+    dense: Linear,
+    post_attention_norm: LayerNorm,
+    up_proj: Linear,
+    down_proj: Linear,
+    /// Block-sparse attention (else dense causal).
+    sparse: bool,
+}
+
+/// A loaded Phi-3-small model.
+#[derive(Debug, Clone)]
+pub struct Phi3Small {
+    cfg: Phi3SmallConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    final_norm: LayerNorm,
+    lm_head: Projection,
+    /// `lm_head`'s output is divided by the width multiplier and these are added: `-inf` at
+    /// the masked ids, 0 elsewhere (`[vocab]`, float32).
+    logit_mask: Tensor,
+    rotary: Rotary,
+    rope_policy: LongRopePolicy,
+    dtype: DType,
+    device: Device,
+    pool: ModelPool,
+}
+
+/// How one batch item's queries see its keys in a sparse layer, built once per forward pass.
+enum SparseMask {
+    /// Every head sees every causal key (the whole past is in the local blocks).
+    Causal,
+    /// Per head, `[n_heads, l, n_keys]` additive (causal and block-sparse together).
+    PerHead(Arc<Vec<f32>>),
+}
+
+impl Phi3Small {
+    /// Builds the model from a checkpoint's tensors, checking each one's shape against `cfg`.
+    pub fn load(
+        cfg: &Phi3SmallConfig,
+        weights: &dyn ModelWeights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = &cfg.base;
+        let (h, hd, ff) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let norm = |name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: weights.tensor(&format!("{name}.weight"), &[h])?,
+                bias: weights.tensor(&format!("{name}.bias"), &[h])?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: weights.projection(&format!("{name}.weight"), [out, inp])?,
+                bias: weights.tensor(&format!("{name}.bias"), &[out])?,
+            })
+        };
+        let embed_tokens = weights.embedding("model.embed_tokens.weight", [c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_norm: norm(&format!("{p}.input_layernorm"))?,
+                query_key_value: linear(
+                    &format!("{p}.self_attn.query_key_value"),
+                    (nq + 2 * nkv) * hd,
+                    h,
+                )?,
+                dense: linear(&format!("{p}.self_attn.dense"), h, nq * hd)?,
+                post_attention_norm: norm(&format!("{p}.post_attention_layernorm"))?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), 2 * ff, h)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), h, ff)?,
+                sparse: cfg.is_sparse_layer(i),
+            });
+        }
+        let names = weights.names();
+        let has_head = names.iter().any(|n| n == "lm_head.weight");
+        let lm_head = if c.tie_word_embeddings && !has_head {
+            match &embed_tokens {
+                Embedding::Dense(t) => Projection::dense(t.clone()),
+                Embedding::Quantized(q) => Projection::quantized(q.clone())?,
+            }
+        } else {
+            weights.projection("lm_head.weight", [c.vocab_size, h])?
+        };
+        let mut mask = vec![0f32; c.vocab_size];
+        for &id in &cfg.masked_token_ids {
+            mask[id as usize] = f32::NEG_INFINITY;
+        }
+        let model = Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            final_norm: norm("model.final_layernorm")?,
+            lm_head,
+            logit_mask: Tensor::from_vec(mask, c.vocab_size, device)?,
+            rotary: Rotary::new(c),
+            rope_policy: LongRopePolicy::default(),
+            dtype,
+            device: device.clone(),
+            pool: ModelPool::new(
+                c.num_hidden_layers,
+                nkv,
+                hd,
+                dtype,
+                c.max_position_embeddings,
+                device,
+            ),
+        };
+        let used = model.tensor_names(has_head);
+        let unused: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !used.iter().any(|u| u == n) && !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !unused.is_empty() {
+            return Err(EngineError::Weights {
+                location: "checkpoint".into(),
+                message: format!(
+                    "{} tensors that Phi3SmallForCausalLM does not have, e.g. {:?}",
+                    unused.len(),
+                    &unused[..unused.len().min(3)]
+                ),
+            });
+        }
+        Ok(model)
+    }
+
+    /// Loads a resolved safetensors checkpoint, quantizing its matrices to `quantize` as they
+    /// load when given (norms and biases stay dense).
+    pub fn from_checkpoint_quantized(
+        files: &CheckpointFiles,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<QuantScheme>,
+    ) -> Result<Self> {
+        if let Some(path) = &files.gguf {
+            return Err(EngineError::InvalidRequest(format!(
+                "{}: GGUF files hold Phi3ForCausalLM models; Phi-3-small loads from safetensors",
+                path.display()
+            )));
+        }
+        let cfg = Phi3SmallConfig::from_file(&files.config)?;
+        let weights = WeightStore::open(&files.weights, dtype, device)?;
+        match quantize {
+            None => Self::load(&cfg, &weights, dtype, device),
+            Some(scheme) => {
+                let q = QuantizingWeights::new(&weights, scheme, &cfg.base, device);
+                Self::load(&cfg, &q, dtype, device)
+            }
+        }
+    }
+
+    fn tensor_names(&self, has_head: bool) -> Vec<String> {
+        let mut names = vec!["model.embed_tokens.weight".to_string()];
+        if has_head {
+            names.push("lm_head.weight".into());
+        }
+        let both = |names: &mut Vec<String>, p: &str| {
+            names.push(format!("{p}.weight"));
+            names.push(format!("{p}.bias"));
+        };
+        both(&mut names, "model.final_layernorm");
+        for i in 0..self.layers.len() {
+            for s in [
+                "input_layernorm",
+                "self_attn.query_key_value",
+                "self_attn.dense",
+                "post_attention_layernorm",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ] {
+                both(&mut names, &format!("model.layers.{i}.{s}"));
+            }
+        }
+        names
+    }
+
+    /// The Phi-3-small settings.
+    pub fn small_config(&self) -> &Phi3SmallConfig {
+        &self.cfg
+    }
+
+    /// The shape shared with the other Phi-3 models (context, vocabulary, heads).
+    pub fn config(&self) -> &Phi3Config {
+        &self.cfg.base
+    }
+
+    /// The block format of the quantized matrices (the most common one), or `None` when the
+    /// model runs dense.
+    pub fn quantization(&self) -> Option<candle_core::quantized::GgmlDType> {
+        let mut counts: Vec<(candle_core::quantized::GgmlDType, usize)> = Vec::new();
+        for l in &self.layers {
+            for p in [&l.query_key_value, &l.dense, &l.up_proj, &l.down_proj] {
+                if let Some(d) = p.weight.quantized_dtype() {
+                    match counts.iter_mut().find(|(x, _)| *x == d) {
+                        Some((_, n)) => *n += 1,
+                        None => counts.push((d, 1)),
+                    }
+                }
+            }
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Chooses when LongRoPE (the 128k model) switches to its long factors.
+    pub fn set_long_rope_policy(&mut self, policy: LongRopePolicy) {
+        self.rope_policy = policy;
+    }
+
+    /// The shape of the keys and values this model caches.
+    pub fn kv_geometry(&self) -> PoolGeometry {
+        self.pool.geometry()
+    }
+
+    /// The pool's settings and the pool itself.
+    pub fn pool(&self) -> &ModelPool {
+        &self.pool
+    }
+
+    /// The pool new caches draw on.
+    pub fn kv_pool(&self) -> Result<KvPool> {
+        self.pool.pool()
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> Result<SequenceCache> {
+        self.pool.new_cache()
+    }
+
+    /// Runs every batch item's uncached tokens through the model and extends its cache.
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<ForwardOutput> {
+        let c = &self.cfg.base;
+        let (spans, flat_ids) = plan_batch(c, self.rope_policy, items)?;
+        let n_tokens = flat_ids.len();
+        let ids = Tensor::from_vec(flat_ids, n_tokens, &self.device)?;
+        let mut x = (self.embed_tokens.lookup(&ids, self.dtype)? * self.cfg.embedding_multiplier)?;
+        let (cos, sin) = self.rotary.cos_sin(
+            spans.iter().flat_map(|(r, f)| r.clone().map(move |p| (p, *f))),
+            self.dtype,
+            &self.device,
+        )?;
+        // The masks are the same in every layer of a kind: made once per pass.
+        let causal =
+            spans
+                .iter()
+                .map(|(span, _)| {
+                    if span.len() > 1 {
+                        Some(self.causal_mask(span)).transpose()
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect::<Result<Vec<Option<Tensor>>>>()?;
+        let sparse: Vec<SparseMask> =
+            spans.iter().map(|(span, _)| self.sparse_mask(span)).collect();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let attn =
+                self.attention(li, layer, &h, &cos, &sin, items, &spans, &causal, &sparse)?;
+            x = (x + attn)?;
+            let h = layer.post_attention_norm.forward(&x)?;
+            let up = layer.up_proj.forward(&h)?;
+            let mlp = layer.down_proj.forward(&gegelu(&up, self.cfg.gegelu_limit)?)?;
+            x = (x + mlp)?;
+        }
+        for (item, (span, _)) in items.iter_mut().zip(&spans) {
+            item.cache.advance(span.len());
+        }
+
+        let (wanted, rows) = logit_rows(items, &spans);
+        let n_wanted = wanted.len();
+        let x = x.index_select(&Tensor::from_vec(wanted, n_wanted, &self.device)?, 0)?;
+        let x = self.final_norm.forward(&x)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = (logits / self.cfg.width_multiplier)?.broadcast_add(&self.logit_mask)?;
+        Ok(ForwardOutput { logits, rows, positions: spans.into_iter().map(|(r, _)| r).collect() })
+    }
+
+    /// Self-attention of one layer over the ragged batch `h` (`[n_tokens, hidden]`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer_idx: usize,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        items: &mut [BatchItem<'_>],
+        spans: &[(Range<usize>, RopeFactors)],
+        causal: &[Option<Tensor>],
+        sparse: &[SparseMask],
+    ) -> Result<Tensor> {
+        let c = &self.cfg.base;
+        let (hd, nq, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let group = nq / nkv;
+        let n_tokens = h.dim(0)?;
+        // Per key/value group: `group` query heads, then the key, then the value.
+        let qkv = layer.query_key_value.forward(h)?.reshape((n_tokens, nkv, group + 2, hd))?;
+        let q = qkv.narrow(2, 0, group)?.reshape((n_tokens, nq, hd))?;
+        let k = qkv.narrow(2, group, 1)?.reshape((n_tokens, nkv, hd))?;
+        let v = qkv.narrow(2, group + 1, 1)?.reshape((n_tokens, nkv, hd))?.contiguous()?;
+        let q = self.rotary.apply(&q, cos, sin)?.contiguous()?;
+        let k = self.rotary.apply(&k, cos, sin)?.contiguous()?;
+        let scale = self.cfg.attention_scale;
+        let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: scale as f32 };
+
+        let mut decode: Vec<usize> = Vec::new();
+        let mut queries: Vec<DecodeQuery> = Vec::new();
+        let mut decode_pool: Option<KvPool> = None;
+        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(items.len());
+        let mut offset = 0usize;
+        for (i, (item, (span, _))) in items.iter_mut().zip(spans).enumerate() {
+            let l = span.len();
+            let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
+            item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
+            offset += l;
+            let per_head = match (&sparse[i], layer.sparse) {
+                (SparseMask::PerHead(m), true) => Some(m.clone()),
+                _ => None,
+            };
+            let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
+            if l == 1 && item.cache.is_paged_on_cpu() && same_pool {
+                decode_pool.get_or_insert_with(|| item.cache.pool().clone());
+                let q = q_rows.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                queries.push(DecodeQuery {
+                    q,
+                    slots: item.cache.slots(0, span.end),
+                    mask: per_head,
+                });
+                decode.push(i);
+                outputs.push(None);
+                continue;
+            }
+            let (k_all, v_all) = item.cache.gather(layer_idx, 0, span.end, q.dtype())?; // [nkv, n_keys, hd]
+            let n_keys = span.end;
+            // Query head j uses kv head j / group: fold the group into the query rows.
+            let q_g = q_rows.transpose(0, 1)?.contiguous()?.reshape((nkv, group * l, hd))?;
+            let scores = (q_g.matmul(&k_all.transpose(1, 2)?)? * scale)?; // [nkv, g*l, keys]
+            let scores = match (per_head, &causal[i]) {
+                (Some(m), _) => {
+                    let m = Tensor::from_vec(m.to_vec(), (nkv, group * l, n_keys), &self.device)?;
+                    scores.broadcast_add(&m.to_dtype(scores.dtype())?)?
+                }
+                (None, Some(mask)) => scores
+                    .reshape((nkv, group, l, n_keys))?
+                    .broadcast_add(mask)?
+                    .reshape((nkv, group * l, n_keys))?,
+                (None, None) => scores,
+            };
+            let probs = if scores.dtype() == DType::F32 {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                    .to_dtype(scores.dtype())?
+            };
+            let out = probs.matmul(&v_all)?; // [nkv, g*l, hd]
+            let out = out.reshape((nq, l, hd))?.transpose(0, 1)?.reshape((l, nq * hd))?;
+            outputs.push(Some(out));
+        }
+        if let Some(pool) = decode_pool {
+            let (pool_k, pool_v) = pool.layer(layer_idx);
+            let results = decode_attention(pool_k, pool_v, &queries, heads)?;
+            for (&i, out) in decode.iter().zip(results) {
+                let out = Tensor::from_vec(out, (1, nq * hd), &self.device)?;
+                outputs[i] = Some(out.to_dtype(self.dtype)?);
+            }
+        }
+        let mut outputs: Vec<Tensor> =
+            outputs.into_iter().map(|o| o.expect("every item has its output")).collect();
+        let out = if outputs.len() == 1 {
+            outputs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
+        layer.dense.forward(&out)
+    }
+
+    /// Additive causal mask `[l, span.end]` of the queries at `span` over every key.
+    fn causal_mask(&self, span: &Range<usize>) -> Result<Tensor> {
+        let n_keys = span.end;
+        let mut m = Vec::with_capacity(span.len() * n_keys);
+        for p in span.clone() {
+            m.extend((0..n_keys).map(|k| if k <= p { 0f32 } else { f32::NEG_INFINITY }));
+        }
+        Ok(Tensor::from_vec(m, (span.len(), n_keys), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// The sparse layers' mask of the queries at `span`: per head, causal and block-sparse.
+    fn sparse_mask(&self, span: &Range<usize>) -> SparseMask {
+        let layout: BlockSparse = self.cfg.block_sparse;
+        if layout.all_local(span.end - 1) {
+            return SparseMask::Causal;
+        }
+        let nq = self.cfg.base.num_attention_heads;
+        let n_keys = span.end;
+        let mut m = Vec::with_capacity(nq * span.len() * n_keys);
+        for head in 0..nq {
+            for p in span.clone() {
+                m.extend((0..n_keys).map(|k| {
+                    if k <= p && layout.allows(head, p, k) {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        SparseMask::PerHead(Arc::new(m))
+    }
+}
+
+/// GEGLU of `up` (`[rows, 2 * ff]`, pairs interleaved): `quick_gelu(min(even, limit)) *
+/// (clamp(odd, -limit, limit) + 1)`, with `quick_gelu(x) = x * sigmoid(1.702 x)`. Computed in
+/// float32 and rounded to the model's type.
+fn gegelu(up: &Tensor, limit: Option<f64>) -> Result<Tensor> {
+    let (rows, width) = up.dims2()?;
+    let dtype = up.dtype();
+    let pairs = up.to_dtype(DType::F32)?.reshape((rows, width / 2, 2))?;
+    let mut gate = pairs.narrow(2, 0, 1)?.squeeze(2)?;
+    let mut linear = pairs.narrow(2, 1, 1)?.squeeze(2)?;
+    if let Some(limit) = limit {
+        gate = gate.clamp(f64::NEG_INFINITY, limit)?;
+        linear = linear.clamp(-limit, limit)?;
+    }
+    let act = (&gate * candle_nn::ops::sigmoid(&(&gate * 1.702)?)?)?;
+    Ok((act * (linear + 1.0)?)?.to_dtype(dtype)?)
+}
