@@ -34,6 +34,7 @@ mod qgemm_pool;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;
+pub mod span_attention;
 mod step_logits;
 pub mod stop;
 pub mod tiktoken;

@@ -8,6 +8,13 @@
 //! key, a softmax, and the weighted sum of the values, all in `f32` as the reference computes
 //! them (a half-precision cache is widened as it is read). Tasks run on rayon's pool; the inner
 //! loops are written for AVX2 and FMA, used when the CPU has them.
+//!
+//! Heads that see different keys (Phi-3-small's block-sparse layers) name their keys as runs of
+//! slot indices ([`HeadKeys`]); the kernel computes only those, so a sparse head's cost follows
+//! the keys it sees, not the context length.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, Storage, Tensor};
 use rayon::prelude::*;
@@ -23,10 +30,23 @@ pub struct DecodeQuery {
     pub q: Vec<f32>,
     /// Slots (`block * BLOCK_SIZE + offset`) of the visible keys.
     pub slots: Vec<u32>,
-    /// Per query head, an additive mask over `slots` (`[n_heads * slots.len()]`, `0` or
-    /// `-inf`): for attention patterns that differ between heads (Phi-3-small's block-sparse
-    /// layers). `None` when every head sees every slot.
-    pub mask: Option<std::sync::Arc<Vec<f32>>>,
+    /// Per query head, the keys it sees, for attention patterns that differ between heads
+    /// (Phi-3-small's block-sparse layers). `None` when every head sees every slot.
+    pub visible: Option<Arc<HeadKeys>>,
+}
+
+/// Per query head, the runs of indices into [`DecodeQuery::slots`] that the head attends to,
+/// in increasing order; each head needs at least one key.
+pub type HeadKeys = Vec<Vec<Range<usize>>>;
+
+/// Whether `visible` names, for each of `n_heads` heads, at least one key and only keys among
+/// the first `n` slots.
+fn visible_fits(visible: &HeadKeys, n_heads: usize, n: usize) -> bool {
+    visible.len() == n_heads
+        && visible.iter().all(|runs| {
+            runs.iter().any(|r| !r.is_empty())
+                && runs.iter().all(|r| r.start <= r.end && r.end <= n)
+        })
 }
 
 /// The shape of the heads.
@@ -62,6 +82,15 @@ pub fn decode_attention(
     let fits = |s: &u32| slot_offset(*s, nkv - 1, nkv, hd) + hd <= len;
     if !queries.iter().all(|q| q.slots.iter().all(fits)) {
         return Err(EngineError::InvalidRequest("a decode slot past the KV pool's end".into()));
+    }
+    let n_heads = heads.n_heads;
+    let named = |q: &DecodeQuery| {
+        q.visible.as_deref().is_none_or(|v| visible_fits(v, n_heads, q.slots.len()))
+    };
+    if !queries.iter().all(named) {
+        return Err(EngineError::InvalidRequest(
+            "a decode head's keys are not among its slots".into(),
+        ));
     }
     match (&*kg, &*vg) {
         (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
@@ -162,37 +191,44 @@ unsafe fn head_task_generic<T: KvElem>(
 ) -> Vec<f32> {
     let Heads { n_heads, n_kv_heads: nkv, head_dim: hd, scale } = heads;
     let group = n_heads / nkv;
-    let n = query.slots.len();
+    let dot = |q: &[f32], s: u32| {
+        let key = &k[slot_offset(s, h, nkv, hd)..][..hd];
+        q.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale
+    };
+    let add = |out: &mut [f32], w: f32, s: u32| {
+        let value = &v[slot_offset(s, h, nkv, hd)..][..hd];
+        out.iter_mut().zip(value).for_each(|(o, x)| *o += w * x.to_f32());
+    };
     let qs = &query.q[h * group * hd..(h + 1) * group * hd];
+    let mut out = vec![0f32; group * hd];
+    if let Some(visible) = &query.visible {
+        // Each query head over its own keys.
+        for g in 0..group {
+            let runs = &visible[h * group + g];
+            let slots = || runs.iter().flat_map(|r| query.slots[r.clone()].iter().copied());
+            let q = &qs[g * hd..(g + 1) * hd];
+            let mut p: Vec<f32> = slots().map(|s| dot(q, s)).collect();
+            let n = p.len();
+            softmax_rows(&mut p, n);
+            let o = &mut out[g * hd..(g + 1) * hd];
+            slots().zip(&p).for_each(|(s, &w)| add(o, w, s));
+        }
+        return out;
+    }
+    let n = query.slots.len();
     let mut p = vec![0f32; group * n];
     for (j, &s) in query.slots.iter().enumerate() {
-        let key = &k[slot_offset(s, h, nkv, hd)..][..hd];
         for g in 0..group {
-            let q = &qs[g * hd..(g + 1) * hd];
-            p[g * n + j] = q.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
+            p[g * n + j] = dot(&qs[g * hd..(g + 1) * hd], s);
         }
     }
-    apply_mask(&mut p, query, h, group);
     softmax_rows(&mut p, n);
-    let mut out = vec![0f32; group * hd];
     for (j, &s) in query.slots.iter().enumerate() {
-        let value = &v[slot_offset(s, h, nkv, hd)..][..hd];
         for g in 0..group {
-            let w = p[g * n + j];
-            out[g * hd..(g + 1) * hd].iter_mut().zip(value).for_each(|(o, x)| *o += w * x.to_f32());
+            add(&mut out[g * hd..(g + 1) * hd], p[g * n + j], s);
         }
     }
     out
-}
-
-/// Adds the query's per-head mask to the scores `p` (`[group * n]`) of key/value head `h`.
-#[inline(always)]
-fn apply_mask(p: &mut [f32], query: &DecodeQuery, h: usize, group: usize) {
-    if let Some(mask) = &query.mask {
-        let n = query.slots.len();
-        let rows = &mask[h * group * n..(h + 1) * group * n];
-        p.iter_mut().zip(rows).for_each(|(x, m)| *x += m);
-    }
 }
 
 /// Softmax of each row of `n` scores, in place.
@@ -217,7 +253,7 @@ fn softmax_rows(p: &mut [f32], n: usize) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{apply_mask, softmax_rows, DecodeQuery, Heads};
+    use super::{softmax_rows, DecodeQuery, Heads};
     use crate::kv_pool::slot_offset;
 
     #[inline(always)]
@@ -245,10 +281,79 @@ mod avx2 {
     }
 
     macro_rules! head_task {
-        ($name:ident, $t:ty, $load:ident) => {
+        ($name:ident, $dot:ident, $values:ident, $t:ty, $load:ident) => {
+            /// The dot product of a query row with the key at `key`, `hd` values.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $dot(q: *const f32, key: *const $t, hd: usize) -> f32 {
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut c = 0;
+                while c + 16 <= hd {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), $load(key.add(c)), a0);
+                    let (q1, k1) = (q.add(c + 8), key.add(c + 8));
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1), $load(k1), a1);
+                    c += 16;
+                }
+                if c < hd {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), $load(key.add(c)), a0);
+                }
+                hsum(_mm256_add_ps(a0, a1))
+            }
+
+            /// Writes to `ROWS` output rows (`o`, `hd` values each, `o_stride` apart) the sums
+            /// of the values at `slots` (head `h`) weighted by each row's weights (`w`, one per
+            /// slot in order, rows `w_stride` apart). The rows are query heads sharing the
+            /// key/value head, so each value is read once for all of them: `8 / ROWS` vectors
+            /// of columns a pass, the sums kept in registers across all the positions.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $values<const ROWS: usize>(
+                o: *mut f32,
+                o_stride: usize,
+                w: *const f32,
+                w_stride: usize,
+                slots: impl Iterator<Item = u32> + Clone,
+                v: &[$t],
+                (h, nkv, hd): (usize, usize, usize),
+            ) {
+                let per_row = 8 / ROWS;
+                let mut c0 = 0;
+                while c0 < hd {
+                    let vecs = ((hd - c0) / 8).min(per_row);
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (j, s) in slots.clone().enumerate() {
+                        let value = v.as_ptr().add(slot_offset(s, h, nkv, hd) + c0);
+                        let mut x = [_mm256_setzero_ps(); 8];
+                        for (t, x) in x.iter_mut().enumerate().take(per_row) {
+                            if t < vecs {
+                                *x = $load(value.add(8 * t));
+                            }
+                        }
+                        for r in 0..ROWS {
+                            let wj = _mm256_set1_ps(*w.add(r * w_stride + j));
+                            for t in 0..per_row {
+                                if t < vecs {
+                                    let a = &mut acc[r * per_row + t];
+                                    *a = _mm256_fmadd_ps(wj, x[t], *a);
+                                }
+                            }
+                        }
+                    }
+                    for r in 0..ROWS {
+                        for t in 0..vecs {
+                            _mm256_storeu_ps(
+                                o.add(r * o_stride + c0 + 8 * t),
+                                acc[r * per_row + t],
+                            );
+                        }
+                    }
+                    c0 += 8 * vecs;
+                }
+            }
+
             /// # Safety
-            /// The CPU must have AVX2, FMA and F16C; `head_dim` must be a multiple of 8 and
-            /// every slot inside `k` and `v` (the caller checks both).
+            /// The CPU must have AVX2, FMA and F16C; `head_dim` must be a multiple of 8, every
+            /// slot inside `k` and `v` and every visible run inside the slots (the caller
+            /// checks all three).
             #[target_feature(enable = "avx2,fma,f16c")]
             pub(super) unsafe fn $name(
                 k: &[$t],
@@ -259,65 +364,67 @@ mod avx2 {
             ) -> Vec<f32> {
                 let Heads { n_heads, n_kv_heads: nkv, head_dim: hd, scale } = heads;
                 let group = n_heads / nkv;
-                let n = query.slots.len();
                 let qs = query.q[h * group * hd..(h + 1) * group * hd].as_ptr();
-                let mut p = vec![0f32; group * n];
-                for (j, &s) in query.slots.iter().enumerate() {
-                    let key = k.as_ptr().add(slot_offset(s, h, nkv, hd));
-                    for g in 0..group {
-                        let q = qs.add(g * hd);
-                        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                        let mut c = 0;
-                        while c + 16 <= hd {
-                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), $load(key.add(c)), a0);
-                            let (q1, k1) = (q.add(c + 8), key.add(c + 8));
-                            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1), $load(k1), a1);
-                            c += 16;
-                        }
-                        if c < hd {
-                            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), $load(key.add(c)), a0);
-                        }
-                        *p.get_unchecked_mut(g * n + j) = hsum(_mm256_add_ps(a0, a1)) * scale;
-                    }
-                }
-                apply_mask(&mut p, query, h, group);
-                softmax_rows(&mut p, n);
-                // The weighted sum of the values, 64 columns at a time, the sums kept in
-                // registers across all the positions.
+                let key = |s: u32| k.as_ptr().add(slot_offset(s, h, nkv, hd));
                 let mut out = vec![0f32; group * hd];
                 let o = out.as_mut_ptr();
-                for g in 0..group {
-                    let w = p.as_ptr().add(g * n);
-                    let mut c0 = 0;
-                    while c0 < hd {
-                        let vecs = ((hd - c0) / 8).min(8);
-                        let mut acc = [_mm256_setzero_ps(); 8];
-                        for (j, &s) in query.slots.iter().enumerate() {
-                            let value = v.as_ptr().add(slot_offset(s, h, nkv, hd) + c0);
-                            let wj = _mm256_set1_ps(*w.add(j));
-                            for (t, a) in acc.iter_mut().enumerate() {
-                                if t < vecs {
-                                    *a = _mm256_fmadd_ps(wj, $load(value.add(8 * t)), *a);
-                                }
-                            }
+                if let Some(visible) = &query.visible {
+                    // Each query head over its own keys.
+                    let mut p: Vec<f32> = Vec::new();
+                    for g in 0..group {
+                        let runs = &visible[h * group + g];
+                        let slots = runs
+                            .iter()
+                            .flat_map(|r| query.slots.get_unchecked(r.clone()).iter().copied());
+                        p.clear();
+                        for s in slots.clone() {
+                            p.push($dot(qs.add(g * hd), key(s), hd) * scale);
                         }
-                        for (t, a) in acc.iter().enumerate().take(vecs) {
-                            _mm256_storeu_ps(o.add(g * hd + c0 + 8 * t), *a);
-                        }
-                        c0 += 8 * vecs;
+                        let n = p.len();
+                        softmax_rows(&mut p, n);
+                        $values::<1>(o.add(g * hd), hd, p.as_ptr(), n, slots, v, (h, nkv, hd));
                     }
+                    return out;
+                }
+                // Every query head of the group over every key: each key is read once.
+                let n = query.slots.len();
+                let mut p = vec![0f32; group * n];
+                for (j, &s) in query.slots.iter().enumerate() {
+                    for g in 0..group {
+                        *p.get_unchecked_mut(g * n + j) = $dot(qs.add(g * hd), key(s), hd) * scale;
+                    }
+                }
+                softmax_rows(&mut p, n);
+                // The group's heads in runs of 4, 2 and 1, each run reading the values once.
+                let mut g = 0;
+                while g < group {
+                    let (og, wg) = (o.add(g * hd), p.as_ptr().add(g * n));
+                    let slots = query.slots.iter().copied();
+                    let shape = (h, nkv, hd);
+                    let rows = match group - g {
+                        1 => 1,
+                        2 | 3 => 2,
+                        _ => 4,
+                    };
+                    match rows {
+                        1 => $values::<1>(og, hd, wg, n, slots, v, shape),
+                        2 => $values::<2>(og, hd, wg, n, slots, v, shape),
+                        _ => $values::<4>(og, hd, wg, n, slots, v, shape),
+                    }
+                    g += rows;
                 }
                 out
             }
         };
     }
 
-    head_task!(head_task_f32, f32, load_f32);
-    head_task!(head_task_f16, half::f16, load_f16);
-    head_task!(head_task_bf16, half::bf16, load_bf16);
+    head_task!(head_task_f32, dot_f32, values_f32, f32, load_f32);
+    head_task!(head_task_f16, dot_f16, values_f16, half::f16, load_f16);
+    head_task!(head_task_bf16, dot_bf16, values_bf16, half::bf16, load_bf16);
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // runs of keys, not ranges to expand
 mod tests {
     use super::*;
     use crate::kv_pool::BLOCK_SIZE;
@@ -329,9 +436,12 @@ mod tests {
     #[test]
     fn matches_dense_attention() {
         let dev = Device::Cpu;
-        let (nq, nkv, blocks) = (6, 2, 3);
+        let blocks = 3;
         let slots = blocks * BLOCK_SIZE;
-        for hd in [12, 24, 32] {
+        // Query groups of 3 (a run of 2 and one of 1) and of 8 (two runs of 4).
+        for ((nq, nkv), hd) in
+            [(6, 2), (8, 1)].into_iter().flat_map(|h| [12, 24, 32].map(|d| (h, d)))
+        {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 // Rows `[slot, head, dim]`, rounded to the cache type, and the pool that holds
                 // them: `[block, head, offset, dim]`.
@@ -354,19 +464,18 @@ mod tests {
                     .map(|s| DecodeQuery {
                         q: Tensor::randn(0f32, 1.0, nq * hd, &dev).unwrap().to_vec1().unwrap(),
                         slots: s.clone(),
-                        // The longest pick hides a different third of its keys from each head.
-                        mask: (s.len() > 8).then(|| {
-                            let hide = |h: usize, j: usize| (j + h).is_multiple_of(3);
-                            let m = (0..nq * s.len())
-                                .map(|i| {
-                                    if hide(i / s.len(), i % s.len()) {
-                                        f32::NEG_INFINITY
-                                    } else {
-                                        0.0
-                                    }
+                        // The longest pick shows each head its own runs of keys (some heads
+                        // one key, some all).
+                        visible: (s.len() > 8).then(|| {
+                            let n = s.len();
+                            let runs = (0..nq)
+                                .map(|h| match h % 3 {
+                                    0 => vec![0..n],
+                                    1 => vec![h..h + 1],
+                                    _ => vec![0..3, 3..3, 10 + h..20 + h, n - 5..n],
                                 })
                                 .collect();
-                            std::sync::Arc::new(m)
+                            Arc::new(runs)
                         }),
                     })
                     .collect();
@@ -383,9 +492,14 @@ mod tests {
                     let q = Tensor::from_vec(query.q.clone(), (nkv, nq / nkv, hd), &dev).unwrap();
                     let s = q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap();
                     let mut s = (s * scale as f64).unwrap();
-                    if let Some(mask) = &query.mask {
+                    if let Some(visible) = &query.visible {
+                        // The same runs as an additive mask.
                         let n = query.slots.len();
-                        let m = Tensor::from_vec(mask.to_vec(), (nkv, nq / nkv, n), &dev).unwrap();
+                        let mut m = vec![f32::NEG_INFINITY; nq * n];
+                        for (h, runs) in visible.iter().enumerate() {
+                            runs.iter().flat_map(|r| r.clone()).for_each(|j| m[h * n + j] = 0.0);
+                        }
+                        let m = Tensor::from_vec(m, (nkv, nq / nkv, n), &dev).unwrap();
                         s = (s + m).unwrap();
                     }
                     let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
@@ -396,6 +510,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Runs outside the slots, or a head with no key, are refused before any kernel runs.
+    #[test]
+    fn refuses_runs_outside_the_slots() {
+        let dev = Device::Cpu;
+        let (nq, nkv, hd) = (2, 1, 8);
+        let keys = Tensor::zeros((1, nkv, BLOCK_SIZE, hd), DType::F32, &dev).unwrap();
+        let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: 1.0 };
+        let with = |runs: HeadKeys| DecodeQuery {
+            q: vec![0.0; nq * hd],
+            slots: vec![0, 1, 2],
+            visible: Some(Arc::new(runs)),
+        };
+        let fine = with(vec![vec![0..3], vec![1..2]]);
+        assert!(decode_attention(&keys, &keys, &[fine], heads).is_ok());
+        for bad in [vec![vec![0..4], vec![0..1]], vec![vec![0..1], vec![]], vec![vec![0..1]]] {
+            let err = decode_attention(&keys, &keys, &[with(bad)], heads).unwrap_err();
+            assert!(err.to_string().contains("not among its slots"), "{err}");
         }
     }
 }

@@ -28,9 +28,10 @@ use crate::kv_cache::SequenceCache;
 use crate::kv_pool::{KvPool, PoolGeometry};
 use crate::model_pool::ModelPool;
 use crate::paged_attention::{decode_attention, DecodeQuery, Heads};
-use crate::projection::{Embedding, Projection};
+use crate::projection::{most_common_format, Embedding, Projection};
 use crate::quantize::{QuantScheme, QuantizingWeights};
 use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
+use crate::span_attention::SpanAttention;
 use crate::weights::{ModelWeights, WeightStore};
 
 /// The paged cache's state on the GPU for one forward pass (see `Phi3::gpu_pass`): its slots
@@ -445,18 +446,11 @@ impl Phi3 {
     /// The block format of the quantized matrices (the most common one), or `None` when the
     /// model runs dense.
     pub fn quantization(&self) -> Option<GgmlDType> {
-        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
-        for l in &self.layers {
-            for p in [&l.qkv_proj, &l.o_proj, &l.gate_up_proj, &l.down_proj] {
-                if let Some(d) = p.quantized_dtype() {
-                    match counts.iter_mut().find(|(x, _)| *x == d) {
-                        Some((_, n)) => *n += 1,
-                        None => counts.push((d, 1)),
-                    }
-                }
-            }
-        }
-        counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+        most_common_format(
+            self.layers
+                .iter()
+                .flat_map(|l| [&l.qkv_proj, &l.o_proj, &l.gate_up_proj, &l.down_proj]),
+        )
     }
 
     fn tensor_names(&self) -> Vec<String> {
@@ -550,12 +544,21 @@ impl Phi3 {
             &self.device,
         )?;
 
-        // Every layer uses the same masks: build them (on the host) and upload them once per
-        // forward pass, not once per layer.
-        let masks = spans
+        // Every layer uses the same tiles and masks: build them (on the host) and upload them
+        // once per forward pass, not once per layer.
+        let plans = spans
             .iter()
-            .map(|(span, _)| if self.uses_flash_attn() { Ok(None) } else { self.mask_for(span) })
-            .collect::<Result<Vec<Option<Tensor>>>>()?;
+            .map(|(span, _)| {
+                if self.uses_flash_attn() {
+                    return Ok(None);
+                }
+                let (first_key, _) = self.key_range(span);
+                let window = self.cfg.sliding_window;
+                let n_heads = self.cfg.num_attention_heads;
+                SpanAttention::new(span, first_key, window, n_heads, self.dtype, &self.device)
+                    .map(Some)
+            })
+            .collect::<Result<Vec<Option<SpanAttention>>>>()?;
 
         #[cfg(feature = "cuda")]
         let gpu = self.gpu_pass(items, &spans, &cos, &sin)?;
@@ -570,7 +573,7 @@ impl Phi3 {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             let attn =
-                self.attention(li, layer, &h, &cos, &sin, items, &spans, &masks, gpu.as_ref())?;
+                self.attention(li, layer, &h, &cos, &sin, items, &spans, &plans, gpu.as_ref())?;
             (x, h) = layer.post_attention_norm.forward_residual(&x, &attn)?;
             let gate_up = layer.gate_up_proj.forward(&h)?;
             let mlp = layer.down_proj.forward(&gated(&gate_up, self.cfg.intermediate_size)?)?;
@@ -603,12 +606,11 @@ impl Phi3 {
         sin: &Tensor,
         items: &mut [BatchItem<'_>],
         spans: &[(Range<usize>, RopeFactors)],
-        masks: &[Option<Tensor>],
+        plans: &[Option<SpanAttention>],
         gpu: Option<&GpuPass>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (hd, nq, nkv) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
-        let group = nq / nkv;
         let n_tokens = h.dim(0)?;
         let qkv = layer.qkv_proj.forward(h)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -643,27 +645,28 @@ impl Phi3 {
         let mut decode_pool: Option<KvPool> = None;
         let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(items.len());
         let mut offset = 0usize;
-        for (i, ((item, (span, _)), mask)) in items.iter_mut().zip(spans).zip(masks).enumerate() {
+        for (i, ((item, (span, _)), plan)) in items.iter_mut().zip(spans).zip(plans).enumerate() {
             let l = span.len();
             let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
             if let (None, Some((k, v))) = (gpu, &kv) {
                 item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
             }
             offset += l;
-            let (first_key, n_keys) = self.key_range(span);
+            let (first_key, _) = self.key_range(span);
             if gpu.is_some_and(|g| g.decodes(i)) {
                 outputs.push(None);
                 continue;
             }
 
             let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
-            if paged && l == 1 && mask.is_none() && item.cache.is_paged_on_cpu() && same_pool {
+            // (A single query sees every key of its key range.)
+            if paged && l == 1 && item.cache.is_paged_on_cpu() && same_pool {
                 decode_pool.get_or_insert_with(|| item.cache.pool().clone());
                 let q = q_rows.flatten_all()?.to_vec1::<f32>()?;
                 queries.push(DecodeQuery {
                     q,
                     slots: item.cache.slots(first_key, span.end),
-                    mask: None,
+                    visible: None,
                 });
                 decode.push(i);
                 outputs.push(None);
@@ -677,25 +680,8 @@ impl Phi3 {
                 continue;
             }
 
-            // Query head j uses kv head j / group: fold the group into the query rows.
-            let q_g = q_rows.transpose(0, 1)?.contiguous()?.reshape((nkv, group * l, hd))?;
-            let scores = (q_g.matmul(&k_all.transpose(1, 2)?)? * scale)?; // [nkv, g*l, keys]
-            let scores = match mask {
-                Some(mask) => scores
-                    .reshape((nkv, group, l, n_keys))?
-                    .broadcast_add(mask)?
-                    .reshape((nkv, group * l, n_keys))?,
-                None => scores,
-            };
-            let probs = if scores.dtype() == DType::F32 {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                    .to_dtype(scores.dtype())?
-            };
-            let out = probs.matmul(&v_all)?; // [nkv, g*l, hd]
-            let out = out.reshape((nq, l, hd))?.transpose(0, 1)?.reshape((l, nq * hd))?;
-            outputs.push(Some(out));
+            let plan = plan.as_ref().expect("a plan for every item off the flash-attention path");
+            outputs.push(Some(plan.forward(&q_rows, &k_all, &v_all, heads, None)?));
         }
         if let (Some(gpu), Some(item)) = (gpu, items.first()) {
             let (pool_k, pool_v) = item.cache.pool().layer(layer_idx);
@@ -786,31 +772,5 @@ impl Phi3 {
             None => 0,
         };
         (first_key, span.end - first_key)
-    }
-
-    /// The additive mask of the queries at `span`, or `None` when every query sees every key
-    /// of [`Self::key_range`] (a single query within its window).
-    fn mask_for(&self, span: &Range<usize>) -> Result<Option<Tensor>> {
-        let window = self.cfg.sliding_window;
-        let (first_key, n_keys) = self.key_range(span);
-        if span.len() > 1 || window.is_some_and(|w| n_keys > w) {
-            Ok(Some(self.mask(span, first_key, window)?))
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// Additive mask `[l, n_keys]` for queries at `span` over keys starting at `first_key`:
-    /// causal, and limited to the `window` most recent keys (the query's own included).
-    fn mask(&self, span: &Range<usize>, first_key: usize, window: Option<usize>) -> Result<Tensor> {
-        let n_keys = span.end - first_key;
-        let mut m = Vec::with_capacity(span.len() * n_keys);
-        for p in span.clone() {
-            for kpos in first_key..span.end {
-                let visible = kpos <= p && window.is_none_or(|w| kpos + w > p);
-                m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-            }
-        }
-        Ok(Tensor::from_vec(m, (span.len(), n_keys), &self.device)?.to_dtype(self.dtype)?)
     }
 }

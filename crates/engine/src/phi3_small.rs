@@ -15,12 +15,13 @@
 //! * GEGLU: `up_proj` gives interleaved pairs, `quick_gelu(min(even, limit)) * (clamp(odd) + 1)`;
 //! * block-sparse attention in all layers but every `dense_attention_every_n_layers`-th: each
 //!   query head sees its most recent blocks plus every `vert_stride`-th block before them,
-//!   with a per-head phase ([`BlockSparse`]);
+//!   with a per-head phase ([`crate::phi3_small_config::BlockSparse`]);
 //! * dummy and fill-in-the-middle token ids get `-inf` logits.
 //!
-//! Attention runs on the general path (keys gathered from the cache, an additive mask) for
-//! prompt chunks, and on the CPU's paged decode kernel for single decode queries, with a
-//! per-head mask once the sequence outgrows the local blocks. The fused GPU kernels of
+//! Attention runs on the general path ([`crate::span_attention`]: keys gathered from the cache,
+//! query tiles with additive masks, per head in the sparse layers) for prompt chunks, and on the
+//! CPU's paged decode kernel for single decode queries, each sparse head computing only the
+//! keys it sees once the sequence outgrows the local blocks. The fused GPU kernels of
 //! [`crate::phi3`] are not used: on CUDA every step takes the general path.
 
 use std::ops::Range;
@@ -34,12 +35,13 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::SequenceCache;
 use crate::kv_pool::{KvPool, PoolGeometry};
 use crate::model_pool::ModelPool;
-use crate::paged_attention::{decode_attention, DecodeQuery, Heads};
+use crate::paged_attention::{decode_attention, DecodeQuery, HeadKeys, Heads};
 use crate::phi3::{logit_rows, plan_batch, BatchItem, ForwardOutput};
-use crate::phi3_small_config::{BlockSparse, Phi3SmallConfig};
-use crate::projection::{Embedding, Projection};
+use crate::phi3_small_config::Phi3SmallConfig;
+use crate::projection::{most_common_format, Embedding, Projection};
 use crate::quantize::{QuantScheme, QuantizingWeights};
 use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
+use crate::span_attention::SpanAttention;
 use crate::weights::{ModelWeights, WeightStore};
 
 /// A linear layer with a bias.
@@ -97,14 +99,6 @@ pub struct Phi3Small {
     dtype: DType,
     device: Device,
     pool: ModelPool,
-}
-
-/// How one batch item's queries see its keys in a sparse layer, built once per forward pass.
-enum SparseMask {
-    /// Every head sees every causal key (the whole past is in the local blocks).
-    Causal,
-    /// Per head, `[n_heads, l, n_keys]` additive (causal and block-sparse together).
-    PerHead(Arc<Vec<f32>>),
 }
 
 impl Phi3Small {
@@ -265,18 +259,9 @@ impl Phi3Small {
     /// The block format of the quantized matrices (the most common one), or `None` when the
     /// model runs dense.
     pub fn quantization(&self) -> Option<candle_core::quantized::GgmlDType> {
-        let mut counts: Vec<(candle_core::quantized::GgmlDType, usize)> = Vec::new();
-        for l in &self.layers {
-            for p in [&l.query_key_value, &l.dense, &l.up_proj, &l.down_proj] {
-                if let Some(d) = p.weight.quantized_dtype() {
-                    match counts.iter_mut().find(|(x, _)| *x == d) {
-                        Some((_, n)) => *n += 1,
-                        None => counts.push((d, 1)),
-                    }
-                }
-            }
-        }
-        counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+        most_common_format(self.layers.iter().flat_map(|l| {
+            [&l.query_key_value.weight, &l.dense.weight, &l.up_proj.weight, &l.down_proj.weight]
+        }))
     }
 
     /// The device the weights live on.
@@ -326,25 +311,21 @@ impl Phi3Small {
             self.dtype,
             &self.device,
         )?;
-        // The masks are the same in every layer of a kind: made once per pass.
-        let causal =
-            spans
-                .iter()
-                .map(|(span, _)| {
-                    if span.len() > 1 {
-                        Some(self.causal_mask(span)).transpose()
-                    } else {
-                        Ok(None)
-                    }
-                })
-                .collect::<Result<Vec<Option<Tensor>>>>()?;
-        let sparse: Vec<SparseMask> =
-            spans.iter().map(|(span, _)| self.sparse_mask(span)).collect();
+        // The tiles, masks and sparse heads' keys are the same in every layer of a kind: made
+        // once per pass.
+        let plans = spans
+            .iter()
+            .map(|(span, _)| {
+                let n_heads = c.num_attention_heads;
+                SpanAttention::new(span, 0, None, n_heads, self.dtype, &self.device)
+            })
+            .collect::<Result<Vec<SpanAttention>>>()?;
+        let sparse: Vec<Option<Arc<HeadKeys>>> =
+            spans.iter().map(|(span, _)| self.decode_keys(span)).collect();
 
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let attn =
-                self.attention(li, layer, &h, &cos, &sin, items, &spans, &causal, &sparse)?;
+            let attn = self.attention(li, layer, &h, &cos, &sin, items, &spans, &plans, &sparse)?;
             x = (x + attn)?;
             let h = layer.post_attention_norm.forward(&x)?;
             let up = layer.up_proj.forward(&h)?;
@@ -375,8 +356,8 @@ impl Phi3Small {
         sin: &Tensor,
         items: &mut [BatchItem<'_>],
         spans: &[(Range<usize>, RopeFactors)],
-        causal: &[Option<Tensor>],
-        sparse: &[SparseMask],
+        plans: &[SpanAttention],
+        sparse: &[Option<Arc<HeadKeys>>],
     ) -> Result<Tensor> {
         let c = &self.cfg.base;
         let (hd, nq, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -402,10 +383,6 @@ impl Phi3Small {
             let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
             item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
             offset += l;
-            let per_head = match (&sparse[i], layer.sparse) {
-                (SparseMask::PerHead(m), true) => Some(m.clone()),
-                _ => None,
-            };
             let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
             if l == 1 && item.cache.is_paged_on_cpu() && same_pool {
                 decode_pool.get_or_insert_with(|| item.cache.pool().clone());
@@ -413,37 +390,15 @@ impl Phi3Small {
                 queries.push(DecodeQuery {
                     q,
                     slots: item.cache.slots(0, span.end),
-                    mask: per_head,
+                    visible: if layer.sparse { sparse[i].clone() } else { None },
                 });
                 decode.push(i);
                 outputs.push(None);
                 continue;
             }
             let (k_all, v_all) = item.cache.gather(layer_idx, 0, span.end, q.dtype())?; // [nkv, n_keys, hd]
-            let n_keys = span.end;
-            // Query head j uses kv head j / group: fold the group into the query rows.
-            let q_g = q_rows.transpose(0, 1)?.contiguous()?.reshape((nkv, group * l, hd))?;
-            let scores = (q_g.matmul(&k_all.transpose(1, 2)?)? * scale)?; // [nkv, g*l, keys]
-            let scores = match (per_head, &causal[i]) {
-                (Some(m), _) => {
-                    let m = Tensor::from_vec(m.to_vec(), (nkv, group * l, n_keys), &self.device)?;
-                    scores.broadcast_add(&m.to_dtype(scores.dtype())?)?
-                }
-                (None, Some(mask)) => scores
-                    .reshape((nkv, group, l, n_keys))?
-                    .broadcast_add(mask)?
-                    .reshape((nkv, group * l, n_keys))?,
-                (None, None) => scores,
-            };
-            let probs = if scores.dtype() == DType::F32 {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                    .to_dtype(scores.dtype())?
-            };
-            let out = probs.matmul(&v_all)?; // [nkv, g*l, hd]
-            let out = out.reshape((nq, l, hd))?.transpose(0, 1)?.reshape((l, nq * hd))?;
-            outputs.push(Some(out));
+            let layout = layer.sparse.then_some(&self.cfg.block_sparse);
+            outputs.push(Some(plans[i].forward(&q_rows, &k_all, &v_all, heads, layout)?));
         }
         if let Some(pool) = decode_pool {
             let (pool_k, pool_v) = pool.layer(layer_idx);
@@ -463,37 +418,15 @@ impl Phi3Small {
         layer.dense.forward(&out)
     }
 
-    /// Additive causal mask `[l, span.end]` of the queries at `span` over every key.
-    fn causal_mask(&self, span: &Range<usize>) -> Result<Tensor> {
-        let n_keys = span.end;
-        let mut m = Vec::with_capacity(span.len() * n_keys);
-        for p in span.clone() {
-            m.extend((0..n_keys).map(|k| if k <= p { 0f32 } else { f32::NEG_INFINITY }));
+    /// The keys each head of a decoding query at `span` sees in the sparse layers, or `None`
+    /// when every head sees them all (a prompt chunk, or a past that lies in the local blocks).
+    fn decode_keys(&self, span: &Range<usize>) -> Option<Arc<HeadKeys>> {
+        let layout = &self.cfg.block_sparse;
+        if span.len() != 1 || layout.all_local(span.start) {
+            return None;
         }
-        Ok(Tensor::from_vec(m, (span.len(), n_keys), &self.device)?.to_dtype(self.dtype)?)
-    }
-
-    /// The sparse layers' mask of the queries at `span`: per head, causal and block-sparse.
-    fn sparse_mask(&self, span: &Range<usize>) -> SparseMask {
-        let layout: BlockSparse = self.cfg.block_sparse;
-        if layout.all_local(span.end - 1) {
-            return SparseMask::Causal;
-        }
-        let nq = self.cfg.base.num_attention_heads;
-        let n_keys = span.end;
-        let mut m = Vec::with_capacity(nq * span.len() * n_keys);
-        for head in 0..nq {
-            for p in span.clone() {
-                m.extend((0..n_keys).map(|k| {
-                    if k <= p && layout.allows(head, p, k) {
-                        0f32
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                }));
-            }
-        }
-        SparseMask::PerHead(Arc::new(m))
+        let n_heads = self.cfg.base.num_attention_heads;
+        Some(Arc::new((0..n_heads).map(|h| layout.visible_runs(h, span.start)).collect()))
     }
 }
 

@@ -6,6 +6,7 @@
 //! the rotary tables, the KV pool and the engine read it as they read any Phi-3), the rest in
 //! [`Phi3SmallConfig`]. The facts are in the team note `PHI3_SMALL.md`.
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde_json::Value;
@@ -47,6 +48,26 @@ impl BlockSparse {
     /// the local blocks).
     pub fn all_local(&self, query: usize) -> bool {
         query / self.block_size < self.local_blocks
+    }
+
+    /// The keys query head `head` at position `query` sees, causal rule included: runs of
+    /// positions in increasing order, adjacent runs merged. What [`Self::allows`] says key by
+    /// key, in a form attention can skip the rest with.
+    pub fn visible_runs(&self, head: usize, query: usize) -> Vec<Range<usize>> {
+        let bs = self.block_size;
+        let first_local = (query / bs + 1).saturating_sub(self.local_blocks);
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        let mut push = |r: Range<usize>| match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => runs.push(r),
+        };
+        for kb in 0..first_local {
+            if (kb + head * self.head_step + 1).is_multiple_of(self.vert_stride) {
+                push(kb * bs..(kb + 1) * bs);
+            }
+        }
+        push(first_local * bs..query + 1);
+        runs
     }
 }
 
@@ -277,6 +298,29 @@ mod tests {
         assert!(
             b.allows(7, 16 * 64, 0) && !b.allows(0, 16 * 64, 0) && b.allows(0, 30 * 64, 7 * 64)
         );
+    }
+
+    /// `visible_runs` names exactly the causal keys `allows` allows, for layouts with and without
+    /// a head phase, queries on and off block edges.
+    #[test]
+    fn visible_runs_are_what_allows_allows() {
+        let layouts = [
+            BlockSparse { block_size: 4, local_blocks: 2, vert_stride: 3, head_step: 1 },
+            BlockSparse { block_size: 8, local_blocks: 1, vert_stride: 2, head_step: 0 },
+            BlockSparse { block_size: 3, local_blocks: 4, vert_stride: 1, head_step: 2 },
+        ];
+        for b in layouts {
+            for head in 0..5 {
+                for query in 0..70 {
+                    let want: Vec<usize> =
+                        (0..=query).filter(|&k| b.allows(head, query, k)).collect();
+                    let runs = b.visible_runs(head, query);
+                    let got: Vec<usize> = runs.iter().flat_map(|r| r.clone()).collect();
+                    assert_eq!(got, want, "{b:?} head {head} query {query}");
+                    assert!(runs.windows(2).all(|w| w[0].end < w[1].start), "{runs:?}");
+                }
+            }
+        }
     }
 
     #[test]

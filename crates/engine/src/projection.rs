@@ -105,6 +105,21 @@ impl Projection {
     }
 }
 
+/// The block format most of `projections` are quantized in, or `None` when none is: what a
+/// model reports as its quantization (a mixed scheme keeps some matrices in other formats).
+pub fn most_common_format<'a>(
+    projections: impl IntoIterator<Item = &'a Projection>,
+) -> Option<GgmlDType> {
+    let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
+    for d in projections.into_iter().filter_map(Projection::quantized_dtype) {
+        match counts.iter_mut().find(|(x, _)| *x == d) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((d, 1)),
+        }
+    }
+    counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+}
+
 /// The token embedding table, dense or quantized.
 #[derive(Debug, Clone)]
 pub enum Embedding {

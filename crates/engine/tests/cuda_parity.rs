@@ -338,7 +338,7 @@ fn paged_kernels_on_cuda_match_the_cpu_kernel() {
             .map(|d| DecodeQuery {
                 q: q_cpu.get(d.q_row as usize).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
                 slots: d.slots.clone(),
-                mask: None,
+                visible: None,
             })
             .collect();
         let want = decode_attention(&cpu_k, &cpu_v, &queries, heads).unwrap();
