@@ -16,8 +16,11 @@
 //!   at the end of a longer prompt (Phi-3-mini's shape, f32) through
 //!   `phi_engine::span_attention` (query tiles of bounded scores, each over the keys it can see)
 //!   against the same attention in one pass of `[heads, 512, keys]` scores with a causal mask.
+//! - `sparse_prompt/chunk_512/keys_{2048,8192}/{sparse,dense}`: the same chunk in Phi-3-small's
+//!   shape and layout (f32): each head over the blocks it sees, against every head over every
+//!   causal key (a dense layer, and at least what the sparse layers cost when they masked).
 //!
-//! At the end of a full run both comparisons are timed again side by side (alternating, best
+//! At the end of a full run the comparisons are timed again side by side (alternating, best
 //! of 10) and printed with their ratios.
 //!
 //! `cargo bench -p phi-serve-benches --bench attention`; `cargo test --benches` runs each
@@ -105,6 +108,10 @@ fn main() {
     let (chunk, keys): (usize, &[usize]) = if full { (512, &[1024, 4096]) } else { (24, &[40]) };
     for &n_keys in keys {
         lines.push(bench_prompt(&mut c, chunk, n_keys, heads, full));
+    }
+    let keys: &[usize] = if full { &[2048, 8192] } else { &[70] };
+    for &n_keys in keys {
+        lines.push(bench_sparse_prompt(&mut c, chunk, n_keys, full));
     }
     c.final_summary();
     if full {
@@ -224,6 +231,52 @@ fn bench_sparse(c: &mut Criterion, ctx: usize, batch: usize, full: bool) -> Stri
         td / ts,
         100.0 * seen as f64 / (HEADS * ctx) as f64,
         kv_bytes / td / 1e9
+    )
+}
+
+/// A prompt chunk of Phi-3-small's sparse layers: its heads over their blocks, against a dense
+/// layer's causal attention. Returns the side-by-side line.
+fn bench_sparse_prompt(c: &mut Criterion, chunk: usize, n_keys: usize, full: bool) -> String {
+    let dev = Device::Cpu;
+    let hd = SMALL_HEAD_DIM;
+    let heads =
+        Heads { n_heads: HEADS, n_kv_heads: SMALL_KV_HEADS, head_dim: hd, scale: 1.0 / hd as f32 };
+    let layout = if full {
+        SMALL_LAYOUT
+    } else {
+        BlockSparse { block_size: 4, local_blocks: 2, vert_stride: 8, head_step: 1 }
+    };
+    let span = n_keys - chunk..n_keys;
+    let q = Tensor::randn(0f32, 1.0, (chunk, HEADS, hd), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (SMALL_KV_HEADS, n_keys, hd), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (SMALL_KV_HEADS, n_keys, hd), &dev).unwrap();
+    let plan = SpanAttention::new(&span, 0, None, HEADS, DType::F32, &dev).unwrap();
+    let sparse = || plan.forward(&q, &k, &v, heads, Some(&layout)).unwrap();
+    let dense = || plan.forward(&q, &k, &v, heads, None).unwrap();
+    let mut g = c.benchmark_group(format!("sparse_prompt/chunk_{chunk}/keys_{n_keys}"));
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(chunk as u64));
+    g.bench_function("sparse", |b| b.iter(|| black_box(sparse())));
+    g.bench_function("dense", |b| b.iter(|| black_box(dense())));
+    g.finish();
+    let reps = if full { 10 } else { 1 };
+    let (ts, td) = side_by_side(reps, || drop(black_box(sparse())), || drop(black_box(dense())));
+    let seen: usize = span
+        .clone()
+        .flat_map(|p| (0..HEADS).map(move |h| (h, p)))
+        .map(|(h, p)| layout.visible_runs(h, p).iter().map(|r| r.len()).sum::<usize>())
+        .sum();
+    let causal: usize = span.clone().map(|p| (p + 1) * HEADS).sum();
+    format!(
+        "sparse_prompt chunk {chunk} keys {n_keys:>5}: sparse {:8.3} ms, dense {:8.3} ms, {:.2}x \
+         (heads see {:.0}% of the causal keys)",
+        ts * 1e3,
+        td * 1e3,
+        td / ts,
+        100.0 * seen as f64 / causal as f64
     )
 }
 

@@ -120,14 +120,19 @@ impl SpanAttention {
             let t = tile.rows.len();
             let nk = tile.keys.len();
             let q_t = q.narrow(0, tile.rows.start, t)?;
+            let p_end = self.start + tile.rows.end - 1;
+            let sparse_tile = sparse.filter(|b| !b.all_local(p_end));
+            if let (Some(layout), true) = (sparse_tile, q.device().is_cpu()) {
+                outputs.push(self.sparse_tile(tile, &q_t, k, v, heads, layout)?);
+                continue;
+            }
             // Query head j uses kv head j / group: fold the group into the query rows.
             let q_g = q_t.transpose(0, 1)?.contiguous()?.reshape((nkv, group * t, hd))?;
             let from = tile.keys.start - self.first_key;
             let k_t = k.narrow(1, from, nk)?;
             let v_t = v.narrow(1, from, nk)?;
             let scores = (q_g.matmul(&k_t.transpose(1, 2)?)? * scale as f64)?; // [nkv, g*t, nk]
-            let p_end = self.start + tile.rows.end - 1;
-            let scores = match sparse.filter(|b| !b.all_local(p_end)) {
+            let scores = match sparse_tile {
                 Some(layout) => {
                     let m = self.sparse_mask(tile, layout, heads, scores.device())?;
                     scores.broadcast_add(&m.to_dtype(scores.dtype())?)?
@@ -140,13 +145,7 @@ impl SpanAttention {
                     None => scores,
                 },
             };
-            let probs = if scores.dtype() == DType::F32 {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                    .to_dtype(scores.dtype())?
-            };
-            let out = probs.matmul(&v_t)?; // [nkv, g*t, hd]
+            let out = softmax_f32(&scores)?.matmul(&v_t)?; // [nkv, g*t, hd]
             outputs.push(out.reshape((nq, t, hd))?.transpose(0, 1)?.reshape((t, nq * hd))?);
         }
         Ok(if outputs.len() == 1 {
@@ -154,6 +153,68 @@ impl SpanAttention {
         } else {
             Tensor::cat(&outputs, 0)?
         })
+    }
+
+    /// A block-sparse tile on the CPU, head by head over only the keys the head sees: the
+    /// keys of its blocks are gathered (for the tile's first query's local blocks on, and its
+    /// last query's strided blocks before them), and the mask covers what differs between the
+    /// tile's queries (the causal edge, a local block the later queries no longer see).
+    fn sparse_tile(
+        &self,
+        tile: &Tile,
+        q_t: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: Heads,
+        layout: &BlockSparse,
+    ) -> Result<Tensor> {
+        let Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale } = heads;
+        let group = nq / nkv;
+        let t = tile.rows.len();
+        let (p0, p_last) = (self.start + tile.rows.start, self.start + tile.rows.end - 1);
+        let q_h = q_t.transpose(0, 1)?.contiguous()?; // [nq, t, hd]
+        let bs = layout.block_size;
+        let first_local = (p0 / bs + 1).saturating_sub(layout.local_blocks) * bs;
+        let mut outs = Vec::with_capacity(nq);
+        for head in 0..nq {
+            // The union of the tile's queries' runs, within the gathered keys.
+            let mut segs: Vec<Range<usize>> = layout
+                .visible_runs(head, p_last)
+                .into_iter()
+                .map(|r| r.start..r.end.min(first_local))
+                .collect();
+            segs.push(first_local..p_last + 1);
+            let segs: Vec<Range<usize>> = segs
+                .into_iter()
+                .map(|r| r.start.max(tile.keys.start)..r.end.min(tile.keys.end))
+                .filter(|r| !r.is_empty())
+                .collect();
+            let nv: usize = segs.iter().map(|r| r.len()).sum();
+            let ids: Vec<u32> =
+                segs.iter().flat_map(|r| r.clone()).map(|p| (p - self.first_key) as u32).collect();
+            let ids = Tensor::from_vec(ids, nv, q_t.device())?;
+            let kvh = head / group;
+            let k_h = k.get(kvh)?.index_select(&ids, 0)?; // [nv, hd]
+            let v_h = v.get(kvh)?.index_select(&ids, 0)?;
+            let scores = (q_h.get(head)?.matmul(&k_h.t()?)? * scale as f64)?; // [t, nv]
+            let mut m = vec![f32::NEG_INFINITY; t * nv];
+            for (r, row) in m.chunks_exact_mut(nv).enumerate() {
+                let mut offset = 0;
+                let runs = layout.visible_runs(head, p0 + r);
+                for seg in &segs {
+                    for run in &runs {
+                        let (lo, hi) = (run.start.max(seg.start), run.end.min(seg.end));
+                        if lo < hi {
+                            row[offset + lo - seg.start..offset + hi - seg.start].fill(0.0);
+                        }
+                    }
+                    offset += seg.len();
+                }
+            }
+            let m = Tensor::from_vec(m, (t, nv), q_t.device())?.to_dtype(scores.dtype())?;
+            outs.push(softmax_f32(&(scores + m)?)?.matmul(&v_h)?); // [t, hd]
+        }
+        Ok(Tensor::stack(&outs, 1)?.reshape((t, nq * hd))?)
     }
 
     /// The additive mask of `tile` in a block-sparse layer, `[n_kv_heads, group * rows, keys]`
@@ -182,6 +243,15 @@ impl SpanAttention {
         }
         Ok(Tensor::from_vec(m, (nkv, n_heads / nkv * t, nk), device)?)
     }
+}
+
+/// Softmax over the last dimension, computed in `f32` and returned in the scores' type.
+fn softmax_f32(scores: &Tensor) -> Result<Tensor> {
+    Ok(if scores.dtype() == DType::F32 {
+        candle_nn::ops::softmax_last_dim(scores)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
+    })
 }
 
 #[cfg(test)]
