@@ -31,7 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use criterion::{Criterion, SamplingMode, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use phi_engine::kv_cache::SequenceCache;
 use phi_engine::kv_pool::{KvPool, PoolGeometry};
 use phi_engine::paged_attention::{decode_attention, DecodeQuery, HeadKeys, Heads};
@@ -137,6 +138,16 @@ fn read_bandwidth() -> f64 {
     (1u64 << 30) as f64 / best / 1e9
 }
 
+/// A group of 10 flat samples after a short warm-up, measured for `secs` seconds.
+fn group(c: &mut Criterion, name: String, secs: u64) -> BenchmarkGroup<'_, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(secs));
+    g
+}
+
 /// Best-of-`reps` times of `a` and `b`, run alternately so that both see the same machine.
 fn side_by_side(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
     let (mut ta, mut tb) = (f64::INFINITY, f64::INFINITY);
@@ -188,11 +199,7 @@ fn bench_sparse(c: &mut Criterion, ctx: usize, batch: usize, full: bool) -> Stri
     };
     let (sparse, dense) = (queries(Some(runs.clone())), queries(None));
     let (pk, pv) = pool.layer(0);
-    let mut g = c.benchmark_group(format!("sparse_decode/ctx_{ctx}/batch_{batch}"));
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2));
+    let mut g = group(c, format!("sparse_decode/ctx_{ctx}/batch_{batch}"), 2);
     g.bench_function("sparse", |b| {
         b.iter(|| black_box(decode_attention(pk, pv, &sparse, heads).unwrap()))
     });
@@ -253,11 +260,7 @@ fn bench_sparse_prompt(c: &mut Criterion, chunk: usize, n_keys: usize, full: boo
     let plan = SpanAttention::new(&span, 0, None, HEADS, DType::F32, &dev).unwrap();
     let sparse = || plan.forward(&q, &k, &v, heads, Some(&layout)).unwrap();
     let dense = || plan.forward(&q, &k, &v, heads, None).unwrap();
-    let mut g = c.benchmark_group(format!("sparse_prompt/chunk_{chunk}/keys_{n_keys}"));
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(3));
+    let mut g = group(c, format!("sparse_prompt/chunk_{chunk}/keys_{n_keys}"), 3);
     g.throughput(Throughput::Elements(chunk as u64));
     g.bench_function("sparse", |b| b.iter(|| black_box(sparse())));
     g.bench_function("dense", |b| b.iter(|| black_box(dense())));
@@ -309,11 +312,7 @@ fn bench_prompt(
         o.transpose(0, 1).unwrap().reshape((chunk, HEADS * hd)).unwrap()
     };
     let tiled = || plan.forward(&q, &k, &v, heads, None).unwrap();
-    let mut g = c.benchmark_group(format!("prompt_attention/chunk_{chunk}/keys_{n_keys}"));
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(3));
+    let mut g = group(c, format!("prompt_attention/chunk_{chunk}/keys_{n_keys}"), 3);
     g.throughput(Throughput::Elements(chunk as u64));
     g.bench_function("tiled", |b| b.iter(|| black_box(tiled())));
     g.bench_function("one_pass", |b| b.iter(|| black_box(one_pass())));
@@ -348,11 +347,7 @@ fn bench_one(c: &mut Criterion, ctx: usize, batch: usize, dtype: DType, heads: H
         .map(|q| Tensor::from_vec(q.clone(), (HEADS, 1, HEAD_DIM), &Device::Cpu).unwrap())
         .collect();
     let name = if dtype == DType::F32 { "f32" } else { "f16" };
-    let mut g = c.benchmark_group(format!("decode_attention/ctx_{ctx}/batch_{batch}/{name}"));
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2));
+    let mut g = group(c, format!("decode_attention/ctx_{ctx}/batch_{batch}/{name}"), 2);
     let bytes = (batch * ctx * 2 * HEADS * HEAD_DIM * dtype.size_in_bytes()) as u64;
     g.throughput(Throughput::BytesDecimal(bytes));
     let (pk, pv) = pool.layer(0);
