@@ -231,6 +231,29 @@ unsafe fn head_task_generic<T: KvElem>(
     out
 }
 
+/// Softmax of each row of `n` scores, in place, split over rayon's pool, with the AVX2
+/// exponential where the CPU has it. The general attention path's softmax on the CPU: candle's
+/// calls the scalar `exp` once a score, most of a long prompt chunk's softmax time.
+pub(crate) fn softmax_rows_parallel(p: &mut [f32], n: usize) {
+    let n = n.max(1);
+    #[cfg(target_arch = "x86_64")]
+    let vector = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vector = false;
+    let rows_per_task = (1 << 14) / n + 1;
+    p.par_chunks_mut(n * rows_per_task).for_each(|rows| {
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            // SAFETY: the CPU has the features, checked above.
+            return unsafe { avx2::softmax_rows_avx2(rows, n) };
+        }
+        let _ = vector;
+        softmax_rows(rows, n)
+    });
+}
+
 /// Softmax of each row of `n` scores, in place.
 #[inline(always)]
 fn softmax_rows(p: &mut [f32], n: usize) {
@@ -246,9 +269,9 @@ fn softmax_rows(p: &mut [f32], n: usize) {
     }
 }
 
-/// The kernel with AVX2 and FMA, for head sizes that are multiples of 8: per key, a dot
-/// product in two running vector sums; per value, a multiply-add of the weight into the output
-/// row. Half-precision caches widen 8 values at a time (`f16` with F16C, `bf16` by a shift).
+/// The kernel with AVX2 and FMA, for head sizes that are multiples of 8: scores eight running
+/// sums at a time, a vectorised softmax, and per value a multiply-add of the weight into the
+/// output rows. Half-precision caches widen 8 values at a time (`f16` with F16C, `bf16` by a shift).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -309,7 +332,7 @@ mod avx2 {
     /// Softmax of each row of `n` scores, in place, eight at a time (the same result as
     /// [`super::softmax_rows`] up to the exponential's rounding).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn softmax_rows_avx2(p: &mut [f32], n: usize) {
+    pub(super) unsafe fn softmax_rows_avx2(p: &mut [f32], n: usize) {
         for row in p.chunks_exact_mut(n.max(1)) {
             let (body, tail) = row.split_at_mut(n - n % 8);
             let mut m = _mm256_set1_ps(f32::NEG_INFINITY);

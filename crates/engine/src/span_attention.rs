@@ -15,7 +15,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::paged_attention::Heads;
+use crate::paged_attention::{softmax_rows_parallel, Heads};
 use crate::phi3_small_config::BlockSparse;
 
 /// At most this many scores (`n_heads * tile rows * keys`) are held at once: 32 MiB in `f32`.
@@ -245,8 +245,15 @@ impl SpanAttention {
     }
 }
 
-/// Softmax over the last dimension, computed in `f32` and returned in the scores' type.
+/// Softmax over the last dimension, computed in `f32` and returned in the scores' type (on the
+/// CPU with [`softmax_rows_parallel`]).
 fn softmax_f32(scores: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        let n = scores.dim(candle_core::D::Minus1)?;
+        let mut p = scores.flatten_all()?.to_vec1::<f32>()?;
+        softmax_rows_parallel(&mut p, n);
+        return Ok(Tensor::from_vec(p, scores.shape(), scores.device())?);
+    }
     Ok(if scores.dtype() == DType::F32 {
         candle_nn::ops::softmax_last_dim(scores)?
     } else {
