@@ -2,6 +2,7 @@
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+mod cpu_decode_batch;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 #[cfg(feature = "cuda")]

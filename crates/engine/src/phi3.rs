@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::CheckpointFiles;
 use crate::config::Phi3Config;
+use crate::cpu_decode_batch::{concat_outputs, CpuDecodeBatch};
 #[cfg(feature = "cuda")]
 use crate::cuda_layer_ops::RopeTables;
 #[cfg(feature = "cuda")]
@@ -27,7 +28,7 @@ use crate::gguf::{GgufFile, GgufWeights};
 use crate::kv_cache::SequenceCache;
 use crate::kv_pool::{KvPool, PoolGeometry};
 use crate::model_pool::ModelPool;
-use crate::paged_attention::{decode_attention, DecodeQuery, Heads};
+use crate::paged_attention::Heads;
 use crate::projection::{most_common_format, Embedding, Projection};
 use crate::quantize::{QuantScheme, QuantizingWeights};
 use crate::rope::{LongRopePolicy, RopeFactors, Rotary};
@@ -640,9 +641,7 @@ impl Phi3 {
         // Decode queries whose cache the paged kernel reads in place; the rest gather their
         // keys and values into contiguous tensors.
         let paged = !self.uses_flash_attn();
-        let mut decode: Vec<usize> = Vec::new();
-        let mut queries: Vec<DecodeQuery> = Vec::new();
-        let mut decode_pool: Option<KvPool> = None;
+        let mut decode = CpuDecodeBatch::default();
         let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(items.len());
         let mut offset = 0usize;
         for (i, ((item, (span, _)), plan)) in items.iter_mut().zip(spans).zip(plans).enumerate() {
@@ -658,17 +657,8 @@ impl Phi3 {
                 continue;
             }
 
-            let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
             // (A single query sees every key of its key range.)
-            if paged && l == 1 && item.cache.is_paged_on_cpu() && same_pool {
-                decode_pool.get_or_insert_with(|| item.cache.pool().clone());
-                let q = q_rows.flatten_all()?.to_vec1::<f32>()?;
-                queries.push(DecodeQuery {
-                    q,
-                    slots: item.cache.slots(first_key, span.end),
-                    visible: None,
-                });
-                decode.push(i);
+            if paged && decode.offer(i, item.cache, &q_rows, (first_key, span.end), None)? {
                 outputs.push(None);
                 continue;
             }
@@ -690,20 +680,8 @@ impl Phi3 {
                 return layer.o_proj.forward(&all);
             }
         }
-        if let Some(pool) = decode_pool {
-            let (pool_k, pool_v) = pool.layer(layer_idx);
-            let results = decode_attention(pool_k, pool_v, &queries, heads)?;
-            for (&i, out) in decode.iter().zip(results) {
-                outputs[i] = Some(Tensor::from_vec(out, (1, nq * hd), &self.device)?);
-            }
-        }
-        let mut outputs: Vec<Tensor> =
-            outputs.into_iter().map(|o| o.expect("every item has its output")).collect();
-        let out = if outputs.len() == 1 {
-            outputs.pop().expect("one output")
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
+        decode.run(layer_idx, heads, self.dtype, &self.device, &mut outputs)?;
+        let out = concat_outputs(outputs)?;
         layer.o_proj.forward(&out)
     }
 

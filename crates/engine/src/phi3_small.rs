@@ -31,11 +31,12 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::CheckpointFiles;
 use crate::config::Phi3Config;
+use crate::cpu_decode_batch::{concat_outputs, CpuDecodeBatch};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::SequenceCache;
 use crate::kv_pool::{KvPool, PoolGeometry};
 use crate::model_pool::ModelPool;
-use crate::paged_attention::{decode_attention, DecodeQuery, HeadKeys, Heads};
+use crate::paged_attention::{HeadKeys, Heads};
 use crate::phi3::{logit_rows, plan_batch, BatchItem, ForwardOutput};
 use crate::phi3_small_config::Phi3SmallConfig;
 use crate::projection::{most_common_format, Embedding, Projection};
@@ -373,9 +374,7 @@ impl Phi3Small {
         let scale = self.cfg.attention_scale;
         let heads = Heads { n_heads: nq, n_kv_heads: nkv, head_dim: hd, scale: scale as f32 };
 
-        let mut decode: Vec<usize> = Vec::new();
-        let mut queries: Vec<DecodeQuery> = Vec::new();
-        let mut decode_pool: Option<KvPool> = None;
+        let mut decode = CpuDecodeBatch::default();
         let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(items.len());
         let mut offset = 0usize;
         for (i, (item, (span, _))) in items.iter_mut().zip(spans).enumerate() {
@@ -383,16 +382,8 @@ impl Phi3Small {
             let q_rows = q.narrow(0, offset, l)?; // [l, nq, hd]
             item.cache.write(layer_idx, &k.narrow(0, offset, l)?, &v.narrow(0, offset, l)?)?;
             offset += l;
-            let same_pool = decode_pool.as_ref().is_none_or(|p| p.same(item.cache.pool()));
-            if l == 1 && item.cache.is_paged_on_cpu() && same_pool {
-                decode_pool.get_or_insert_with(|| item.cache.pool().clone());
-                let q = q_rows.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                queries.push(DecodeQuery {
-                    q,
-                    slots: item.cache.slots(0, span.end),
-                    visible: if layer.sparse { sparse[i].clone() } else { None },
-                });
-                decode.push(i);
+            let visible = if layer.sparse { sparse[i].clone() } else { None };
+            if decode.offer(i, item.cache, &q_rows, (0, span.end), visible)? {
                 outputs.push(None);
                 continue;
             }
@@ -400,21 +391,8 @@ impl Phi3Small {
             let layout = layer.sparse.then_some(&self.cfg.block_sparse);
             outputs.push(Some(plans[i].forward(&q_rows, &k_all, &v_all, heads, layout)?));
         }
-        if let Some(pool) = decode_pool {
-            let (pool_k, pool_v) = pool.layer(layer_idx);
-            let results = decode_attention(pool_k, pool_v, &queries, heads)?;
-            for (&i, out) in decode.iter().zip(results) {
-                let out = Tensor::from_vec(out, (1, nq * hd), &self.device)?;
-                outputs[i] = Some(out.to_dtype(self.dtype)?);
-            }
-        }
-        let mut outputs: Vec<Tensor> =
-            outputs.into_iter().map(|o| o.expect("every item has its output")).collect();
-        let out = if outputs.len() == 1 {
-            outputs.pop().expect("one output")
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
+        decode.run(layer_idx, heads, self.dtype, &self.device, &mut outputs)?;
+        let out = concat_outputs(outputs)?;
         layer.dense.forward(&out)
     }
 
